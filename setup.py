@@ -1,0 +1,45 @@
+"""Packaging for pix2seq_d_jax: Pix2Seq-D panoptic segmentation in JAX/Flax."""
+
+import setuptools
+
+_INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "ml_collections>=1.1.0,<2",
+    "clu>=0.0.12,<0.1",
+    "tensorflow-datasets>=4.9.10,<5",
+    "grain>=0.2.18,<0.3",
+    "pycocotools>=2.0.11,<3",
+    "pillow>=10.0,<14",
+    "numpy>=2.0,<3",
+    "scipy>=1.13,<2",
+    # clu's metric writers import TensorFlow and tensorboard.
+    "tensorflow-cpu>=2.21,<2.22",
+    "tensorboard>=2.21,<2.22",
+]
+
+_EXTRAS = {
+    "test": [
+        "pytest>=8,<10",
+        "chex>=0.1.90,<0.2",
+        "ruff>=0.6",
+    ],
+    # Accelerator wheels: `pip install -e '.[tpu]'` or `'.[cuda]'`.
+    "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+    "cuda": ["jax[cuda12]>=0.10.2,<0.11"],
+}
+
+setuptools.setup(
+    name="pix2seq_d_jax",
+    version="0.1.0",
+    description=(
+        "Pix2Seq-D: diffusion panoptic segmentation of images and videos in"
+        " JAX/Flax."
+    ),
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["pix2seq_d_jax", "pix2seq_d_jax.*"]),
+    install_requires=_INSTALL_REQUIRES,
+    extras_require=_EXTRAS,
+)
