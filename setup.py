@@ -39,7 +39,11 @@ setuptools.setup(
         " JAX/Flax."
     ),
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["pix2seq_d_jax", "pix2seq_d_jax.*"]),
+    # configs/ is a package too, so config files import configs.common from
+    # any working directory.
+    packages=setuptools.find_packages(
+        include=["pix2seq_d_jax", "pix2seq_d_jax.*", "configs"]
+    ),
     install_requires=_INSTALL_REQUIRES,
     extras_require=_EXTRAS,
 )

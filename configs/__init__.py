@@ -1,0 +1,1 @@
+"""Shipped configs; each module's `get_config(arg)` returns a ConfigDict."""

@@ -1,0 +1,289 @@
+"""Config helpers: config-string parsing, durations to steps, validation.
+
+Configs are `ml_collections.ConfigDict`s returned by `get_config(arg)` in
+`configs/*.py`. This module holds the three things every config and the trainer
+share: `parse_arg` for the string after the colon in
+`--config=configs/x.py:a=1,flag`, `steps` for `<name>_steps|_epochs|_examples|
+_percent` durations, and `validate`, which checks the whole config before
+anything is built so that a bad value fails with one line naming the field.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+from pix2seq_d_jax.diffusion import analog_bits, losses, sampler, schedules
+
+
+class ConfigError(ValueError):
+  """A config field has a value the framework cannot use."""
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses `a=1,b=x,flag` into a ConfigDict typed by `defaults`.
+
+  A bare word `flag` sets a boolean default to True. Values are converted to
+  the type of their default (int, float, str, bool). Unknown keys are rejected
+  so that a typo in the command line fails instead of being ignored.
+
+  Args:
+    arg: the string after the colon of `--config=path.py:arg`, or None.
+    **defaults: the known keys and their default values.
+
+  Returns:
+    A ConfigDict with every key of `defaults`.
+
+  Raises:
+    ConfigError: for an unknown key or a value that does not parse.
+  """
+  result = ml_collections.ConfigDict(dict(defaults))
+  if not arg:
+    return result
+  for item in arg.split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, has_value, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ConfigError(
+          f"config argument {key!r} is unknown; expected one of "
+          f"{sorted(defaults)}"
+      )
+    default = defaults[key]
+    if not has_value:
+      if not isinstance(default, bool):
+        raise ConfigError(
+            f"config argument {key!r} needs a value ({key}=...), "
+            f"default is {default!r}"
+        )
+      result[key] = True
+      continue
+    result[key] = _convert(key, value.strip(), default)
+  return result
+
+
+def _convert(key: str, value: str, default: Any) -> Any:
+  if isinstance(default, bool):
+    if value.lower() in ("1", "true", "yes"):
+      return True
+    if value.lower() in ("0", "false", "no"):
+      return False
+    raise ConfigError(f"config argument {key}={value!r}: expected a boolean")
+  if isinstance(default, int | float):
+    try:
+      return type(default)(ast.literal_eval(value))
+    except (ValueError, SyntaxError) as e:
+      raise ConfigError(
+          f"config argument {key}={value!r}: expected a "
+          f"{type(default).__name__}"
+      ) from e
+  return value
+
+
+_DURATION_SUFFIXES = ("steps", "epochs", "examples", "percent")
+
+
+def steps(
+    prefix: str,
+    config: Mapping[str, Any],
+    *,
+    data_size: int | None = None,
+    batch_size: int | None = None,
+    total_steps: int | None = None,
+    default: Any = ValueError,
+) -> int:
+  """Turns `<prefix>_steps|_epochs|_examples|_percent` into a step count.
+
+  Exactly one spelling may be set (a non-None value); two at once is an error,
+  because it is ambiguous which one the user meant.
+
+  Args:
+    prefix: the duration's name, e.g. `total` or `log_training`.
+    config: the ConfigDict (or mapping) that holds the duration.
+    data_size: examples per epoch, needed for `_epochs`.
+    batch_size: global batch size, needed for `_epochs` and `_examples`.
+    total_steps: needed for `_percent`.
+    default: returned when no spelling is set; raise if left as ValueError.
+
+  Returns:
+    The duration in steps (at least 1 for positive durations).
+
+  Raises:
+    ConfigError: two spellings set, none set without a default, or a
+      quantity the conversion needs is missing.
+  """
+  set_keys = [
+      f"{prefix}_{s}"
+      for s in _DURATION_SUFFIXES
+      if config.get(f"{prefix}_{s}") is not None
+  ]
+  if len(set_keys) > 1:
+    raise ConfigError(
+        f"config fields {set_keys} are all set; set only one of "
+        f"{[f'{prefix}_{s}' for s in _DURATION_SUFFIXES]}"
+    )
+  if not set_keys:
+    if default is ValueError:
+      raise ConfigError(
+          f"config needs one of "
+          f"{[f'{prefix}_{s}' for s in _DURATION_SUFFIXES]}"
+      )
+    return default
+  key = set_keys[0]
+  value = config[key]
+  suffix = key[len(prefix) + 1 :]
+  if suffix == "steps":
+    return int(value)
+  if suffix == "percent":
+    if total_steps is None:
+      raise ConfigError(f"config field {key} needs the total step count")
+    return max(1, int(round(value * total_steps / 100.0)))
+  if batch_size is None:
+    raise ConfigError(f"config field {key} needs the batch size")
+  if suffix == "examples":
+    return max(1, int(round(value / batch_size)))
+  if data_size is None:
+    raise ConfigError(f"config field {key} needs the dataset size")
+  return max(1, int(round(value * data_size / batch_size)))
+
+
+def _require(cond: bool, field: str, value: Any, expected: str) -> None:
+  if not cond:
+    raise ConfigError(f"config.{field}={value!r}: expected {expected}")
+
+
+def _check_choice(field: str, value: Any, choices: Sequence[Any]) -> None:
+  _require(value in choices, field, value, f"one of {list(choices)}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the whole config before anything is built.
+
+  Catches the mistakes that otherwise surface as shape errors deep inside
+  XLA: sizes that do not divide, bit budgets that cannot hold the labels,
+  unknown names.
+
+  Raises:
+    ConfigError: naming the field, its value and what was expected.
+  """
+  inp, diff, model = config.input, config.diffusion, config.model
+  for field in ("image_size", "mask_size", "batch_size"):
+    _require(
+        isinstance(inp[field], int) and inp[field] > 0,
+        f"input.{field}",
+        inp[field],
+        "a positive integer",
+    )
+  _require(
+      inp.image_size % inp.mask_size == 0,
+      "input.mask_size",
+      inp.mask_size,
+      f"a divisor of input.image_size={inp.image_size}",
+  )
+  stride = inp.image_size // inp.mask_size
+  _require(
+      stride in (1, 2, 4),
+      "input.mask_size",
+      inp.mask_size,
+      f"image_size / mask_size in (1, 2, 4), got {stride} (the pyramid merge "
+      "produces stride-4 features at most)",
+  )
+  levels = len(model.dec_dim_mults) - 1
+  _require(
+      inp.mask_size % (2**levels) == 0,
+      "input.mask_size",
+      inp.mask_size,
+      f"divisible by 2**(len(model.dec_dim_mults)-1) = {2**levels}",
+  )
+  _require(
+      inp.image_size % 16 == 0,
+      "input.image_size",
+      inp.image_size,
+      "a multiple of 16 (the ResNet's output stride)",
+  )
+  bits = diff.bits_per_channel
+  _require(
+      1 <= bits <= 16, "diffusion.bits_per_channel", bits, "1..16"
+  )
+  _require(
+      2 <= inp.max_instances <= 2**bits,
+      "input.max_instances",
+      inp.max_instances,
+      f"in [2, 2**diffusion.bits_per_channel = {2**bits}]",
+  )
+  if inp.get("num_classes") is not None:
+    _require(
+        inp.num_classes <= 2**bits,
+        "input.num_classes",
+        inp.num_classes,
+        f"at most 2**diffusion.bits_per_channel = {2**bits} (classes incl. "
+        "void must fit the semantic bits)",
+    )
+  _require(
+      diff.bit_scale > 0, "diffusion.bit_scale", diff.bit_scale, "> 0"
+  )
+  _check_choice("diffusion.bit_code", diff.bit_code, analog_bits.BIT_CODES)
+  _check_choice("diffusion.schedule", diff.schedule, schedules.SCHEDULES)
+  _check_choice("diffusion.loss_type", diff.loss_type, losses.LOSS_TYPES)
+  _check_choice("diffusion.sampler", diff.sampler, sampler.SAMPLERS)
+  num_bits = 2 * bits
+  _require(
+      diff.softmax_groups >= 1 and num_bits % diff.softmax_groups == 0,
+      "diffusion.softmax_groups",
+      diff.softmax_groups,
+      f"a divisor of the {num_bits} label bits",
+  )
+  _require(
+      num_bits // diff.softmax_groups <= 16,
+      "diffusion.softmax_groups",
+      diff.softmax_groups,
+      "at most 16 bits per softmax group (2**16 logits)",
+  )
+  _require(
+      diff.sample_steps >= 1,
+      "diffusion.sample_steps",
+      diff.sample_steps,
+      ">= 1",
+  )
+  _require(diff.td >= 0, "diffusion.td", diff.td, ">= 0")
+  _require(
+      0.0 <= diff.self_cond_rate <= 1.0,
+      "diffusion.self_cond_rate",
+      diff.self_cond_rate,
+      "in [0, 1]",
+  )
+  _require(
+      diff.loss_weight_power >= 0,
+      "diffusion.loss_weight_power",
+      diff.loss_weight_power,
+      ">= 0",
+  )
+  _check_choice("model.conditional", model.conditional, ("cat", "cat+attn"))
+  _check_choice("model.dtype", model.dtype, ("float32", "bfloat16"))
+  _check_choice("model.backbone_norm", model.backbone_norm, ("batch", "group"))
+  opt = config.optax
+  _require(opt.lr > 0, "optax.lr", opt.lr, "> 0")
+  _require(
+      0.0 <= opt.end_lr_factor <= 1.0,
+      "optax.end_lr_factor",
+      opt.end_lr_factor,
+      "in [0, 1]",
+  )
+  _require(
+      0.0 <= config.ema_decay < 1.0, "ema_decay", config.ema_decay, "in [0, 1)"
+  )
+  for name, ev in config.evals.items():
+    _require(
+        ev.get("type") is not None, f"evals.{name}.type", None, "a name"
+    )
+  _require(
+      len(config.mesh) >= 1 and all(len(a) == 2 for a in config.mesh),
+      "mesh",
+      config.mesh,
+      "a list of (axis_name, size) pairs",
+  )

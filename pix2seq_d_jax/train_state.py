@@ -1,0 +1,351 @@
+"""Train state, optimizer, and the pure diffusion train step.
+
+`TrainState` holds arrays only (step, params, batch statistics, optimizer
+state, EMA params); the model, optimizer and diffusion settings are bound
+into `make_train_step` by closure, so the jitted step is
+`train_step(state, batch, rng) -> (state, metrics)`.
+
+One step (paper Algorithm 1): encode the image once; draw t ~ U(0, 1) per
+example; noise the analog bits of the (semantic, instance) target; optionally
+run the decoder once more without gradient for self-conditioning; predict x0
+and take the weighted loss of `diffusion.losses`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from pix2seq_d_jax import models
+from pix2seq_d_jax.diffusion import analog_bits, losses, sampler, schedules
+
+PyTree = Any
+
+
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+  """Builds the configured model; sizes that follow from data are derived.
+
+  The bit count, output channels, self-conditioning input and the video
+  conditioning channels come from `config.input` and `config.diffusion`, so
+  `config.model` carries only architecture choices.
+  """
+  d = config.diffusion
+  num_bits = 2 * d.bits_per_channel
+  kwargs = dict(config.model)
+  name = kwargs.pop("name")
+  for key in ("backbone_depths", "dec_dim_mults"):
+    kwargs[key] = tuple(kwargs[key])
+  frames = config.input.get("proceeding_frames") or ()
+  return models.get_model(
+      name,
+      mask_size=(config.input.mask_size, config.input.mask_size),
+      num_bits=num_bits,
+      num_outputs=losses.num_output_channels(
+          d.loss_type, num_bits, d.softmax_groups
+      ),
+      self_cond=bool(d.self_cond),
+      cond_channels=num_bits * len(frames),
+      **kwargs,
+  )
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; arrays only."""
+
+  step: jax.Array
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+  ema_params: PyTree
+
+
+def learning_rate_schedule(
+    opt_config: ml_collections.ConfigDict, *, total_steps: int,
+    warmup_steps: int
+) -> optax.Schedule:
+  """Linear warmup from 0 to lr, then linear decay to lr * end_lr_factor."""
+  lr = opt_config.lr
+  decay = optax.linear_schedule(
+      init_value=lr,
+      end_value=lr * opt_config.end_lr_factor,
+      transition_steps=max(1, total_steps - warmup_steps),
+  )
+  if warmup_steps <= 0:
+    return decay
+  warmup = optax.linear_schedule(0.0, lr, warmup_steps)
+  return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def _decay_mask(params: PyTree) -> PyTree:
+  # Weight decay on kernels and embeddings only; biases and norm scales are
+  # excluded, as in the reference optimizer (exclude_from_weight_decay).
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(
+    opt_config: ml_collections.ConfigDict, *, total_steps: int,
+    warmup_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with global-norm clipping and warmup + linear decay."""
+  schedule = learning_rate_schedule(
+      opt_config, total_steps=total_steps, warmup_steps=warmup_steps
+  )
+  parts = []
+  if opt_config.grad_clip_norm and opt_config.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(opt_config.grad_clip_norm))
+  parts.append(
+      optax.adamw(
+          schedule,
+          b1=opt_config.b1,
+          b2=opt_config.b2,
+          weight_decay=opt_config.weight_decay,
+          mask=_decay_mask,
+      )
+  )
+  return optax.chain(*parts), schedule
+
+
+def make_init_fn(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    *,
+    image_size: int,
+    mask_size: int,
+    num_bits: int,
+) -> Callable[[jax.Array], TrainState]:
+  """Returns `init(rng) -> TrainState` with boxed (logically named) params.
+
+  The params keep their `nn.Partitioned` boxes so that
+  `nn.get_partition_spec(jax.eval_shape(init, rng))` yields the sharding of
+  every leaf, optimizer state included; callers unbox after sharding.
+  """
+
+  def init(rng: jax.Array) -> TrainState:
+    image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    x_t = jnp.zeros((1, mask_size, mask_size, num_bits), jnp.float32)
+    gamma = jnp.ones((1,), jnp.float32)
+    kwargs = {}
+    if model.self_cond:
+      kwargs["self_cond_x0"] = jnp.zeros_like(x_t)
+    if model.cond_channels:
+      kwargs["cond_map"] = jnp.zeros(
+          (1, mask_size, mask_size, model.cond_channels), jnp.float32
+      )
+    p_rng, d_rng = jax.random.split(rng)
+    variables = model.init(
+        {"params": p_rng, "dropout": d_rng},
+        image,
+        x_t,
+        gamma,
+        train=False,
+        **kwargs,
+    )
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        ema_params=jax.tree.map(jnp.copy, params),
+    )
+
+  return init
+
+
+def _tree_norm(tree: PyTree) -> jax.Array:
+  return optax.global_norm(tree)
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    diff_config: ml_collections.ConfigDict,
+    *,
+    ema_decay: float,
+) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+  """Returns the pure train step `(state, batch, rng) -> (state, metrics)`.
+
+  Args:
+    model: the Pix2SeqD module.
+    tx: the optimizer.
+    schedule: the learning-rate schedule (for the logged lr).
+    diff_config: `config.diffusion`.
+    ema_decay: decay of the exponential moving average of the params.
+
+  Returns:
+    The step function; jit it with donated state.
+  """
+  d = diff_config
+  bits = d.bits_per_channel
+
+  def train_step(state: TrainState, batch: dict, rng: jax.Array):
+    rng = jax.random.fold_in(rng, state.step)
+    k_t, k_eps, k_drop, k_sc, k_drop_sc = jax.random.split(rng, 5)
+    image = batch["image"]
+    b = image.shape[0]
+    x0_bits = losses.bits_from_mask(
+        batch["semantic"], batch["instance"], bits_per_channel=bits,
+        code=d.bit_code,
+    )
+    x0 = (2.0 * x0_bits.astype(jnp.float32) - 1.0) * d.bit_scale
+    t = jax.random.uniform(k_t, (b,), jnp.float32)
+    gamma_t = schedules.gamma(t, d.schedule)
+    eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+    x_t = schedules.add_noise(x0, gamma_t, eps)
+    weights = batch["loss_weight"]
+
+    def loss_fn(params):
+      variables = {"params": params, "batch_stats": state.batch_stats}
+      encoded, new_vars = model.apply(
+          variables,
+          image,
+          train=True,
+          method="encode",
+          mutable=["batch_stats"],
+          rngs={"dropout": k_drop},
+      )
+
+      def decode(x0_sc, key):
+        return model.apply(
+            variables,
+            x_t,
+            gamma_t,
+            encoded,
+            self_cond_x0=x0_sc,
+            train=True,
+            method="decode",
+            rngs={"dropout": key},
+        )
+
+      x0_sc = None
+      if d.self_cond:
+        # Self-conditioning (Analog Bits): with probability self_cond_rate
+        # per batch, a first decoder pass without gradient estimates x0,
+        # which conditions the second pass; zeros otherwise. lax.cond runs
+        # the extra pass only when it is used.
+        def estimate(_):
+          out = decode(jnp.zeros_like(x_t), k_drop_sc)
+          est = losses.predict_x0(
+              out, x_t=x_t, gamma_t=gamma_t, loss_type=d.loss_type,
+              scale=d.bit_scale, softmax_groups=d.softmax_groups,
+          )
+          return jax.lax.stop_gradient(est)
+
+        use = jax.random.uniform(k_sc) < d.self_cond_rate
+        x0_sc = jax.lax.cond(
+            use, estimate, lambda _: jnp.zeros_like(x_t), None
+        )
+      output = decode(x0_sc, k_drop)
+      loss, per_example = losses.diffusion_loss(
+          output,
+          x0_bits=x0_bits,
+          x_t=x_t,
+          gamma_t=gamma_t,
+          eps=eps,
+          weights=weights,
+          loss_type=d.loss_type,
+          scale=d.bit_scale,
+          softmax_groups=d.softmax_groups,
+      )
+      return loss, (new_vars.get("batch_stats", {}), per_example)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (batch_stats, _)), grads = grad_fn(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = jax.tree.map(
+        lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+        state.ema_params,
+        params,
+    )
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        ema_params=ema_params,
+    )
+    metrics = {
+        "loss": loss,
+        "grad_norm": _tree_norm(grads),
+        "param_norm": _tree_norm(params),
+        "update_norm": _tree_norm(updates),
+        "lr": schedule(state.step),
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def make_predict_fn(
+    model: nn.Module,
+    diff_config: ml_collections.ConfigDict,
+    *,
+    num_classes: int,
+    max_instances: int,
+    num_steps: int | None = None,
+    return_trajectory: bool = False,
+) -> Callable[..., Any]:
+  """Returns `predict(params, batch_stats, image, rng) -> (semantic, instance)`.
+
+  The image encoder runs once; only the decoder runs inside the sampler's
+  `jax.lax.scan` over steps. Outputs are int32 [b, m, m] at mask resolution.
+  """
+  d = diff_config
+  steps = num_steps or d.sample_steps
+  num_bits = 2 * d.bits_per_channel
+
+  def predict(params, batch_stats, image, rng):
+    variables = {"params": params, "batch_stats": batch_stats}
+    encoded = model.apply(variables, image, train=False, method="encode")
+    m = model.mask_size
+
+    def decode_fn(x_t, gamma_t, x0_sc):
+      return model.apply(
+          variables,
+          x_t,
+          gamma_t,
+          encoded,
+          self_cond_x0=x0_sc if d.self_cond else None,
+          train=False,
+          method="decode",
+      )
+
+    shape = (image.shape[0], m[0], m[1], num_bits)
+    result = sampler.sample(
+        decode_fn,
+        rng,
+        shape,
+        num_steps=steps,
+        td=d.td,
+        schedule=d.schedule,
+        loss_type=d.loss_type,
+        scale=d.bit_scale,
+        softmax_groups=d.softmax_groups,
+        self_cond=d.self_cond,
+        sampler=d.sampler,
+        return_trajectory=return_trajectory,
+    )
+    x0, trajectory = result if return_trajectory else (result, None)
+    semantic, instance = analog_bits.analog_bits_to_mask(
+        x0,
+        bits_per_channel=d.bits_per_channel,
+        num_classes=num_classes,
+        max_instances=max_instances,
+        code=d.bit_code,
+    )
+    if return_trajectory:
+      return semantic, instance, trajectory
+    return semantic, instance
+
+  return predict
