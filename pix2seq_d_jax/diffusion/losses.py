@@ -1,0 +1,265 @@
+"""Training losses of Pix2Seq-D and the x0 estimate derived from model outputs.
+
+The decoder's raw output is read according to `loss_type`. The paper's
+choice, 'x_softmax_xent', splits the n analog bits into `softmax_groups`
+groups of k = n / groups bits and predicts each group as one 2**k-way softmax
+over its bit patterns (for 16 bits and 2 groups: a 256-way softmax for the
+semantic byte and one for the instance byte). The alternatives are a per-bit
+sigmoid ('x_sigmoid_xent'), L2 regression of the analog x0 ('x') and L2 on
+the noise ('eps'). Every pixel's loss is multiplied by a weight that favours
+small segments, (1 / (c + 1))**p for a segment of c pixels, normalised to mean
+1 per image (paper Table 5: p = 0.2). The same readings give the analog x0
+estimate the sampler needs at every step (`predict_x0`).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pix2seq_d_jax.diffusion import analog_bits
+
+LOSS_TYPES = ('x_softmax_xent', 'x_sigmoid_xent', 'x', 'eps')
+
+
+def _check_loss_type(loss_type: str) -> None:
+  if loss_type not in LOSS_TYPES:
+    raise ValueError(f'loss_type={loss_type!r} is unknown; expected one of '
+                     f'{LOSS_TYPES}.')
+
+
+def num_output_channels(loss_type: str, num_bits: int = 16,
+                        softmax_groups: int = 2) -> int:
+  """Channels the decoder must output for a loss type.
+
+  Args:
+    loss_type: one of LOSS_TYPES.
+    num_bits: analog bits per pixel.
+    softmax_groups: groups of the 'x_softmax_xent' type.
+
+  Returns:
+    softmax_groups * 2**(num_bits // softmax_groups) for 'x_softmax_xent'
+    (512 for 16 bits in 2 groups), num_bits otherwise.
+
+  Raises:
+    ValueError: unknown loss_type, num_bits < 1, or (softmax only)
+      softmax_groups < 1, not dividing num_bits, or groups wider than 16 bits.
+  """
+  _check_loss_type(loss_type)
+  if num_bits < 1:
+    raise ValueError(f'num_bits={num_bits} must be >= 1.')
+  if loss_type != 'x_softmax_xent':
+    return num_bits
+  if softmax_groups < 1 or num_bits % softmax_groups:
+    raise ValueError(f'softmax_groups={softmax_groups} must be >= 1 and divide '
+                     f'num_bits={num_bits}.')
+  group_bits = num_bits // softmax_groups
+  if group_bits > 16:
+    raise ValueError(f'num_bits // softmax_groups = {group_bits} bits per '
+                     f'group would need a 2**{group_bits}-way softmax; use '
+                     'more softmax_groups (at most 16 bits per group).')
+  return softmax_groups * 2**group_bits
+
+
+def pixel_weights(id_map: np.ndarray, power: float) -> np.ndarray:
+  """Per-pixel loss weights that favour small segments (numpy, per example).
+
+  Every pixel of a segment with c pixels gets (1 / (c + 1))**power; the
+  weights are then scaled to sum to h * w (mean 1), so `power` changes the
+  balance between segments and not the loss scale.
+
+  Args:
+    id_map: int [h, w], one integer per segment (e.g. semantic * 65536 +
+      instance). Void pixels (id 0) form a segment like any other.
+    power: the exponent p (0.2 in the paper); 0 gives all ones.
+
+  Returns:
+    float32 [h, w] with mean 1.
+
+  Raises:
+    ValueError: id_map is not a non-empty 2-D integer array, or power < 0.
+  """
+  id_map = np.asarray(id_map)
+  if id_map.ndim != 2 or id_map.size == 0:
+    raise ValueError(f'pixel_weights: id_map must be a non-empty [h, w] '
+                     f'array, got shape {id_map.shape}.')
+  if not np.issubdtype(id_map.dtype, np.integer):
+    raise ValueError(f'pixel_weights: id_map must hold integers, got dtype '
+                     f'{id_map.dtype}.')
+  if power < 0:
+    raise ValueError(f'pixel_weights: power={power} must be >= 0.')
+  _, inverse, counts = np.unique(id_map, return_inverse=True,
+                                 return_counts=True)
+  per_segment = (1.0 / (counts.astype(np.float64) + 1.0))**power
+  weights = per_segment[inverse.reshape(id_map.shape)]
+  weights *= id_map.size / weights.sum()
+  return weights.astype(np.float32)
+
+
+def bits_from_mask(semantic: jax.typing.ArrayLike,
+                   instance: jax.typing.ArrayLike, *,
+                   bits_per_channel: int = 8,
+                   code: str = 'binary') -> jax.Array:
+  """The target bit vector of a panoptic mask.
+
+  Args:
+    semantic: int32 [b, h, w] class per pixel.
+    instance: int32 [b, h, w] instance id per pixel.
+    bits_per_channel: bits for each of the two channels.
+    code: one of analog_bits.BIT_CODES.
+
+  Returns:
+    int32 [b, h, w, 2 * bits_per_channel] in {0, 1}, semantic bits first; the
+    analog target is (2 * bits - 1) * scale.
+
+  Raises:
+    ValueError: semantic and instance shapes differ, or as
+      `analog_bits.int_to_bits`.
+  """
+  if np.shape(semantic) != np.shape(instance):
+    raise ValueError(f'bits_from_mask: semantic shape {np.shape(semantic)} != '
+                     f'instance shape {np.shape(instance)}.')
+  return jnp.concatenate([
+      analog_bits.int_to_bits(semantic, bits_per_channel, code),
+      analog_bits.int_to_bits(instance, bits_per_channel, code)
+  ], axis=-1)
+
+
+def _group_bits(num_channels: int, softmax_groups: int, where: str) -> int:
+  """Bits per softmax group implied by the number of output channels."""
+  if softmax_groups < 1 or num_channels % softmax_groups:
+    raise ValueError(f'{where}: output has {num_channels} channels, not a '
+                     f'multiple of softmax_groups={softmax_groups}.')
+  per_group = num_channels // softmax_groups
+  k = per_group.bit_length() - 1
+  if per_group < 2 or 2**k != per_group:
+    raise ValueError(f'{where}: each softmax group has {per_group} logits; '
+                     'expected a power of two >= 2.')
+  return k
+
+
+def _broadcast_gamma(gamma_t: jax.typing.ArrayLike, ndim: int) -> jax.Array:
+  gamma_t = jnp.asarray(gamma_t, jnp.float32)
+  if gamma_t.ndim == 1:
+    gamma_t = gamma_t.reshape((-1,) + (1,) * (ndim - 1))
+  return gamma_t
+
+
+def diffusion_loss(output: jax.typing.ArrayLike, *,
+                   x0_bits: jax.typing.ArrayLike, x_t: jax.typing.ArrayLike,
+                   gamma_t: jax.typing.ArrayLike, eps: jax.typing.ArrayLike,
+                   weights: jax.typing.ArrayLike, loss_type: str,
+                   scale: float,
+                   softmax_groups: int = 2) -> tuple[jax.Array, jax.Array]:
+  """The weighted diffusion loss of one batch.
+
+  Args:
+    output: [b, h, w, num_output_channels(loss_type, n, softmax_groups)] the
+      decoder's raw output, any float dtype (computed in float32).
+    x0_bits: int [b, h, w, n] target bits in {0, 1} (`bits_from_mask`).
+    x_t: float32 [b, h, w, n] the noisy input. No loss type reads it; it is
+      part of the signature so every loss type is called the same way.
+    gamma_t: float32 [b] signal levels; unused like x_t.
+    eps: float32 [b, h, w, n] the noise added to x0 (read by 'eps').
+    weights: float32 [b, h, w] pixel weights, mean 1 per image (zeros drop
+      pixels, e.g. padding).
+    loss_type: one of LOSS_TYPES.
+    scale: the input scaling b of the analog bits (read by 'x').
+    softmax_groups: groups of the 'x_softmax_xent' type.
+
+  Returns:
+    (loss, per_example): per_example float32 [b] is the mean over pixels of
+    weight * pixel loss (a weighted mean, as the weights have mean 1); loss is
+    its mean over the batch, float32 []. The pixel loss is the mean over
+    groups of the softmax cross-entropy, the mean over bits of the sigmoid
+    cross-entropy, or the mean over channels of the squared error.
+
+  Raises:
+    ValueError: unknown loss_type or inconsistent shapes.
+  """
+  del x_t, gamma_t  # Uniform signature; no current loss type needs them.
+  _check_loss_type(loss_type)
+  output = jnp.asarray(output).astype(jnp.float32)
+  x0_bits = jnp.asarray(x0_bits)
+  weights = jnp.asarray(weights, jnp.float32)
+  if x0_bits.ndim != 4:
+    raise ValueError(f'diffusion_loss: x0_bits must be [b, h, w, n], got '
+                     f'shape {x0_bits.shape}.')
+  num_bits = x0_bits.shape[-1]
+  expected = num_output_channels(loss_type, num_bits, softmax_groups)
+  if output.shape != x0_bits.shape[:3] + (expected,):
+    raise ValueError(f'diffusion_loss: output shape {output.shape}, expected '
+                     f'{x0_bits.shape[:3] + (expected,)} for '
+                     f'loss_type={loss_type!r} with {num_bits} bits.')
+  if weights.shape != x0_bits.shape[:3]:
+    raise ValueError(f'diffusion_loss: weights shape {weights.shape}, '
+                     f'expected {x0_bits.shape[:3]}.')
+  bits = (x0_bits != 0).astype(jnp.int32)
+
+  if loss_type == 'x_softmax_xent':
+    k = num_bits // softmax_groups
+    logits = output.reshape(output.shape[:3] + (softmax_groups, 2**k))
+    shifts = jnp.arange(k, dtype=jnp.int32)
+    target = jnp.sum(
+        bits.reshape(bits.shape[:3] + (softmax_groups, k)) << shifts, axis=-1)
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(log_p, target[..., None], axis=-1)[..., 0]
+    pixel_loss = jnp.mean(nll, axis=-1)
+  elif loss_type == 'x_sigmoid_xent':
+    # -log sigmoid(z) for a 1 bit, -log sigmoid(-z) for a 0 bit.
+    signed = jnp.where(bits == 1, output, -output)
+    pixel_loss = jnp.mean(-jax.nn.log_sigmoid(signed), axis=-1)
+  elif loss_type == 'x':
+    x0 = (2.0 * bits.astype(jnp.float32) - 1.0) * scale
+    pixel_loss = jnp.mean(jnp.square(output - x0), axis=-1)
+  else:
+    eps = jnp.asarray(eps, jnp.float32)
+    pixel_loss = jnp.mean(jnp.square(output - eps), axis=-1)
+
+  per_example = jnp.mean(pixel_loss * weights, axis=(1, 2))
+  return jnp.mean(per_example), per_example
+
+
+def predict_x0(output: jax.typing.ArrayLike, *, x_t: jax.typing.ArrayLike,
+               gamma_t: jax.typing.ArrayLike, loss_type: str, scale: float,
+               softmax_groups: int = 2) -> jax.Array:
+  """The analog x0 estimate implied by the decoder's output.
+
+  Args:
+    output: [b, h, w, c] the decoder's raw output, any float dtype.
+    x_t: float32 [b, h, w, n] the noisy input (read by 'eps').
+    gamma_t: float32 [b] signal levels, or a scalar (read by 'eps').
+    loss_type: one of LOSS_TYPES.
+    scale: the input scaling b of the analog bits.
+    softmax_groups: groups of the 'x_softmax_xent' type.
+
+  Returns:
+    float32 [b, h, w, n] in [-scale, scale]. Softmax: per group the expected
+    analog value of each bit, (softmax(logits) @ binary_table * 2 - 1) *
+    scale; sigmoid: (2 * sigmoid(output) - 1) * scale; 'x': output; 'eps':
+    (x_t - sqrt(1 - gamma) * output) / sqrt(gamma); the last two clipped to
+    [-scale, scale].
+
+  Raises:
+    ValueError: unknown loss_type, or an output channel count that does not
+      split into softmax groups of 2**k logits.
+  """
+  _check_loss_type(loss_type)
+  output = jnp.asarray(output).astype(jnp.float32)
+  if loss_type == 'x_softmax_xent':
+    k = _group_bits(output.shape[-1], softmax_groups, 'predict_x0')
+    logits = output.reshape(output.shape[:-1] + (softmax_groups, 2**k))
+    # The softmax classes are bit patterns read as binary numbers whatever
+    # the bit code, so the table is always the binary one.
+    table = jnp.asarray(analog_bits.code_table(k, 'binary'), jnp.float32)
+    p_one = jax.nn.softmax(logits, axis=-1) @ table
+    p_one = p_one.reshape(output.shape[:-1] + (softmax_groups * k,))
+    return (2.0 * p_one - 1.0) * scale
+  if loss_type == 'x_sigmoid_xent':
+    return (2.0 * jax.nn.sigmoid(output) - 1.0) * scale
+  if loss_type == 'x':
+    x0 = output
+  else:
+    x_t = jnp.asarray(x_t, jnp.float32)
+    g = _broadcast_gamma(gamma_t, x_t.ndim)
+    x0 = (x_t - jnp.sqrt(1.0 - g) * output) / jnp.sqrt(g)
+  return jnp.clip(x0, -scale, scale)

@@ -1,0 +1,158 @@
+"""Tests of pix2seq_d_jax.diffusion.losses against independent numpy code."""
+
+import jax
+import numpy as np
+import pytest
+
+from pix2seq_d_jax.diffusion import losses
+
+_B, _H, _W = 2, 3, 4
+
+
+def _np_log_softmax(z):
+  z = z - z.max(axis=-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def _random_case(num_channels, num_bits=4, seed=0):
+  rng = np.random.RandomState(seed)
+  output = rng.randn(_B, _H, _W, num_channels).astype(np.float32) * 2
+  bits = rng.randint(0, 2, size=(_B, _H, _W, num_bits)).astype(np.int32)
+  eps = rng.randn(_B, _H, _W, num_bits).astype(np.float32)
+  weights = rng.uniform(0.0, 2.0, size=(_B, _H, _W)).astype(np.float32)
+  return output, bits, eps, weights
+
+
+def _loss(output, bits, eps, weights, loss_type, scale=0.1, groups=2):
+  return losses.diffusion_loss(
+      output, x0_bits=bits, x_t=np.zeros_like(eps),
+      gamma_t=np.full((_B,), 0.5, np.float32), eps=eps, weights=weights,
+      loss_type=loss_type, scale=scale, softmax_groups=groups)
+
+
+def test_num_output_channels():
+  assert losses.num_output_channels('x_softmax_xent') == 512
+  assert losses.num_output_channels('x_softmax_xent', 16, 4) == 64
+  assert losses.num_output_channels('x_softmax_xent', 16, 1) == 65536
+  for loss_type in ('x_sigmoid_xent', 'x', 'eps'):
+    assert losses.num_output_channels(loss_type, 16) == 16
+  with pytest.raises(ValueError, match='divide num_bits=16'):
+    losses.num_output_channels('x_softmax_xent', 16, 3)
+  with pytest.raises(ValueError, match='x_softmax_xent'):
+    losses.num_output_channels('l1', 16)
+
+
+def test_pixel_weights_hand_case():
+  id_map = np.array([[1, 1, 1], [1, 2, 2], [0, 0, 0]])
+  # Segment sizes 4, 2, 3 -> raw weights 5**-0.2, 3**-0.2, 4**-0.2.
+  w4, w2, w3 = 5**-0.2, 3**-0.2, 4**-0.2
+  total = 4 * w4 + 2 * w2 + 3 * w3
+  expected = np.array([[w4, w4, w4], [w4, w2, w2], [w3, w3, w3]]) * 9 / total
+  out = losses.pixel_weights(id_map, 0.2)
+  assert out.dtype == np.float32
+  np.testing.assert_allclose(out, expected, rtol=1e-6)
+  np.testing.assert_allclose(out.sum(), 9.0, rtol=1e-6)
+  assert out[1, 1] > out[2, 0] > out[0, 0]  # Smaller segments weigh more.
+  np.testing.assert_array_equal(losses.pixel_weights(id_map, 0.0),
+                                np.ones((3, 3)))
+
+
+def test_softmax_xent_matches_numpy():
+  output, bits, eps, weights = _random_case(8, num_bits=4)  # 2 groups x 4.
+  loss, per_example = _loss(output, bits, eps, weights, 'x_softmax_xent')
+  log_p = _np_log_softmax(output.reshape(_B, _H, _W, 2, 4).astype(np.float64))
+  # Group g holds bits [2g, 2g + 1], least-significant bit first.
+  targets = np.stack([bits[..., 0] + 2 * bits[..., 1],
+                      bits[..., 2] + 2 * bits[..., 3]], axis=-1)
+  nll = -np.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
+  expected = (nll.mean(-1) * weights).mean(axis=(1, 2))
+  np.testing.assert_allclose(per_example, expected, rtol=1e-5)
+  np.testing.assert_allclose(loss, expected.mean(), rtol=1e-5)
+
+
+def test_softmax_xent_gradient_matches_closed_form():
+  # d loss / d logits = (softmax - onehot) * weight / (groups * pixels * b).
+  output, bits, eps, weights = _random_case(8, num_bits=4, seed=3)
+  grad = jax.jit(jax.grad(
+      lambda o: _loss(o, bits, eps, weights, 'x_softmax_xent')[0]))(output)
+  z = output.reshape(_B, _H, _W, 2, 4).astype(np.float64)
+  p = np.exp(_np_log_softmax(z))
+  targets = np.stack([bits[..., 0] + 2 * bits[..., 1],
+                      bits[..., 2] + 2 * bits[..., 3]], axis=-1)
+  expected = (p - np.eye(4)[targets]) * weights[..., None, None] / (
+      2 * _H * _W * _B)
+  np.testing.assert_allclose(grad, expected.reshape(output.shape), atol=1e-7)
+
+
+def test_sigmoid_xent_matches_numpy():
+  output, bits, eps, weights = _random_case(4)
+  _, per_example = _loss(output, bits, eps, weights, 'x_sigmoid_xent')
+  p = 1 / (1 + np.exp(-output.astype(np.float64)))
+  ce = -(bits * np.log(p) + (1 - bits) * np.log(1 - p))
+  expected = (ce.mean(-1) * weights).mean(axis=(1, 2))
+  np.testing.assert_allclose(per_example, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize('loss_type', ['x', 'eps'])
+def test_l2_losses_match_numpy(loss_type):
+  output, bits, eps, weights = _random_case(4)
+  output = output.astype(np.float16)  # Any dtype; computed in float32.
+  loss, per_example = _loss(output, bits, eps, weights, loss_type, scale=0.3)
+  target = (2 * bits - 1) * 0.3 if loss_type == 'x' else eps
+  sq = (output.astype(np.float64) - target)**2
+  expected = (sq.mean(-1) * weights).mean(axis=(1, 2))
+  assert loss.dtype == np.float32
+  np.testing.assert_allclose(per_example, expected, rtol=1e-5)
+  with pytest.raises(ValueError, match='output shape'):
+    _loss(output[..., :3], bits, eps, weights, loss_type)
+
+
+def test_bits_from_mask():
+  bits = losses.bits_from_mask(np.array([[[5]]]), np.array([[[130]]]))
+  np.testing.assert_array_equal(
+      bits[0, 0, 0], [1, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1])
+
+
+def test_predict_x0_softmax_matches_numpy():
+  output, _, _, _ = _random_case(8)
+  x0 = losses.predict_x0(output, x_t=None, gamma_t=None,
+                         loss_type='x_softmax_xent', scale=0.1)
+  logits = output.reshape(_B, _H, _W, 2, 4).astype(np.float64)
+  p = np.exp(_np_log_softmax(logits))
+  # Expected value of bit i of group g: sum over classes k of p_k * bit_i(k).
+  expected = np.zeros((_B, _H, _W, 2, 2))
+  for k in range(4):
+    for i in range(2):
+      expected[..., i] += p[..., k] * (2 * ((k >> i) & 1) - 1) * 0.1
+  np.testing.assert_allclose(x0, expected.reshape(_B, _H, _W, 4), atol=1e-7)
+
+
+def test_predict_x0_sharp_logits_give_target_bits():
+  rng = np.random.RandomState(1)
+  semantic = rng.randint(0, 256, size=(2, 2, 3))
+  instance = rng.randint(0, 256, size=(2, 2, 3))
+  logits = np.concatenate([np.eye(256)[semantic], np.eye(256)[instance]],
+                          axis=-1) * 50.0
+  x0 = losses.predict_x0(logits, x_t=None, gamma_t=None,
+                         loss_type='x_softmax_xent', scale=0.1)
+  bits = np.asarray(losses.bits_from_mask(semantic, instance))
+  np.testing.assert_allclose(x0, (2 * bits - 1) * 0.1, atol=1e-6)
+  # The same bits through the sigmoid reading.
+  x0_sig = losses.predict_x0((2 * bits - 1) * 50.0, x_t=None, gamma_t=None,
+                             loss_type='x_sigmoid_xent', scale=0.1)
+  np.testing.assert_allclose(x0_sig, (2 * bits - 1) * 0.1, atol=1e-6)
+
+
+def test_predict_x0_x_and_eps():
+  rng = np.random.RandomState(2)
+  x0_true = rng.choice([-0.1, 0.1], size=(2, 2, 2, 4)).astype(np.float32)
+  eps = rng.randn(2, 2, 2, 4).astype(np.float32)
+  g = np.array([0.7, 0.2], np.float32)
+  gb = g[:, None, None, None]
+  x_t = np.sqrt(gb) * x0_true + np.sqrt(1 - gb) * eps
+  out = losses.predict_x0(eps, x_t=x_t, gamma_t=g, loss_type='eps',
+                          scale=0.1)
+  np.testing.assert_allclose(out, x0_true, atol=1e-5)
+  out = losses.predict_x0(x0_true * 3, x_t=x_t, gamma_t=g, loss_type='x',
+                          scale=0.1)
+  np.testing.assert_allclose(out, x0_true, atol=1e-7)  # Clipped to +-0.1.
