@@ -1,0 +1,362 @@
+"""Procedural panoptic dataset written in the COCO 2017 panoptic layout.
+
+Each scene is a partition of the image into STUFF regions (sky, grass, water,
+wall: horizontal bands, vertical bands or a Voronoi partition; each class has
+its own base colour and texture) with 1-6 THING instances drawn on top (circle,
+square, triangle, ellipse: each class its own colour family with per-instance
+variation; several of one class may appear, sizes vary, later shapes occlude
+earlier ones). Class is recoverable from colour family and shape, so a tiny
+model learns it in minutes on a CPU, yet the task keeps the real difficulties:
+occlusion, small instances, several instances of a class. Images are lossless
+PNGs; labels are COCO panoptic PNG + JSON, read back by `CocoPanopticSource`.
+Generation is deterministic per seed (each image has its own
+`np.random.default_rng([seed, split, index])`), atomic (written into
+`<root>.tmp-<pid>` and renamed), and `ensure_synthetic` caches datasets under a
+hash of their parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from pix2seq_d_jax.data import panoptic_format
+
+# Bump when the generator's output changes, so cached datasets are rebuilt.
+GENERATOR_VERSION = 1
+
+# (name, base RGB colour). Things get category ids 1.., stuff after them.
+THING_CLASSES = (
+    ('circle', (215, 40, 40)),  # red
+    ('square', (235, 215, 45)),  # yellow
+    ('triangle', (190, 60, 200)),  # magenta
+    ('ellipse', (40, 225, 200)),  # cyan
+)
+STUFF_CLASSES = (
+    ('sky', (125, 170, 235)),  # light blue, vertical gradient
+    ('grass', (55, 140, 50)),  # green, grainy noise
+    ('water', (25, 55, 125)),  # dark blue, horizontal ripples
+    ('wall', (135, 115, 95)),  # brown-grey, brick grid
+)
+_SPLIT_INDEX = {'train': 0, 'val': 1}
+# Image ids of the val split start here so ids are unique across splits.
+_VAL_ID_OFFSET = 1_000_000
+_MAX_THINGS = 6
+_PARAM_DEFAULTS = {
+    'num_train': 2000,
+    'num_val': 100,
+    'image_size': 64,
+    'seed': 0,
+}
+
+
+def categories() -> list[dict[str, Any]]:
+  """Returns the COCO-style category list (things first, ids from 1)."""
+  cats = []
+  for i, (name, color) in enumerate(THING_CLASSES + STUFF_CLASSES):
+    is_thing = i < len(THING_CLASSES)
+    cats.append(
+        {
+            'id': i + 1,
+            'name': name,
+            'supercategory': 'shape' if is_thing else 'background',
+            'isthing': int(is_thing),
+            'color': list(color),
+        }
+    )
+  return cats
+
+
+def _stuff_layout(rng: np.random.Generator, size: int) -> np.ndarray:
+  """Returns int [size, size] stuff class indices (into STUFF_CLASSES)."""
+  num = int(rng.integers(2, 4))
+  classes = rng.choice(len(STUFF_CLASSES), size=num, replace=False)
+  yy, xx = np.mgrid[0:size, 0:size]
+  kind = int(rng.integers(3))
+  if kind < 2:  # horizontal or vertical bands
+    coord = yy if kind == 0 else xx
+    cuts = np.sort(rng.uniform(0.2, 0.8, size=num - 1)) * size
+    # A little waviness so band edges are not always straight lines.
+    other = xx if kind == 0 else yy
+    wave = rng.uniform(0, 2.5) * np.sin(
+        other * rng.uniform(0.05, 0.25) + rng.uniform(0, 2 * np.pi)
+    )
+    band = np.searchsorted(cuts, coord + wave)
+    return classes[band]
+  # Voronoi partition with one or two seeds per class.
+  seeds = rng.uniform(0, size, size=(num + int(rng.integers(0, 2)), 2))
+  owner = np.concatenate([np.arange(num), rng.integers(0, num, len(seeds))])
+  d2 = (yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2
+  return classes[owner[np.argmin(d2, axis=-1)]]
+
+
+def _stuff_texture(rng: np.random.Generator, cls: int, size: int) -> np.ndarray:
+  """Returns float [size, size, 3] colour of stuff class `cls` everywhere."""
+  base = np.array(STUFF_CLASSES[cls][1], np.float32)
+  yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+  name = STUFF_CLASSES[cls][0]
+  noise = rng.normal(0, 1, size=(size, size, 1)).astype(np.float32)
+  if name == 'sky':
+    tex = (0.5 - yy)[..., None] * 40 + noise * 3
+  elif name == 'grass':
+    tex = noise * 18
+  elif name == 'water':
+    phase = rng.uniform(0, 2 * np.pi)
+    tex = np.sin(yy * size * 0.9 + phase)[..., None] * 14 + noise * 4
+  else:  # wall: a brick grid of darker mortar lines
+    brick = max(size // 8, 3)
+    row = (yy * size).astype(int) // brick
+    shift = (row % 2) * (brick // 2)
+    mortar = ((yy * size).astype(int) % brick == 0) | (
+        ((xx * size).astype(int) + shift) % (2 * brick) == 0
+    )
+    tex = np.where(mortar, -45.0, 0.0)[..., None] + noise * 5
+  jitter = rng.uniform(-12, 12, size=3).astype(np.float32)
+  return base + jitter + tex
+
+
+def _shape_mask(
+    rng: np.random.Generator, cls: int, size: int, min_extent: float
+) -> np.ndarray:
+  """Returns bool [size, size] for one random instance of thing `cls`."""
+  yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+  r = rng.uniform(min_extent, 0.26 * size)
+  cy, cx = rng.uniform(r * 0.5, size - r * 0.5, size=2)
+  dy, dx = yy - cy, xx - cx
+  name = THING_CLASSES[cls][0]
+  if name == 'circle':
+    return dy**2 + dx**2 <= r**2
+  if name == 'square':
+    return (np.abs(dy) <= r * 0.9) & (np.abs(dx) <= r * 0.9)
+  if name == 'ellipse':
+    theta = rng.uniform(0, np.pi)
+    a, b = r * 1.15, r * rng.uniform(0.4, 0.6)
+    u = dx * np.cos(theta) + dy * np.sin(theta)
+    v = -dx * np.sin(theta) + dy * np.cos(theta)
+    return (u / a) ** 2 + (v / b) ** 2 <= 1.0
+  # Triangle: intersection of three half-planes around the centre; a random
+  # rotation keeps it from being confused with an axis-aligned shape.
+  theta0 = rng.uniform(0, 2 * np.pi)
+  angles = theta0 + np.array([0, 2, 4]) * np.pi / 3
+  inside = np.ones((size, size), np.bool_)
+  for ang in angles:
+    # Edge normals point outward; the inradius of a triangle with
+    # circumradius 1.2 r is 0.6 r.
+    inside &= dx * np.cos(ang) + dy * np.sin(ang) <= 0.6 * r * 1.2
+  return inside
+
+
+def _render_scene(
+    rng: np.random.Generator, size: int
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+  """Draws one scene.
+
+  Returns:
+    image uint8 [size, size, 3], ids int32 [size, size] (panoptic segment
+    ids, no void) and segments_info (areas and boxes from the final map).
+  """
+  num_things = len(THING_CLASSES)
+  scale = (size / 64.0) ** 2
+  # Visible area below this (after occlusion) is not allowed for any instance.
+  min_visible = max(int(round(20 * scale)), 4)
+  min_extent = max(2.8 * size / 64.0, 2.0)
+
+  stuff = _stuff_layout(rng, size)
+  image = np.zeros((size, size, 3), np.float32)
+  for cls in np.unique(stuff):
+    mask = stuff == cls
+    image[mask] = _stuff_texture(rng, int(cls), size)[mask]
+  # Segment ids: stuff class c -> (num_things + c + 1) * 1000 (= category id
+  # * 1000); thing instance k of category id c -> c * 1000 + k.
+  ids = ((num_things + stuff + 1) * 1000).astype(np.int32)
+
+  inst_map = np.zeros((size, size), np.int32)  # 0 = no instance yet
+  inst_class = []
+  target = int(rng.integers(1, _MAX_THINGS + 1))
+  for _ in range(target):
+    cls = int(rng.integers(num_things))
+    for _ in range(8):  # placement attempts
+      mask = _shape_mask(rng, cls, size, min_extent)
+      if mask.sum() < min_visible:
+        continue
+      new_map = np.where(mask, len(inst_class) + 1, inst_map)
+      areas = np.bincount(new_map.ravel(), minlength=len(inst_class) + 2)[
+          1:
+      ]
+      # Occlusion may hide part of an earlier instance, never most of it.
+      if (areas >= min_visible).all():
+        inst_map = new_map
+        inst_class.append(cls)
+        base = np.array(THING_CLASSES[cls][1], np.float32)
+        color = base + rng.uniform(-22, 22, size=3)
+        shade = rng.normal(0, 4, size=(size, size, 1))
+        image = np.where(mask[..., None], color + shade, image)
+        break
+
+  per_class_count = [0] * num_things
+  for k, cls in enumerate(inst_class):
+    per_class_count[cls] += 1
+    ids[inst_map == k + 1] = (cls + 1) * 1000 + per_class_count[cls]
+
+  segments = []
+  for seg_id in np.unique(ids):
+    ys, xs = np.nonzero(ids == seg_id)
+    x0, y0 = int(xs.min()), int(ys.min())
+    segments.append(
+        {
+            'id': int(seg_id),
+            'category_id': int(seg_id) // 1000,
+            'area': int(len(ys)),
+            'bbox': [
+                x0,
+                y0,
+                int(xs.max()) - x0 + 1,
+                int(ys.max()) - y0 + 1,
+            ],
+            'iscrowd': 0,
+        }
+    )
+  image = np.clip(np.round(image), 0, 255).astype(np.uint8)
+  return image, ids, segments
+
+
+def _write_split(root: str, split: str, num: int, size: int, seed: int) -> None:
+  images, annotations = [], []
+  base_id = 0 if split == 'train' else _VAL_ID_OFFSET
+  for i in range(num):
+    rng = np.random.default_rng([seed, _SPLIT_INDEX[split], i])
+    image, ids, segments = _render_scene(rng, size)
+    image_id = base_id + i + 1
+    name = f'{image_id:012d}.png'
+    panoptic_format.write_rgb_image(
+        os.path.join(root, f'{split}2017', name), image
+    )
+    panoptic_format.write_panoptic_png(
+        os.path.join(root, 'annotations', f'panoptic_{split}2017', name),
+        ids,
+    )
+    images.append(
+        {'id': image_id, 'file_name': name, 'height': size, 'width': size}
+    )
+    annotations.append(
+        {'image_id': image_id, 'file_name': name, 'segments_info': segments}
+    )
+  panoptic_format.write_panoptic_json(
+      os.path.join(root, 'annotations', f'panoptic_{split}2017.json'),
+      images,
+      annotations,
+      categories(),
+  )
+
+
+def generate(
+    root: str,
+    *,
+    num_train: int = _PARAM_DEFAULTS['num_train'],
+    num_val: int = _PARAM_DEFAULTS['num_val'],
+    image_size: int = _PARAM_DEFAULTS['image_size'],
+    seed: int = _PARAM_DEFAULTS['seed'],
+) -> None:
+  """Writes a synthetic panoptic dataset (train and val) in the COCO layout.
+
+  The dataset is built in `<root>.tmp-<pid>` and renamed to `root` at the
+  end, so an interrupted run never leaves a partial dataset at `root`.
+
+  Args:
+    root: destination folder; must not exist yet.
+    num_train: number of train images (>= 1).
+    num_val: number of val images (>= 1).
+    image_size: side of the square images (>= 16).
+    seed: base seed; equal arguments give byte-identical files.
+
+  Raises:
+    ValueError: on invalid sizes or counts.
+    FileExistsError: if `root` already exists.
+  """
+  if num_train < 1 or num_val < 1:
+    raise ValueError(
+        f'num_train and num_val must be >= 1, got {num_train}, {num_val}.'
+    )
+  if image_size < 16:
+    raise ValueError(f'image_size must be >= 16, got {image_size}.')
+  root = os.path.abspath(root)
+  if os.path.exists(root):
+    raise FileExistsError(
+        f'Synthetic dataset folder already exists: {root}'
+    )
+  tmp = f'{root}.tmp-{os.getpid()}'
+  if os.path.exists(tmp):
+    shutil.rmtree(tmp)
+  try:
+    for split, num in (('train', num_train), ('val', num_val)):
+      _write_split(tmp, split, num, image_size, seed)
+    params = {
+        'num_train': num_train,
+        'num_val': num_val,
+        'image_size': image_size,
+        'seed': seed,
+        'version': GENERATOR_VERSION,
+    }
+    with open(os.path.join(tmp, 'params.json'), 'w') as f:
+      json.dump(params, f, sort_keys=True)
+    os.replace(tmp, root)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def dataset_dir(data_dir: str, **params: Any) -> str:
+  """Returns the cache folder of a synthetic dataset with these parameters.
+
+  Args:
+    data_dir: cache root.
+    **params: any of num_train, num_val, image_size, seed (others rejected).
+
+  Raises:
+    TypeError: on an unknown parameter name.
+  """
+  unknown = sorted(set(params) - set(_PARAM_DEFAULTS))
+  if unknown:
+    raise TypeError(
+        f'Unknown synthetic dataset parameter(s) {unknown}; valid: '
+        f'{sorted(_PARAM_DEFAULTS)}.'
+    )
+  full = {**_PARAM_DEFAULTS, **params, 'version': GENERATOR_VERSION}
+  key = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()
+  return os.path.join(data_dir, f'synthetic-{key[:12]}')
+
+
+def ensure_synthetic(data_dir: str, **params: Any) -> str:
+  """Returns a synthetic dataset folder, generating it on first use.
+
+  The folder name is a hash of the parameters (and the generator version),
+  so different parameters never share a folder. Safe when several processes
+  call it at once: each generates into its own temporary folder and the first
+  rename wins; the others discard their copy.
+
+  Args:
+    data_dir: cache root (created if missing).
+    **params: any of num_train, num_val, image_size, seed.
+
+  Returns:
+    The dataset root, ready for `CocoPanopticSource(root, split)`.
+  """
+  root = dataset_dir(data_dir, **params)
+  if os.path.isdir(root):
+    return root
+  os.makedirs(data_dir, exist_ok=True)
+  logging.info('Generating synthetic panoptic dataset %s in %s', params, root)
+  try:
+    generate(root, **params)
+  except (FileExistsError, OSError):
+    # Another process finished first (os.replace onto a non-empty folder fails
+    # with OSError); its dataset is identical, so use it.
+    if not os.path.isdir(root):
+      raise
+  return root
