@@ -1,0 +1,208 @@
+"""Turns decoded (semantic, instance) masks into panoptic segments.
+
+The diffusion decoder outputs a semantic class and an instance id per pixel,
+which need not agree: one instance id can cover pixels of several thing
+classes, stuff pixels carry arbitrary instance ids and tiny fragments are
+noise. Following the reference post-processing, every instance takes the
+majority thing class of its pixels, stuff classes form one segment each, and
+segments smaller than `min_pixels` become void. The result is a COCO-style id
+map plus `segments_info`. The resize helpers map mask-resolution predictions
+(with padding) back to the original image size for evaluation. numpy only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def _check_labels(array: np.ndarray, name: str) -> np.ndarray:
+  array = np.asarray(array)
+  if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+    raise ValueError(
+      f"{name}: expected an integer [h, w] map, got {array.dtype} {array.shape}"
+    )
+  if array.size and array.min() < 0:
+    raise ValueError(f"{name}: values must be >= 0, got min {array.min()}")
+  return array.astype(np.int64)
+
+
+def masks_to_panoptic(
+  semantic: np.ndarray,
+  instance: np.ndarray,
+  *,
+  is_thing: Sequence[bool] | np.ndarray,
+  min_pixels: int = 40,
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+  """Builds panoptic segments from per-pixel class and instance predictions.
+
+  Rules: class 0 is void. Pixels of thing classes are grouped by nonzero
+  instance id; each instance takes the thing class most of those pixels have
+  (ties go to the smallest class index); thing pixels with instance 0 become
+  void. Pixels of a stuff class form one segment per class whatever their
+  instance id. Segments with fewer than `min_pixels` pixels become void.
+
+  Args:
+    semantic: int [h, w] contiguous class indices in [0, num_classes).
+    instance: int [h, w] instance ids (>= 0).
+    is_thing: bool [num_classes]; entry 0 (void) is ignored.
+    min_pixels: the smallest segment kept.
+
+  Returns:
+    (segment_ids int32 [h, w] with 0 = void, segments_info). Ids are 1..n:
+    stuff segments first by class index, then instances by instance id.
+    Each info is {'id', 'category_id' (contiguous class index), 'area',
+    'bbox' [x, y, w, h] (COCO, inclusive pixel extent), 'iscrowd': 0,
+    'isthing'}.
+
+  Raises:
+    ValueError: on shape or dtype mismatches or classes outside is_thing.
+  """
+  semantic = _check_labels(semantic, "semantic")
+  instance = _check_labels(instance, "instance")
+  if semantic.shape != instance.shape:
+    raise ValueError(
+      f"instance: shape {instance.shape} differs from semantic {semantic.shape}"
+    )
+  is_thing = np.asarray(is_thing, dtype=bool)
+  if is_thing.ndim != 1 or is_thing.size == 0:
+    raise ValueError(f"is_thing: expected bool [num_classes], got {is_thing}")
+  num_classes = is_thing.size
+  if semantic.size and semantic.max() >= num_classes:
+    raise ValueError(
+      f"semantic: class {semantic.max()} >= num_classes {num_classes} "
+      "(len(is_thing))"
+    )
+  if min_pixels < 0:
+    raise ValueError(f"min_pixels: expected >= 0, got {min_pixels}")
+
+  labelled = semantic != 0
+  thing_px = labelled & is_thing[semantic]
+  stuff_px = labelled & ~is_thing[semantic]
+  instance_px = thing_px & (instance > 0)
+
+  segment_ids = np.zeros(semantic.shape, np.int32)
+  categories, isthing = [], []
+
+  stuff_counts = np.bincount(semantic[stuff_px], minlength=num_classes)
+  stuff_lut = np.zeros(num_classes, np.int32)
+  for c in np.flatnonzero(stuff_counts):
+    if stuff_counts[c] >= min_pixels:
+      categories.append(int(c))
+      isthing.append(False)
+      stuff_lut[c] = len(categories)
+  segment_ids[stuff_px] = stuff_lut[semantic[stuff_px]]
+
+  instance_ids, inverse = np.unique(instance[instance_px], return_inverse=True)
+  votes = np.bincount(
+    inverse * num_classes + semantic[instance_px],
+    minlength=instance_ids.size * num_classes,
+  ).reshape(instance_ids.size, num_classes)
+  # argmax returns the first maximum, i.e. the smallest class on ties.
+  winners = votes.argmax(axis=1)
+  sizes = votes.sum(axis=1)
+  instance_lut = np.zeros(instance_ids.size, np.int32)
+  for k in range(instance_ids.size):
+    if sizes[k] >= min_pixels:
+      categories.append(int(winners[k]))
+      isthing.append(True)
+      instance_lut[k] = len(categories)
+  segment_ids[instance_px] = instance_lut[inverse]
+
+  n = len(categories)
+  ys, xs = np.nonzero(segment_ids)
+  ids = segment_ids[ys, xs]
+  area = np.bincount(ids, minlength=n + 1)
+  x0 = np.full(n + 1, np.iinfo(np.int64).max)
+  y0 = np.full(n + 1, np.iinfo(np.int64).max)
+  x1 = np.full(n + 1, -1)
+  y1 = np.full(n + 1, -1)
+  np.minimum.at(x0, ids, xs)
+  np.minimum.at(y0, ids, ys)
+  np.maximum.at(x1, ids, xs)
+  np.maximum.at(y1, ids, ys)
+  segments_info = [
+    {
+      "id": i,
+      "category_id": categories[i - 1],
+      "area": int(area[i]),
+      "bbox": [
+        int(x0[i]),
+        int(y0[i]),
+        int(x1[i] - x0[i] + 1),
+        int(y1[i] - y0[i] + 1),
+      ],
+      "iscrowd": 0,
+      "isthing": isthing[i - 1],
+    }
+    for i in range(1, n + 1)
+  ]
+  return segment_ids, segments_info
+
+
+def resize_nearest(labels: np.ndarray, size: Sequence[int]) -> np.ndarray:
+  """Nearest-neighbour resize of a label map with pixel-centre sampling.
+
+  Output pixel i samples input pixel floor((i + 0.5) * h / H), the rule of
+  PIL's NEAREST and TF2's `tf.image.resize(method='nearest')`; integer
+  arithmetic keeps it exact.
+
+  Args:
+    labels: any dtype [h, w] or [h, w, c] (e.g. stacked semantic/instance).
+    size: (H, W) output size, positive.
+
+  Returns:
+    [H, W] or [H, W, c] array of labels' dtype.
+
+  Raises:
+    ValueError: on a bad rank or non-positive size.
+  """
+  labels = np.asarray(labels)
+  if labels.ndim not in (2, 3):
+    raise ValueError(
+      f"labels: expected [h, w] or [h, w, c], got shape {labels.shape}"
+    )
+  out_h, out_w = (int(s) for s in size)
+  h, w = labels.shape[:2]
+  if out_h <= 0 or out_w <= 0 or h == 0 or w == 0:
+    raise ValueError(
+      f"size: expected positive (H, W) and a non-empty input, got size "
+      f"{tuple(size)} for labels of shape {labels.shape}"
+    )
+  rows = ((2 * np.arange(out_h) + 1) * h) // (2 * out_h)
+  cols = ((2 * np.arange(out_w) + 1) * w) // (2 * out_w)
+  return labels[rows[:, None], cols[None, :]]
+
+
+def crop_and_resize_to_original(
+  labels: np.ndarray,
+  valid_size_in_mask: Sequence[int],
+  orig_size: Sequence[int],
+) -> np.ndarray:
+  """Removes bottom/right padding and resizes to the original image size.
+
+  Images are resized keeping their aspect ratio and padded at the bottom and
+  right to a square, so the valid part of a mask prediction is its top-left
+  (h, w) corner.
+
+  Args:
+    labels: [m, m'] or [m, m', c] mask-resolution labels.
+    valid_size_in_mask: (h, w) of the unpadded region in mask pixels.
+    orig_size: (H, W) of the original image.
+
+  Returns:
+    [H, W] (or [H, W, c]) labels of labels' dtype.
+
+  Raises:
+    ValueError: if the valid region is empty or exceeds the mask.
+  """
+  labels = np.asarray(labels)
+  h, w = (int(s) for s in valid_size_in_mask)
+  if not (0 < h <= labels.shape[0] and 0 < w <= labels.shape[1]):
+    raise ValueError(
+      f"valid_size_in_mask: expected 0 < (h, w) <= {labels.shape[:2]}, got "
+      f"{tuple(valid_size_in_mask)}"
+    )
+  return resize_nearest(labels[:h, :w], orig_size)
