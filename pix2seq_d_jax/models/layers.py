@@ -1,0 +1,232 @@
+"""Small building blocks shared by the Pix2Seq-D model modules.
+
+Every weight of the model is created through the factories here, so that each
+one carries logical axis names (`nn.with_logical_partitioning`) that the
+sharding rules map to mesh axes, and so that parameters stay float32 while the
+activations run in the configured compute dtype. The group-count rule for
+GroupNorm and the compute-dtype lookup live here too.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Initializer = Any
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+CONV_KERNEL_AXES = ('conv_h', 'conv_w', 'conv_in', 'conv_out')
+
+# Keras' glorot-uniform default, used by the reference for dense layers.
+DENSE_INIT = nn.initializers.xavier_uniform()
+
+
+def fan_avg_uniform(scale: float = 1.0) -> Initializer:
+  """Variance-scaling initialiser, fan-average, uniform distribution.
+
+  This is the reference U-Net's initialiser. A tiny scale (1e-10) makes a
+  layer start as (almost) zero, so a residual block begins as its shortcut and
+  the output head begins at zero.
+
+  Args:
+    scale: variance scale; 1.0 is Glorot uniform, 1e-10 is near-zero.
+
+  Returns:
+    A jax initializer.
+  """
+  return nn.initializers.variance_scaling(scale, 'fan_avg', 'uniform')
+
+
+def get_dtype(name: str) -> jnp.dtype:
+  """Returns the compute dtype named by a config string.
+
+  Args:
+    name: 'float32' or 'bfloat16'.
+
+  Returns:
+    The jnp dtype.
+
+  Raises:
+    ValueError: if the name is unknown.
+  """
+  if name not in DTYPES:
+    raise ValueError(
+        f'dtype={name!r} is not supported; expected one of {sorted(DTYPES)}.')
+  return DTYPES[name]
+
+
+def num_groups(channels: int, max_groups: int = 32) -> int:
+  """GroupNorm group count: min(32, channels // 4), lowered until it divides.
+
+  The reference uses min(channels // 4, 32); at paper scale every width is a
+  multiple of 32. Tiny test models have widths like 24 or 8, so the count is
+  lowered to the nearest divisor to keep GroupNorm well defined.
+
+  Args:
+    channels: number of channels normalised.
+    max_groups: upper bound on the group count.
+
+  Returns:
+    A group count g >= 1 with channels % g == 0.
+  """
+  groups = max(1, min(max_groups, channels // 4))
+  while channels % groups:
+    groups -= 1
+  return groups
+
+
+def conv(features: int,
+         kernel_size: int,
+         *,
+         strides: int = 1,
+         padding: str | Sequence[tuple[int, int]] = 'SAME',
+         use_bias: bool = True,
+         kernel_init: Initializer = None,
+         dtype: jnp.dtype = jnp.float32,
+         name: str | None = None) -> nn.Conv:
+  """A 2-D convolution whose kernel and bias carry logical axis names.
+
+  Args:
+    features: output channels.
+    kernel_size: square kernel size.
+    strides: square stride.
+    padding: flax padding ('SAME', 'VALID' or explicit pairs).
+    use_bias: whether to add a bias.
+    kernel_init: kernel initializer; Glorot uniform when None.
+    dtype: compute dtype (parameters stay float32).
+    name: module name.
+
+  Returns:
+    An `nn.Conv` (kernel axes conv_h, conv_w, conv_in, conv_out; bias axis
+    conv_out).
+  """
+  kernel_init = fan_avg_uniform() if kernel_init is None else kernel_init
+  return nn.Conv(
+      features,
+      (kernel_size, kernel_size),
+      strides=(strides, strides),
+      padding=padding,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=nn.with_logical_partitioning(kernel_init, CONV_KERNEL_AXES),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                             ('conv_out',)),
+      name=name)
+
+
+def dense(features: int,
+          axes: tuple[str, str],
+          *,
+          kernel_init: Initializer = DENSE_INIT,
+          dtype: jnp.dtype = jnp.float32,
+          name: str | None = None) -> nn.Dense:
+  """A dense layer whose kernel and bias carry logical axis names.
+
+  Args:
+    features: output width.
+    axes: logical names of the kernel's (input, output) axes; the bias takes
+      the output name.
+    kernel_init: kernel initializer.
+    dtype: compute dtype (parameters stay float32).
+    name: module name.
+
+  Returns:
+    An `nn.Dense`.
+  """
+  return nn.Dense(
+      features,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                             (axes[1],)),
+      name=name)
+
+
+def _norm_inits(scale_init: Initializer = nn.initializers.ones) -> dict:
+  return dict(
+      scale_init=nn.with_logical_partitioning(scale_init, ('norm',)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                             ('norm',)))
+
+
+def group_norm(channels: int,
+               *,
+               zero_init: bool = False,
+               dtype: jnp.dtype = jnp.float32,
+               name: str | None = None) -> nn.GroupNorm:
+  """GroupNorm (epsilon 1e-5) with `num_groups(channels)` groups.
+
+  Args:
+    channels: number of channels it will normalise.
+    zero_init: start the scale at zero (last norm of a residual branch).
+    dtype: compute dtype (statistics are reduced in float32 by flax).
+    name: module name.
+
+  Returns:
+    An `nn.GroupNorm` with scale/bias on the logical axis 'norm'.
+  """
+  scale_init = nn.initializers.zeros if zero_init else nn.initializers.ones
+  return nn.GroupNorm(
+      num_groups=num_groups(channels),
+      epsilon=1e-5,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      name=name,
+      **_norm_inits(scale_init))
+
+
+def layer_norm(*,
+               dtype: jnp.dtype = jnp.float32,
+               name: str | None = None) -> nn.LayerNorm:
+  """LayerNorm with epsilon 1e-6 (the reference transformer's value).
+
+  Args:
+    dtype: compute dtype.
+    name: module name.
+
+  Returns:
+    An `nn.LayerNorm` with scale/bias on the logical axis 'norm'.
+  """
+  return nn.LayerNorm(
+      epsilon=1e-6,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      name=name,
+      **_norm_inits())
+
+
+def batch_norm(*,
+               train: bool,
+               momentum: float,
+               zero_init: bool = False,
+               dtype: jnp.dtype = jnp.float32,
+               name: str | None = None) -> nn.BatchNorm:
+  """BatchNorm (epsilon 1e-5) that keeps running averages in `batch_stats`.
+
+  Under a jitted, data-sharded step the batch mean is taken over the global
+  batch, which is the synchronised batch norm of the reference.
+
+  Args:
+    train: use batch statistics and update the running averages when True,
+      use the running averages when False.
+    momentum: running-average decay (0.9 in the reference).
+    zero_init: start the scale at zero (last norm of a residual branch).
+    dtype: compute dtype.
+    name: module name.
+
+  Returns:
+    An `nn.BatchNorm`.
+  """
+  scale_init = nn.initializers.zeros if zero_init else nn.initializers.ones
+  return nn.BatchNorm(
+      use_running_average=not train,
+      momentum=momentum,
+      epsilon=1e-5,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      name=name,
+      **_norm_inits(scale_init))

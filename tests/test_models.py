@@ -1,0 +1,323 @@
+"""Tests of the model package: registry, shapes, state, wiring, scale, dtype.
+
+Tiny models get random variables on the shapes `jax.eval_shape(init)` gives:
+a real jitted `init` compiles slowly on CPU, and several kernels start at
+zero by design, which would hide whether an input reaches the output.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pix2seq_d_jax import models
+from pix2seq_d_jax.models import pix2seq_d, pyramid, transformer
+
+B, IMAGE, MASK, BITS, OUTPUTS, FUSE, DEC = 2, 32, 16, 16, 24, 16, 16
+TINY = dict(
+    mask_size=(MASK, MASK), num_bits=BITS, num_outputs=OUTPUTS,
+    backbone_depths=(1, 1, 1), backbone_width=8, enc_layers=1, enc_dim=32,
+    enc_mlp_dim=64, enc_heads=2, fuse_dim=FUSE, dec_dim=DEC,
+    dec_dim_mults=(1, 2), dec_transformer_layers=1, dec_transformer_dim=32,
+    dec_heads=2)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _fast_compiles():
+  # These tests check plumbing and values, not speed: skipping most XLA
+  # optimisations roughly halves their compile time on CPU.
+  previous = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', previous)
+
+
+def _count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _inputs(seed, cond_channels=0):
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
+  image = jax.random.uniform(k1, (B, IMAGE, IMAGE, 3))
+  x_t = 0.1 * jax.random.normal(k2, (B, MASK, MASK, BITS))
+  gamma = jax.random.uniform(k3, (B,))
+  cond = jax.random.normal(k4, (B, MASK, MASK, cond_channels))
+  return image, x_t, gamma, cond
+
+
+def _abstract(model, image, x_t, gamma, **kwargs):
+  init = functools.partial(model.init, train=False, **kwargs)
+  return nn.unbox(jax.eval_shape(init, jax.random.key(0), image, x_t, gamma))
+
+
+def _abstract_params(**overrides):
+  model = models.get_model('pix2seq_d', **{**TINY, **overrides})
+  image, x_t, gamma, cond = _inputs(0, model.cond_channels)
+  kwargs = {}
+  if model.self_cond:
+    kwargs['self_cond_x0'] = x_t
+  if model.cond_channels:
+    kwargs['cond_map'] = cond
+  return _abstract(model, image, x_t, gamma, **kwargs)['params']
+
+
+def _random_variables(abstract, seed=0):
+  """Well-scaled random values for an abstract variable tree."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = str(path[-1].key)
+    if name == 'kernel':
+      value = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+    elif name in ('scale', 'var'):
+      value = rng.uniform(0.5, 1.5, size=leaf.shape)
+    else:  # biases and running means
+      value = 0.1 * rng.normal(size=leaf.shape)
+    return jnp.asarray(value, jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+@functools.cache
+def _tiny(conditional='cat+attn'):
+  """A tiny float32 model, random variables and jitted entry points."""
+  model = models.get_model('pix2seq_d', conditional=conditional, **TINY)
+  variables = _random_variables(_abstract(model, *_inputs(0)[:3]))
+  apply = functools.partial(model.apply, variables)
+  fns = dict(
+      encode=jax.jit(functools.partial(apply, method='encode', train=False)),
+      encode_train=jax.jit(functools.partial(
+          apply, method='encode', train=True, mutable=['batch_stats'],
+          rngs={'dropout': jax.random.key(5)})),
+      encode_eval_mutable=jax.jit(functools.partial(
+          apply, method='encode', train=False, mutable=['batch_stats'])),
+      decode=jax.jit(functools.partial(apply, method='decode', train=False)),
+      call=jax.jit(functools.partial(apply, train=False)))
+  return variables, fns
+
+
+def test_registry_lookup_and_error():
+  model = models.get_model('pix2seq_d', mask_size=(8, 8))
+  assert isinstance(model, pix2seq_d.Pix2SeqD)
+  assert models.MODELS['pix2seq_d'] is pix2seq_d.Pix2SeqD
+  with pytest.raises(ValueError, match=r"'nope'.*pix2seq_d"):
+    models.get_model('nope')
+
+
+def test_sinusoids_match_numpy():
+  pos = np.array([0.0, 1.5, 30.0], np.float32)
+  rates = 1.0 / 10000.0 ** (2 * np.arange(4) / 8)
+  want = np.concatenate([np.sin(pos[:, None] * rates),
+                         np.cos(pos[:, None] * rates)], -1)
+  np.testing.assert_allclose(transformer.sinusoidal_1d(jnp.asarray(pos), 8),
+                             want, rtol=1e-5, atol=1e-6)
+  # 2-D: the first half encodes the row, the second half the column, each
+  # rescaled to [0, 2π].
+  code = np.asarray(transformer.sinusoidal_2d(3, 5, 8)).reshape(3, 5, 8)
+  rows = transformer.sinusoidal_1d(jnp.arange(3) / 2 * 2 * np.pi, 4)
+  cols = transformer.sinusoidal_1d(jnp.arange(5) / 4 * 2 * np.pi, 4)
+  np.testing.assert_allclose(code[:, :, :4],
+                             np.repeat(np.asarray(rows)[:, None], 5, 1),
+                             atol=1e-6)
+  np.testing.assert_allclose(code[:, :, 4:],
+                             np.repeat(np.asarray(cols)[None], 3, 0),
+                             atol=1e-6)
+
+
+def test_upsample_nearest_and_drop_path():
+  x = np.arange(12, dtype=np.float32).reshape(2, 2, 3, 1)
+  want = np.stack([np.kron(x[i, :, :, 0], np.ones((2, 3)))
+                   for i in range(2)])[..., None]
+  np.testing.assert_array_equal(pyramid.upsample_nearest(x, (2, 3)), want)
+
+  ones = jnp.ones((64, 3, 4))
+  drop = transformer.DropPath(0.5)
+  out = drop.apply({}, ones, train=True, rngs={'dropout': jax.random.key(0)})
+  per_example = np.asarray(out).reshape(64, -1)
+  # Each example is dropped or kept whole; kept ones are scaled by 1 / keep.
+  assert set(np.unique(per_example)) <= {0.0, 2.0}
+  assert np.all(per_example.min(1) == per_example.max(1))
+  assert 0 < (per_example[:, 0] == 0).sum() < 64
+  np.testing.assert_array_equal(drop.apply({}, ones, train=False), ones)
+
+
+def test_shapes_dtypes_and_encode_decode_equals_call():
+  variables, fns = _tiny()
+  image, x_t, gamma, _ = _inputs(3)
+  enc = fns['encode'](image)
+  assert enc['features'].shape == (B, MASK, MASK, FUSE)
+  assert enc['tokens'].shape == (B, (IMAGE // 16) ** 2, 32)
+  out = fns['decode'](x_t, gamma, enc)
+  assert out.shape == (B, MASK, MASK, OUTPUTS) and out.dtype == jnp.float32
+  assert np.all(np.isfinite(out)) and float(jnp.std(out)) > 1e-2
+  np.testing.assert_allclose(fns['call'](image, x_t, gamma), out, rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_batch_stats_train_updates_eval_keeps():
+  variables, fns = _tiny()
+  image, _, _, _ = _inputs(4)
+  _, new = fns['encode_train'](image)
+  # After one training step the stem norm's running mean is
+  # 0.9·old + 0.1·(batch mean of the stem conv output); redo the conv in lax.
+  x = (image - jnp.asarray(pix2seq_d.IMAGENET_MEAN)) / jnp.asarray(
+      pix2seq_d.IMAGENET_STD)
+  kernel = variables['params']['backbone']['stem_conv']['kernel']
+  stem = jax.lax.conv_general_dilated(
+      x, kernel, (2, 2), ((3, 3), (3, 3)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  old = variables['batch_stats']['backbone']['stem_norm']['bn']['mean']
+  np.testing.assert_allclose(
+      new['batch_stats']['backbone']['stem_norm']['bn']['mean'],
+      0.9 * old + 0.1 * stem.mean((0, 1, 2)), rtol=1e-4, atol=1e-5)
+
+  enc, same = fns['encode_eval_mutable'](image)
+  jax.tree.map(np.testing.assert_array_equal, same['batch_stats'],
+               variables['batch_stats'])
+  # Eval uses the running averages, so an example's features do not depend
+  # on the other examples of its batch.
+  other = fns['encode'](image.at[1].set(1.0 - image[1]))
+  np.testing.assert_allclose(other['features'][0], enc['features'][0],
+                             rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(other['features'][1] - enc['features'][1]).max()) > 0
+
+
+def test_time_and_attention_conditioning_are_wired():
+  image, x_t, gamma, _ = _inputs(6)
+  enc = _tiny()[1]['encode'](image)
+  for conditional in ('cat+attn', 'cat'):
+    decode = _tiny(conditional)[1]['decode']
+    out = decode(x_t, gamma, enc)
+    # Changing γ of example 1 changes its output, and only its output.
+    out_g = decode(x_t, gamma.at[1].add(0.3), enc)
+    np.testing.assert_allclose(out_g[0], out[0], rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(out_g[1] - out[1]).max()) > 1e-3
+    # The tokens reach the output only through cross-attention.
+    enc_t = dict(enc, tokens=enc['tokens'] + 1.0)
+    diff = float(jnp.abs(decode(x_t, gamma, enc_t) - out).max())
+    if conditional == 'cat':
+      assert diff == 0.0
+    else:
+      assert diff > 1e-3
+
+
+def test_parameter_sets_follow_the_options():
+  def conv_in(params):
+    return params['decoder']['conv_in']['kernel'].shape
+
+  assert conv_in(_abstract_params()) == (1, 1, BITS + FUSE, DEC)
+  assert conv_in(_abstract_params(self_cond=True)) == (1, 1, 2 * BITS + FUSE,
+                                                       DEC)
+  assert conv_in(_abstract_params(cond_channels=32)) == (1, 1,
+                                                         BITS + FUSE + 32, DEC)
+
+  def names(params):
+    return {jax.tree_util.keystr(path)
+            for path, _ in jax.tree_util.tree_leaves_with_path(params)}
+
+  attn = names(_abstract_params())
+  cat = names(_abstract_params(conditional='cat'))
+  assert any('cross_attn' in n for n in attn)
+  assert not any('cross_attn' in n for n in cat)
+  assert cat < attn
+
+
+def test_every_weight_has_logical_axis_names():
+  model = models.get_model('pix2seq_d', **TINY)
+  init = functools.partial(model.init, train=False)
+  boxed = jax.eval_shape(init, jax.random.key(0), *_inputs(0)[:3])['params']
+  leaves = jax.tree.leaves(
+      boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned)
+                        for x in leaves)
+  assert all(len(x.names) == len(x.value.shape) for x in leaves)
+  used = {n for x in leaves for n in x.names}
+  assert used == {'conv_h', 'conv_w', 'conv_in', 'conv_out', 'embed', 'mlp',
+                  'heads', 'norm'}
+  specs = nn.get_partition_spec(boxed)
+  assert jax.tree.structure(specs) == jax.tree.structure(nn.unbox(boxed))
+
+
+def test_frozen_backbone_stops_gradients_and_keeps_stats():
+  model = models.get_model('pix2seq_d', freeze_backbone=True, **TINY)
+  image = _inputs(8)[0]
+  variables = _tiny()[0]
+
+  def loss(params):
+    enc, state = model.apply(
+        dict(variables, params=params), image, method='encode', train=True,
+        mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)})
+    return jnp.sum(enc['features'] ** 2) + jnp.sum(enc['tokens']), state
+
+  grads, state = jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
+  for part in ('backbone', 'encoder'):
+    assert all(float(jnp.abs(g).max()) == 0.0
+               for g in jax.tree.leaves(grads[part])), part
+  assert all(float(jnp.abs(g).max()) > 0.0
+             for g in jax.tree.leaves(grads['pyramid']))
+  # A frozen encoder runs in inference mode: running averages stay as is.
+  jax.tree.map(np.testing.assert_array_equal, state['batch_stats'],
+               variables['batch_stats'])
+
+
+def test_invalid_configs_raise_with_field_names():
+  image, x_t, gamma, _ = _inputs(0)
+  for overrides, field in (
+      # 12 is not a multiple of the stride-4 size 8 of a 32² image.
+      (dict(mask_size=(12, 12)), 'mask_size'),
+      # 8 is, but not divisible by 2 ** 4.
+      (dict(mask_size=(8, 8), dec_dim_mults=(1, 1, 1, 1, 1)), 'dec_dim_mults'),
+      (dict(conditional='attn'), 'conditional')):
+    model = models.get_model('pix2seq_d', **{**TINY, **overrides})
+    with pytest.raises(ValueError, match=field):
+      _abstract(model, image, x_t[:, :8, :8], gamma)
+
+
+def test_paper_scale_parameter_count():
+  model = models.get_model('pix2seq_d', mask_size=(512, 512))
+  shapes = _abstract(model,
+                     jax.ShapeDtypeStruct((1, 1024, 1024, 3), jnp.float32),
+                     jax.ShapeDtypeStruct((1, 512, 512, 16), jnp.float32),
+                     jax.ShapeDtypeStruct((1,), jnp.float32))
+  params = shapes['params']
+  total = _count(params)
+  print(f'Pix2Seq-D parameters: {total:,}')
+  # The official TF2 code counts 94,492,480 at this recipe; we match exactly.
+  assert abs(total - 94_492_480) <= 0.02 * 94_492_480
+  assert total == 94_492_480
+  components = {
+      'resnet': (_count(params['backbone']), 8.5e6),
+      'encoder transformer': (_count(params['encoder']['transformer']),
+                              37.8e6),
+      'pyramid merge': (_count(params['pyramid']), 4.0e6),
+      'transunet': (_count(params['decoder']), 43.6e6),
+      'transunet transformer': (_count(params['decoder']['transformer']),
+                                25.9e6),
+  }
+  for name, (got, want) in components.items():
+    print(f'  {name}: {got:,}')
+    assert abs(got - want) <= 0.1 * want, (name, got, want)
+
+
+def test_bfloat16_compute_float32_params_and_output():
+  variables, fns = _tiny()
+  model16 = models.get_model('pix2seq_d', dtype='bfloat16', **TINY)
+  image, x_t, gamma, _ = _inputs(7)
+  abstract = _abstract(model16, image, x_t, gamma)
+  assert jax.tree.structure(abstract) == jax.tree.structure(variables)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(abstract))
+  out32 = fns['call'](image, x_t, gamma)
+  out16 = jax.jit(functools.partial(model16.apply, train=False))(
+      variables, image, x_t, gamma)
+  assert out16.dtype == jnp.float32
+  scale = float(jnp.abs(out32).max())
+  err = float(jnp.abs(out16 - out32).max())
+  rms, rms_err = (float(jnp.sqrt(jnp.mean(v ** 2)))
+                  for v in (out32, out16 - out32))
+  print(f'bf16 vs f32: max error {err:.4f} (max |out| {scale:.3f}), '
+        f'rms error {rms_err:.4f} (rms {rms:.3f})')
+  assert 0.0 < err < 0.1 * scale
+  assert rms_err < 0.05 * rms
