@@ -10,6 +10,7 @@ before anything is built. Errors of the user's making (config, data paths)
 print one line and exit with status 2 instead of a stack trace.
 """
 
+import logging as py_logging
 import os
 import sys
 
@@ -33,9 +34,19 @@ _DISTRIBUTED = flags.DEFINE_bool(
 flags.mark_flags_as_required(["workdir"])
 
 
+class _QuietLibraryInfo(py_logging.Filter):
+  """Drops INFO records of orbax, which logs every save in detail."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or (
+        "/orbax/" not in record.pathname
+    )
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraryInfo())
   import jax  # Imported here so --help stays fast.
 
   if _DISTRIBUTED.value:
@@ -67,5 +78,24 @@ def main(argv):
       multihost_utils.sync_global_devices("pix2seq_d_jax exit")
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with bad flags and config overrides as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections raises these for an unknown or mistyped
+    # --config.<field> override of the locked config.
+    overrides = [a for a in argv if a.startswith("--config.")]
+    print(
+        f"error: bad config override among {overrides}: "
+        f"{type(e).__name__}: {e} (the field must exist in the config; "
+        "see configs/common.py for the schema)",
+        file=sys.stderr,
+    )
+  sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -193,7 +193,7 @@ def train_and_evaluate(
   )
   rng = jax.random.key(config.seed)
   init_rng, train_rng, eval_rng = jax.random.split(rng, 3)
-  with jax.sharding.use_mesh(mesh):
+  with jax.set_mesh(mesh):
     abstract_boxed = jax.eval_shape(init_fn, init_rng)
   state_shardings = sharding.state_shardings(
       abstract_boxed, mesh, config.sharding_rules
@@ -266,7 +266,7 @@ def train_and_evaluate(
     for name in names if names is not None else list(evals):
       evaluator = evals[name]
       t0 = time.time()
-      with jax.sharding.use_mesh(mesh):
+      with jax.set_mesh(mesh):
         metrics = evaluator.run(
             state.ema_params, state.batch_stats, step=step
         )
@@ -297,6 +297,9 @@ def train_and_evaluate(
   )
   if data_state is not None:
     train_iter.set_state(data_state)
+  # The first batch is read before compiling, so bad data fails in seconds
+  # rather than after a long compile.
+  next_local = next(train_iter) if start_step < total_steps else None
   step_fn = train_state.make_train_step(
       model, tx, lr_schedule, config.diffusion, ema_decay=config.ema_decay
   )
@@ -310,7 +313,7 @@ def train_and_evaluate(
       donate_argnums=0,
   )
   t0 = time.time()
-  with jax.sharding.use_mesh(mesh):
+  with jax.set_mesh(mesh):
     compiled = train_step.lower(
         abstract_state, _batch_spec(config, batch_size), train_rng
     ).compile()
@@ -324,7 +327,9 @@ def train_and_evaluate(
   step_t0, steps_since_log = time.time(), 0
   with _StopSignal() as stop:
     while step < total_steps and stop.received is None:
-      local = next(train_iter)
+      local, next_local = next_local, None
+      if local is None:
+        local = next(train_iter)
       batch = sharding.global_batch(
           {k: local[k] for k in batch_shardings}, mesh
       )
@@ -362,7 +367,7 @@ def train_and_evaluate(
       if due:
         results.update(run_evals(step, due))
   if stop.received is not None:
-    if last_good_ckpt != step:
+    if last_good_ckpt != step and step > start_step:
       checkpointing.save(manager, step, state, train_iter.get_state(),
                          force=True)
     logging.warning("Stopped by signal at step %d; rerun to resume.", step)

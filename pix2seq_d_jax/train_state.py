@@ -162,7 +162,7 @@ def make_init_fn(
 
 
 def _tree_norm(tree: PyTree) -> jax.Array:
-  return optax.global_norm(tree)
+  return optax.tree.norm(tree)
 
 
 def make_train_step(

@@ -23,6 +23,17 @@ pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _shared_compilation_cache(tmp_path_factory):
+  # Runs of the same tiny config share compiled steps across processes.
+  cache = str(tmp_path_factory.mktemp("jax_cache"))
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  yield
+  os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+  os.environ.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
+
+
 def _run(workdir, data_dir, *extra, config="configs/synthetic.py:tiny",
          check=True, timeout=600):
   cmd = [
@@ -78,9 +89,9 @@ def test_run_writes_metrics_checkpoints_predictions(finished_run):
   assert len(pred["annotations"]) == 4
   for ann in pred["annotations"]:
     png = np.asarray(Image.open(os.path.join(pred_dir, "panoptic",
-                                             ann["file_name"])))
-    ids = png[..., 0].astype(np.int64) + 256 * png[..., 1] + 65536 * png[
-        ..., 2]
+                                             ann["file_name"]))).astype(
+                                                 np.int64)
+    ids = png[..., 0] + 256 * png[..., 1] + 65536 * png[..., 2]
     listed = {s["id"] for s in ann["segments_info"]}
     assert set(np.unique(ids)) - {0} == listed
     for s in ann["segments_info"]:
@@ -155,3 +166,22 @@ def test_missing_data_folder_is_named(tmp_path):
               "coco_panoptic", check=False)
   assert proc.returncode == 2
   assert "nowhere" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_corrupt_label_png_is_named(tmp_path):
+  from pix2seq_d_jax.data import synthetic
+
+  data_dir = str(tmp_path / "d")
+  root = synthetic.ensure_synthetic(data_dir, num_train=16, num_val=4,
+                                    image_size=64, seed=0)
+  folder = os.path.join(root, "annotations", "panoptic_train2017")
+  # Every label is corrupt, so the first batch (read before compiling)
+  # already fails.
+  victims = sorted(os.listdir(folder))
+  for name in victims:
+    with open(os.path.join(folder, name), "wb") as f:
+      f.write(b"not a png")
+  proc = _run(str(tmp_path / "w"), data_dir, "--mode=train", check=False)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert any(v in proc.stderr for v in victims)
+  assert "Traceback" not in proc.stderr

@@ -178,27 +178,29 @@ class CocoPanopticEvaluator:
     gt_ids = panoptic_format.read_panoptic_png(
         os.path.join(self.meta.gt_folder, gt_ann["file_name"])
     )
-    gt_rgb = visualize.colorize(gt_ids, gt_ann["segments_info"])
-    pred_rgb = visualize.colorize(ids, segments)
+    # Stuff takes its class's colour in both panels, so they compare.
+    def with_isthing(segs):
+      return [dict(seg, isthing=bool(
+          self.categories[seg["category_id"]]["isthing"])) for seg in segs]
+
+    gt_rgb = visualize.colorize(gt_ids, with_isthing(gt_ann["segments_info"]))
+    pred_rgb = visualize.colorize(ids, with_isthing(segments))
     strip = visualize.overlay_strip(image, gt_rgb, pred_rgb)
     visualize.save_png(os.path.join(overlay_dir, f"{image_id}.png"), strip)
 
   def _sum_over_processes(self, stat, num_images):
+    """Sums the exact per-category counts of every process."""
     if jax.process_count() == 1:
       return stat, num_images
     cat_ids = sorted(self.categories)
-    local = np.array(
-        [[stat[c].tp, stat[c].fp, stat[c].fn, stat[c].iou] for c in cat_ids]
-        + [[num_images, 0, 0, 0]],
-        np.float64,
+    local = np.concatenate(
+        [stat.to_array(cat_ids).ravel(), [float(num_images)]]
     )
     total = np.asarray(multihost_utils.process_allgather(local)).sum(0)
-    out = panoptic.PQStat()
-    for row, c in zip(total[:-1], cat_ids, strict=True):
-      out[c].tp, out[c].fp, out[c].fn = (int(row[0]), int(row[1]),
-                                         int(row[2]))
-      out[c].iou = float(row[3])
-    return out, int(total[-1, 0])
+    out = panoptic.PQStat.from_array(
+        cat_ids, total[:-1].reshape(len(cat_ids), -1)
+    )
+    return out, int(total[-1])
 
   def _write_json(self, out_dir, annotations, results):
     path = os.path.join(out_dir, "panoptic.json")

@@ -1,0 +1,171 @@
+"""Tests of the optimizer, schedule, train step and predict function."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import common
+from pix2seq_d_jax import train_state
+
+IMAGE, MASK = 32, 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compile():
+  # These tests check plumbing and small-scale learning, not XLA's output
+  # quality: skipping most optimisations halves compile time.
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def _opt(**kw):
+  c = dict(lr=1.0, end_lr_factor=0.1, weight_decay=0.0, b1=0.9, b2=0.999,
+           grad_clip_norm=1.0)
+  c.update(kw)
+  return ml_collections.ConfigDict(c)
+
+
+def test_learning_rate_warmup_then_linear_decay():
+  sched = train_state.learning_rate_schedule(_opt(), total_steps=14,
+                                             warmup_steps=4)
+  np.testing.assert_allclose(
+      [float(sched(s)) for s in (0, 2, 4, 9, 14, 20)],
+      [0.0, 0.5, 1.0, 0.55, 0.1, 0.1], rtol=1e-6)
+  no_warmup = train_state.learning_rate_schedule(_opt(), total_steps=10,
+                                                 warmup_steps=0)
+  assert float(no_warmup(0)) == 1.0
+
+
+def test_weight_decay_only_on_kernels():
+  tx, _ = train_state.make_optimizer(
+      _opt(weight_decay=0.5, grad_clip_norm=0.0), total_steps=10,
+      warmup_steps=0)
+  params = {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.full((2,), 2.0)}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  # AdamW with zero gradients: the update is -lr * wd * p for decayed leaves.
+  np.testing.assert_allclose(updates["kernel"], -1.0, rtol=1e-6)
+  np.testing.assert_allclose(updates["bias"], 0.0)
+
+
+def _tiny_config(**diffusion):
+  model = common.tiny_model()
+  model.update(backbone_width=8, enc_layers=1, enc_dim=32, enc_mlp_dim=64,
+               enc_heads=2, fuse_dim=16, dec_dim=16, dec_dim_mults=(1, 2),
+               dec_transformer_dim=32, dec_heads=2)
+  base = common.get_base_config()
+  base.model = model
+  base.input.image_size, base.input.mask_size = IMAGE, MASK
+  base.diffusion.update(diffusion)
+  return base
+
+
+def _batch(b=2, seed=0):
+  rng = np.random.default_rng(seed)
+  sem = np.zeros((b, MASK, MASK), np.int32)
+  inst = np.zeros((b, MASK, MASK), np.int32)
+  sem[:, 4:12, 4:12] = 3
+  inst[:, 4:12, 4:12] = 7
+  return {
+      "image": jnp.asarray(rng.uniform(size=(b, IMAGE, IMAGE, 3)),
+                           jnp.float32),
+      "semantic": jnp.asarray(sem),
+      "instance": jnp.asarray(inst),
+      "loss_weight": jnp.ones((b, MASK, MASK), jnp.float32),
+  }
+
+
+def _setup(config, ema_decay=0.5, lr=3e-3):
+  model = train_state.build_model(config)
+  tx, sched = train_state.make_optimizer(
+      _opt(lr=lr, weight_decay=0.0), total_steps=100, warmup_steps=0)
+  init = train_state.make_init_fn(model, tx, image_size=IMAGE,
+                                  mask_size=MASK, num_bits=16)
+  state = jax.jit(lambda r: nn.unbox(init(r)))(jax.random.key(0))
+  step = jax.jit(train_state.make_train_step(
+      model, tx, sched, config.diffusion, ema_decay=ema_decay))
+  return model, state, step
+
+
+def test_train_step_updates_ema_stats_and_reduces_loss():
+  config = _tiny_config()
+  _, state, step = _setup(config)
+  batch = _batch()
+  new_state, metrics = step(state, batch, jax.random.key(1))
+  assert int(new_state.step) == 1
+  # EMA: 0.5 * old EMA (= init params) + 0.5 * new params.
+  expected = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, state.ema_params,
+                          new_state.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+               new_state.ema_params, expected)
+  changed = jax.tree.map(lambda a, b: not np.allclose(a, b),
+                         state.batch_stats, new_state.batch_stats)
+  assert any(jax.tree.leaves(changed))
+  assert float(metrics["lr"]) == pytest.approx(3e-3)
+  # Overfitting one batch: the loss must fall (t is resampled every step).
+  losses = []
+  s = new_state
+  for _ in range(40):
+    s, m = step(s, batch, jax.random.key(2))
+    losses.append(float(m["loss"]))
+  assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+
+
+def test_self_conditioning_rate_selects_the_extra_pass():
+  config = _tiny_config(self_cond=True, self_cond_rate=0.0)
+  model, state, step = _setup(config)
+  assert model.self_cond
+  conv_in = state.params["decoder"]["conv_in"]["kernel"]
+  # Input channels: 16 noisy bits + 16 self-cond bits + fuse_dim features.
+  assert conv_in.shape[2] == 16 + 16 + 16
+  # A fresh decoder outputs ~0 (zero-initialised last layers), which would
+  # make the self-conditioning estimate 0 too: give it a random output layer.
+  key = jax.random.key(5)
+  conv_out = state.params["decoder"]["conv_out"]
+  params = dict(state.params)
+  params["decoder"] = dict(params["decoder"], conv_out=dict(
+      conv_out, kernel=jax.random.normal(key, conv_out["kernel"].shape)))
+  state = state.replace(params=params)
+  batch = _batch()
+  _, m0 = step(state, batch, jax.random.key(3))
+  config_always = _tiny_config(self_cond=True, self_cond_rate=1.0)
+  _, _, step_always = _setup(config_always)
+  _, m1 = step_always(state, batch, jax.random.key(3))
+  # Same params, noise and t: only the self-conditioning input differs.
+  assert float(m0["loss"]) != pytest.approx(float(m1["loss"]), rel=1e-7)
+
+
+def test_predict_returns_masks_in_range():
+  config = _tiny_config()
+  model, state, _ = _setup(config)
+  predict = jax.jit(train_state.make_predict_fn(
+      model, config.diffusion, num_classes=5, max_instances=9, num_steps=3))
+  sem, inst = predict(state.ema_params, state.batch_stats,
+                      _batch()["image"], jax.random.key(0))
+  assert sem.shape == (2, MASK, MASK) and inst.shape == (2, MASK, MASK)
+  assert int(sem.max()) <= 4 and int(inst.max()) <= 8
+  assert int(sem.min()) >= 0 and int(inst.min()) >= 0
+  # Deterministic DDIM: same rng, same masks.
+  sem2, _ = predict(state.ema_params, state.batch_stats, _batch()["image"],
+                    jax.random.key(0))
+  np.testing.assert_array_equal(sem, sem2)
+
+
+def test_optimizer_clips_global_norm():
+  tx, _ = train_state.make_optimizer(
+      _opt(lr=1.0, grad_clip_norm=1.0, b1=0.0, b2=0.0), total_steps=10,
+      warmup_steps=0)
+  params = {"w": jnp.zeros((3,))}
+  grads = {"w": jnp.array([3.0, 4.0, 0.0])}
+  state = tx.init(params)
+  # Adam with b1 = b2 = 0 normalises each coordinate: clipping first scales
+  # grads to norm 1 but the sign pattern is what survives.
+  updates, _ = tx.update(grads, state, params)
+  assert optax.tree.norm(updates) > 0
+  np.testing.assert_allclose(np.sign(updates["w"]), [-1, -1, 0])
