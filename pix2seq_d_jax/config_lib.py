@@ -11,10 +11,12 @@ anything is built so that a bad value fails with one line naming the field.
 from __future__ import annotations
 
 import ast
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
+from absl import flags
 
 from pix2seq_d_jax.diffusion import analog_bits, losses, sampler, schedules
 
@@ -287,3 +289,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
       config.mesh,
       "a list of (axis_name, size) pairs",
   )
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing for the CLIs; bad flags and overrides fail in one line.
+
+  Used as `app.run(main, flags_parser=parse_flags)`: an unknown or mistyped
+  `--config.<field>` override of the locked config, or a bad flag value,
+  prints one `error: ...` line and exits with status 2 instead of a stack
+  trace.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections raises these for an unknown or mistyped
+    # --config.<field> override of the locked config.
+    overrides = [a for a in argv if a.startswith("--config.")]
+    print(
+        f"error: bad config override among {overrides}: "
+        f"{type(e).__name__}: {e} (the field must exist in the config; "
+        "see configs/common.py for the schema)",
+        file=sys.stderr,
+    )
+  sys.exit(2)

@@ -78,24 +78,5 @@ def main(argv):
       multihost_utils.sync_global_devices("pix2seq_d_jax exit")
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with bad flags and config overrides as one line."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    # ml_collections raises these for an unknown or mistyped
-    # --config.<field> override of the locked config.
-    overrides = [a for a in argv if a.startswith("--config.")]
-    print(
-        f"error: bad config override among {overrides}: "
-        f"{type(e).__name__}: {e} (the field must exist in the config; "
-        "see configs/common.py for the schema)",
-        file=sys.stderr,
-    )
-  sys.exit(2)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -35,6 +35,7 @@ from pix2seq_d_jax import (
 )
 from pix2seq_d_jax import data as data_lib
 from pix2seq_d_jax.data import pipeline, preprocess
+from pix2seq_d_jax.models import weight_import
 
 MODES = ("train", "eval", "train_eval")
 
@@ -229,13 +230,7 @@ def train_and_evaluate(
     if config.resume:
       state = checkpointing.restore_weights(config.resume, abstract_state)
     elif config.model_init:
-      loaded = checkpointing.restore_weights(
-          config.model_init, abstract_state
-      )
-      state = state.replace(
-          params=loaded.params, batch_stats=loaded.batch_stats,
-          ema_params=loaded.ema_params,
-      )
+      state = _init_weights(state, config.model_init, abstract_state)
   start_step = int(state.step)
 
   reporter = reporting.Reporter(workdir, total_steps=total_steps)
@@ -379,6 +374,37 @@ def train_and_evaluate(
   reporter.flush()
   reporter.close()
   return results
+
+
+def _init_weights(state: Any, path: str, abstract_state: Any) -> Any:
+  """Weights only from `config.model_init`; optimizer state stays fresh.
+
+  `path` is an ImageNet ResNet-50 export (torchvision or Keras layout, .npz
+  or .safetensors: only the backbone is loaded) or one of our runs (a
+  workdir, its checkpoints/ folder or a step folder: every weight). Position
+  embeddings are sinusoidal and computed from the input size, so a low-res
+  checkpoint initialises a high-res run without interpolation.
+  """
+  if weight_import.is_backbone_export(path):
+    params, batch_stats, report = weight_import.load_backbone_weights(
+        path, state.params, state.batch_stats
+    )
+    ema_params, _, _ = weight_import.load_backbone_weights(
+        path, state.ema_params, state.batch_stats
+    )
+    logging.info(
+        "ImageNet backbone from %s (%s layout): %d leaves, %d keys ignored.",
+        path, report["layout"], report["num_loaded"],
+        len(report["ignored_keys"]),
+    )
+    return state.replace(
+        params=params, batch_stats=batch_stats, ema_params=ema_params
+    )
+  loaded = checkpointing.restore_weights(path, abstract_state)
+  return state.replace(
+      params=loaded.params, batch_stats=loaded.batch_stats,
+      ema_params=loaded.ema_params,
+  )
 
 
 def _log_memory(compiled: Any) -> None:

@@ -34,6 +34,10 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+# One RGB encoder for the whole package; decoding below stays panopticapi's
+# (single-channel PNGs pass through unchanged, as in its rgb2id).
+from pix2seq_d_jax.data.panoptic_format import id_to_rgb  # noqa: F401
+
 VOID = 0
 # Ids are RGB-encoded in COCO PNGs, so they stay below 256**3; the in-memory API
 # accepts anything below 2**31 so the pair code gt * (max_pred + 1) + pred fits
@@ -62,30 +66,6 @@ def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
     )
   rgb = rgb[..., :3].astype(np.int64)
   return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-
-
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-  """Encodes segment ids as COCO panoptic RGB colours.
-
-  Args:
-    ids: integer [h, w] segment ids in [0, 256**3).
-
-  Returns:
-    uint8 [h, w, 3] colours; `rgb_to_id(id_to_rgb(x)) == x`.
-
-  Raises:
-    ValueError: if an id is negative or does not fit in 24 bits.
-  """
-  ids = np.asarray(ids)
-  if ids.size and (ids.min() < 0 or ids.max() >= 256**3):
-    raise ValueError(
-      f"ids: values must lie in [0, {256**3}) to be RGB-encoded, got range "
-      f"[{ids.min()}, {ids.max()}]"
-    )
-  ids = ids.astype(np.int64)
-  return np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(
-    np.uint8
-  )
 
 
 def read_panoptic_png(path: str | os.PathLike) -> np.ndarray:

@@ -153,7 +153,11 @@ class CocoPanopticEvaluator:
         min_pixels=self.config.min_pixels,
     )
     ids = postprocess.resize_nearest(ids, (orig_h, orig_w))
-    segments = _recount(ids, segments, self.meta.class_to_category_id)
+    segments = [
+        {k: v for k, v in seg.items() if k != "isthing"}
+        for seg in postprocess.recount_segments(
+            ids, segments, self.meta.class_to_category_id)
+    ]
     gt_ann = self.gt_by_id[image_id]
     png_name = gt_ann["file_name"]
     panoptic_format.write_panoptic_png(os.path.join(png_dir, png_name), ids)
@@ -212,26 +216,3 @@ class CocoPanopticEvaluator:
     with open(tmp, "w") as f:
       json.dump(results, f, indent=2)
     os.replace(tmp, os.path.join(out_dir, "metrics.json"))
-
-
-def _recount(
-    ids: np.ndarray, segments: list[dict], class_to_category_id: np.ndarray
-) -> list[dict]:
-  """Areas and boxes after resizing; classes become dataset category ids."""
-  out = []
-  for seg in segments:
-    ys, xs = np.nonzero(ids == seg["id"])
-    if ys.size == 0:
-      continue
-    out.append(
-        {
-            "id": int(seg["id"]),
-            "category_id": int(class_to_category_id[seg["category_id"]]),
-            "area": int(ys.size),
-            "bbox": [int(xs.min()), int(ys.min()),
-                     int(xs.max() - xs.min() + 1),
-                     int(ys.max() - ys.min() + 1)],
-            "iscrowd": 0,
-        }
-    )
-  return out

@@ -206,3 +206,47 @@ def crop_and_resize_to_original(
       f"{tuple(valid_size_in_mask)}"
     )
   return resize_nearest(labels[:h, :w], orig_size)
+
+
+def recount_segments(
+    ids: np.ndarray, segments: list[dict], class_to_category_id: np.ndarray
+) -> list[dict]:
+  """Areas and boxes after resizing; classes become dataset category ids.
+
+  Segments that the resize made vanish (inputs smaller than the mask) are
+  dropped, so every listed segment has pixels.
+
+  Args:
+    ids: int [H, W] segment ids after resizing (0 = void).
+    segments: `masks_to_panoptic`'s segments (contiguous class indices).
+    class_to_category_id: int [num_classes] dataset category id per class.
+
+  Returns:
+    COCO `segments_info` entries (plus `isthing`, used by the overlays).
+  """
+  n = int(ids.max(initial=0)) + 1
+  ys, xs = np.nonzero(ids)
+  flat = ids[ys, xs]
+  area = np.bincount(flat, minlength=n)
+  big = np.iinfo(np.int64).max
+  x0, y0 = np.full(n, big), np.full(n, big)
+  x1, y1 = np.full(n, -1), np.full(n, -1)
+  np.minimum.at(x0, flat, xs)
+  np.minimum.at(y0, flat, ys)
+  np.maximum.at(x1, flat, xs)
+  np.maximum.at(y1, flat, ys)
+  out = []
+  for seg in segments:
+    i = int(seg["id"])
+    if i >= n or area[i] == 0:
+      continue
+    out.append({
+        "id": i,
+        "category_id": int(class_to_category_id[seg["category_id"]]),
+        "area": int(area[i]),
+        "bbox": [int(x0[i]), int(y0[i]), int(x1[i] - x0[i] + 1),
+                 int(y1[i] - y0[i] + 1)],
+        "iscrowd": 0,
+        "isthing": bool(seg["isthing"]),
+    })
+  return out

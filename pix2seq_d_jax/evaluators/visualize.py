@@ -12,6 +12,8 @@ optional title bar drawn by PIL's default font. numpy and PIL only.
 from __future__ import annotations
 
 import colorsys
+import functools
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,6 +26,12 @@ _GOLDEN = 0.6180339887498949
 # stuff colour) before a redraw; 255 / 6 keeps them apart by eye.
 _MIN_DISTANCE = 42
 _MAX_TRIES = 64
+# Prediction overlays and denoising-trajectory GIFs.
+_MIN_GIF_SIDE = 128
+_GIF_FRAME_MS = 250
+_GIF_LAST_FRAME_MS = 1000
+_OVERLAY_ALPHA = 0.5
+_OVERLAY_GAP = 4
 
 
 def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
@@ -226,3 +234,120 @@ def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
   if parent:
     os.makedirs(parent, exist_ok=True)
   Image.fromarray(array).save(path, format="PNG")
+
+
+
+def colorize_pairs(
+    semantic: np.ndarray, instance: np.ndarray, is_thing: np.ndarray
+) -> np.ndarray:
+  """Colours raw (semantic, instance) masks, one colour per segment.
+
+  Unlike `visualize.colorize`, the colour is a fixed function of the
+  (class, instance id) pair, so a segment keeps its colour across sampling
+  steps. Void (class 0) is black; stuff pixels take their class's colour
+  whatever their instance id.
+
+  Args:
+    semantic: int [..., h, w] classes, in [0, len(is_thing)).
+    instance: int [..., h, w] instance ids in [0, 2**16).
+    is_thing: bool [num_classes].
+
+  Returns:
+    uint8 [..., h, w, 3].
+  """
+  semantic = np.asarray(semantic, np.int64)
+  instance = np.asarray(instance, np.int64)
+  is_thing = np.asarray(is_thing, bool)
+  key = semantic * (1 << 16) + np.where(is_thing[semantic], instance, 0)
+  uniq, inverse = np.unique(key, return_inverse=True)
+  palette = np.array([_pair_color(int(k)) for k in uniq], np.uint8)
+  palette[uniq < (1 << 16)] = 0  # Class 0: void.
+  return palette.reshape(-1, 3)[inverse.reshape(key.shape)]
+
+
+@functools.cache
+def _pair_color(key: int) -> tuple[int, int, int]:
+  # A generator seeded by the pair: stable across steps, images and runs.
+  hsv = np.random.default_rng([key, 0xC0102]).uniform(
+      (0.0, 0.5, 0.6), (1.0, 1.0, 1.0)
+  )
+  r, g, b = colorsys.hsv_to_rgb(*hsv)
+  return round(255 * r), round(255 * g), round(255 * b)
+
+
+def overlay(
+    image: np.ndarray,
+    segment_ids: np.ndarray,
+    segments_info: Sequence[dict[str, Any]],
+    names: dict[int, str],
+) -> np.ndarray:
+  """Lays out image | image blended with segments, class names at centroids.
+
+  Args:
+    image: uint8 [H, W, 3].
+    segment_ids: int [H, W] panoptic ids, 0 = void.
+    segments_info: segments `{id, category_id, isthing}`.
+    names: category id -> class name.
+
+  Returns:
+    uint8 [H, 2 * W + 4, 3].
+  """
+  h, w, _ = image.shape
+  rgb = colorize(segment_ids, segments_info)
+  panel = Image.fromarray(blend(image, rgb, _OVERLAY_ALPHA))
+  draw = ImageDraw.Draw(panel)
+  font = ImageFont.load_default()
+  ys, xs = np.nonzero(segment_ids)
+  ids = segment_ids[ys, xs]
+  n = int(segment_ids.max(initial=0)) + 1
+  count = np.bincount(ids, minlength=n)
+  cy = np.bincount(ids, ys, minlength=n) / np.maximum(count, 1)
+  cx = np.bincount(ids, xs, minlength=n) / np.maximum(count, 1)
+  for seg in segments_info:
+    i = int(seg["id"])
+    if i >= n or count[i] == 0:
+      continue
+    text = names.get(int(seg["category_id"]), str(seg["category_id"]))
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    tw, th = right - left + 2, bottom - top + 2
+    # Centred on the centroid, moved inside the panel when near an edge.
+    x = int(min(max(cx[i] - tw / 2, 0), max(w - tw, 0)))
+    y = int(min(max(cy[i] - th / 2, 0), max(h - th, 0)))
+    draw.rectangle((x, y, x + tw - 1, y + th - 1), fill=(0, 0, 0))
+    draw.text((x + 1 - left, y + 1 - top), text, fill=(255, 255, 255),
+              font=font)
+  canvas = np.full((h, 2 * w + _OVERLAY_GAP, 3), 255, np.uint8)
+  canvas[:, :w] = image
+  canvas[:, w + _OVERLAY_GAP:] = np.asarray(panel)
+  return canvas
+
+
+def save_trajectory(frames: np.ndarray, png_path: str, gif_path: str) -> None:
+  """Writes the frames as one horizontal strip and as an animated GIF.
+
+  The strip is [h, steps * w] at mask resolution. GIF frames are enlarged
+  by an integer factor and carry a progress bar at the bottom; the bar also
+  keeps consecutive frames distinct, which PIL would otherwise merge.
+
+  Args:
+    frames: uint8 [steps, h, w, 3].
+    png_path: destination of the strip.
+    gif_path: destination of the animation.
+  """
+  steps, h, w, _ = frames.shape
+  save_png(png_path, np.concatenate(list(frames), axis=1))
+  k = max(1, math.ceil(_MIN_GIF_SIDE / max(h, w)), math.ceil(steps / w))
+  big = frames.repeat(k, axis=1).repeat(k, axis=2)
+  bar = max(3, k * h // 20)
+  images = []
+  for s in range(steps):
+    frame = np.full((k * h + bar, k * w, 3), 64, np.uint8)
+    frame[: k * h] = big[s]
+    frame[k * h :, : round((s + 1) * k * w / steps)] = 255
+    images.append(Image.fromarray(frame))
+  durations = [_GIF_FRAME_MS] * (steps - 1) + [_GIF_LAST_FRAME_MS]
+  os.makedirs(os.path.dirname(os.path.abspath(gif_path)), exist_ok=True)
+  tmp = f"{gif_path}.tmp-{os.getpid()}"
+  images[0].save(tmp, format="GIF", save_all=True,
+                 append_images=images[1:], duration=durations, loop=0)
+  os.replace(tmp, gif_path)

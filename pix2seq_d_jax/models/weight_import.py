@@ -1,0 +1,567 @@
+"""ImageNet ResNet-50 weights (torchvision or Keras exports) for the backbone.
+
+`load_backbone_weights` reads an ImageNet ResNet-50 export and writes its conv
+kernels, batch-norm scales/biases and running averages into the `backbone`
+subtree of a Pix2SeqD variable tree (`params['backbone']`,
+`batch_stats['backbone']`); every other leaf is left as it is. No torch or
+TensorFlow is needed: exports are `.npz` files or `.safetensors` files, whose
+simple format (8-byte little-endian header length, JSON header, raw buffer) is
+parsed here with json + numpy. The layout is detected from the keys:
+
+- torchvision (`conv1.weight` [64, 3, 7, 7] OIHW, `bn1.*`,
+  `layer{g}.{i}.conv{1,2,3}.weight`, `layer{g}.{i}.bn{1,2,3}.*`,
+  `layer{g}.{i}.downsample.{0,1}.*`). Kernels go OIHW -> HWIO. torchvision's
+  ResNet-50 is v1.5, the stride on the 3x3 conv (`conv2`), and so is ours
+  (`BottleneckBlock.conv1` is the strided 3x3): the blocks compute the same
+  function. Its input convention (RGB in [0, 1], ImageNet mean/std) is ours.
+- Keras `keras.applications.ResNet50` (`conv1_conv/kernel` HWIO,
+  `conv1_bn/gamma|beta|moving_mean|moving_variance`,
+  `conv{s}_block{i}_{0,1,2,3}_conv|bn/...`, `_0_` the shortcut; a `:0`
+  suffix on names is accepted). Keras' ResNet50 is v1: it strides the first
+  1x1 conv of a group's first block, ours the 3x3. The shapes are the same, so
+  the weights load, but the strided block is a different function from the
+  Keras one (the ImageNet features are a starting point that fine-tuning
+  adapts). Keras convs have biases where ours have none (batch norm follows
+  every conv): a bias c before a batch norm only shifts the mean, so it is
+  folded exactly into the running mean (mean - c; in training the batch mean
+  absorbs it anyway). Keras expects 'caffe' input (BGR, 0..255, mean
+  subtracted, no std); with `convert_keras_input` (default) the stem kernel is
+  rewritten for our input (RGB, ImageNet mean/std): channels reversed and
+  scaled by 255 * std, and the small mean difference folded into the stem's
+  bias (exact except in the 3-pixel border, where zero padding differs).
+  Keras' batch-norm epsilon is 1.001e-5, ours 1e-5 (negligible).
+
+In both layouts block groups past the model's last one (`layer4` / `conv5_*`
+for the paper's 3-group ResNet-50) and the classifier (`fc` / `predictions`)
+are ignored, as are torchvision's `num_batches_tracked` counters. Note that
+both exports pad the stem max-pool by (1, 1) while ours, like the TF
+reference, uses 'SAME' (0, 1) padding: a one-pixel shift after the stem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zipfile
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import numpy as np
+from absl import logging
+from flax import traverse_util
+from flax.core import meta
+
+PyTree = Any
+LAYOUTS = ("torchvision", "keras")
+SUFFIXES = (".npz", ".safetensors")
+
+# The stem kernel names that identify each layout.
+_STEM_KEYS = {"torchvision": "conv1.weight", "keras": "conv1_conv/kernel"}
+
+# Keras' 'caffe' preprocessing: BGR pixel means on the 0..255 scale.
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+# Our input normalisation (models/pix2seq_d.py): RGB, [0, 1], mean/std.
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_SAFETENSORS_DTYPES = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
+    "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?", "BF16": "<u2",
+}
+
+_TORCH_BN = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+             "running_mean": ("batch_stats", "mean"),
+             "running_var": ("batch_stats", "var")}
+_KERAS_BN = {"gamma": ("params", "scale"), "beta": ("params", "bias"),
+             "moving_mean": ("batch_stats", "mean"),
+             "moving_variance": ("batch_stats", "var")}
+
+_TORCH_STEM_RE = re.compile(r"(conv1|bn1)\.(\w+)")
+_TORCH_BLOCK_RE = re.compile(
+    r"layer(\d+)\.(\d+)\.(conv[123]|bn[123]|downsample\.[01])\.(\w+)")
+_TORCH_GROUP_RE = re.compile(r"layer(\d+)\.")
+_KERAS_STEM_RE = re.compile(r"conv1_(conv|bn)/(\w+)")
+_KERAS_BLOCK_RE = re.compile(r"conv(\d+)_block(\d+)_([0-3])_(conv|bn)/(\w+)")
+_KERAS_GROUP_RE = re.compile(r"conv(\d+)_")
+_OUR_BLOCK_RE = re.compile(r"group(\d+)_block(\d+)")
+
+
+class _Target(NamedTuple):
+  """Where one export array goes.
+
+  kind: 'leaf' (assign), 'fold' (a Keras conv bias folded into the running
+  mean at `path`) or 'ignore'. path: key path under the backbone of
+  `collection`. transform: 'oihw' (transpose to HWIO), 'keras_stem' or ''.
+  """
+  kind: str
+  collection: str = ""
+  path: tuple[str, ...] = ()
+  transform: str = ""
+
+
+_IGNORE = _Target("ignore")
+
+
+def _strip(key: str) -> str:
+  # TF2 Keras names variables 'layer/kernel:0'; Keras 3 drops the suffix.
+  return key[:-2] if key.endswith(":0") else key
+
+
+# ------------------------------------------------------------------ readers
+
+
+def _safetensors_header(path: str) -> tuple[dict, int]:
+  """Returns (header dict without __metadata__, byte offset of the data)."""
+  with open(path, "rb") as f:
+    raw = f.read(8)
+    if len(raw) != 8:
+      raise ValueError(f"{path}: not a safetensors file (shorter than the "
+                       "8-byte header length).")
+    size = int.from_bytes(raw, "little")
+    file_size = os.fstat(f.fileno()).st_size
+    if size > file_size - 8:
+      raise ValueError(f"{path}: safetensors header length {size} exceeds "
+                       f"the file size {file_size}.")
+    try:
+      header = json.loads(f.read(size))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ValueError(f"{path}: safetensors header is not JSON: {e}") from e
+  if not isinstance(header, dict):
+    raise ValueError(f"{path}: safetensors header is a "
+                     f"{type(header).__name__}; expected a JSON object.")
+  header.pop("__metadata__", None)
+  return header, 8 + size
+
+
+def _safetensors_array(path: str, buffer: np.ndarray, data_start: int,
+                       key: str, info: Any) -> np.ndarray:
+  """Decodes tensor `key` of a safetensors file from its memory map."""
+  if not isinstance(info, dict) or not {"dtype", "shape",
+                                        "data_offsets"} <= set(info):
+    raise ValueError(f"{path}: safetensors entry {key!r} is {info!r}; "
+                     "expected dtype, shape and data_offsets.")
+  dtype_name = info["dtype"]
+  if dtype_name not in _SAFETENSORS_DTYPES:
+    raise ValueError(f"{path}: tensor {key!r} has dtype {dtype_name!r}; "
+                     f"supported: {sorted(_SAFETENSORS_DTYPES)}.")
+  dtype = np.dtype(_SAFETENSORS_DTYPES[dtype_name])
+  shape = tuple(int(s) for s in info["shape"])
+  begin, end = (int(o) for o in info["data_offsets"])
+  expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  if end - begin != expected or begin < 0 or data_start + end > buffer.size:
+    raise ValueError(
+        f"{path}: tensor {key!r} data_offsets [{begin}, {end}] hold "
+        f"{end - begin} bytes; expected {expected} for {dtype_name} "
+        f"{list(shape)} within {buffer.size - data_start} data bytes.")
+  raw = buffer[data_start + begin:data_start + end]
+  array = np.frombuffer(raw.tobytes(), dtype=dtype).reshape(shape)
+  if dtype_name == "BF16":
+    # bfloat16 is the upper half of a float32: shift the bits into place.
+    array = (array.astype(np.uint32) << 16).view(np.float32)
+  return array
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """Reads every tensor of a `.safetensors` file (bfloat16 becomes float32).
+
+  Args:
+    path: the file.
+
+  Returns:
+    {name: array} in the file's dtypes (native byte order).
+
+  Raises:
+    ValueError: on a malformed header or entry (naming the file and key).
+  """
+  keys, get = _open_export(path, suffix=".safetensors")
+  return {k: get(k) for k in keys}
+
+
+def _npz_array(path: str, key: str) -> np.ndarray:
+  with np.load(path, allow_pickle=False) as npz:
+    return np.asarray(npz[key])
+
+
+def _open_export(
+    path: str, suffix: str | None = None
+) -> tuple[list[str], Callable[[str], np.ndarray]]:
+  """Lists an export's keys and returns a reader for single arrays.
+
+  Arrays are read on demand so the ignored groups (most of a ResNet-50's
+  weights are in `layer4`) are never loaded.
+  """
+  suffix = suffix or os.path.splitext(path)[1]
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"backbone export {path!r} does not exist or is "
+                            "not a file.")
+  if suffix == ".npz":
+    try:
+      npz = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+      raise ValueError(f"{path}: not a readable .npz archive: {e}") from e
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+      raise ValueError(f"{path}: holds a single .npy array; expected an .npz "
+                       "archive of named arrays.")
+    # The archive is reopened per read so no file handle outlives the call.
+    npz.close()
+    return list(npz.files), lambda k: _npz_array(path, k)
+  if suffix == ".safetensors":
+    header, data_start = _safetensors_header(path)
+    buffer = np.memmap(path, dtype=np.uint8, mode="r")
+    return list(header), lambda k: _safetensors_array(
+        path, buffer, data_start, k, header[k])
+  raise ValueError(f"backbone export {path!r} has suffix {suffix!r}; "
+                   f"expected one of {SUFFIXES}.")
+
+
+def read_export(path: str) -> dict[str, np.ndarray]:
+  """Reads every array of a `.npz` or `.safetensors` export.
+
+  Args:
+    path: the file.
+
+  Returns:
+    {name: array}.
+
+  Raises:
+    FileNotFoundError: if the file does not exist.
+    ValueError: on an unsupported suffix or a malformed file.
+  """
+  keys, get = _open_export(path)
+  return {k: get(k) for k in keys}
+
+
+def detect_layout(keys: list[str], source: str = "export") -> str:
+  """Names the export layout ('torchvision' or 'keras') from its keys.
+
+  Args:
+    keys: the export's array names.
+    source: what the keys came from, for the error message.
+
+  Returns:
+    One of LAYOUTS.
+
+  Raises:
+    ValueError: if neither stem kernel name is present (lists a few keys).
+  """
+  names = {_strip(k) for k in keys}
+  found = [lay for lay in LAYOUTS if _STEM_KEYS[lay] in names]
+  if len(found) != 1:
+    raise ValueError(
+        f"{source}: cannot tell the ResNet-50 layout; expected exactly one "
+        f"of the stem kernels {sorted(_STEM_KEYS.values())}, found "
+        f"{found or 'neither'}; first keys: {sorted(keys)[:6]}.")
+  return found[0]
+
+
+def is_backbone_export(path: str) -> bool:
+  """Whether `path` is a ResNet-50 export this module can load.
+
+  True for an existing `.npz` / `.safetensors` file whose keys name a
+  torchvision or Keras stem kernel; False for anything else (for instance a
+  checkpoint folder), so the trainer can route `config.model_init`. Only the
+  key list is read.
+
+  Args:
+    path: a file or folder path.
+
+  Returns:
+    Whether it is a loadable backbone export.
+  """
+  if not os.path.isfile(path) or not path.endswith(SUFFIXES):
+    return False
+  try:
+    keys, _ = _open_export(path)
+    detect_layout(keys, path)
+  except (ValueError, OSError) as e:
+    logging.info("%s is not a backbone export: %s", path, e)
+    return False
+  return True
+
+
+# ----------------------------------------------------------------- mapping
+
+
+def _bn_target(kind_map: dict, module: tuple[str, ...], field: str):
+  if field not in kind_map:
+    return None
+  collection, leaf = kind_map[field]
+  return _Target("leaf", collection, (*module, "bn", leaf))
+
+
+def _map_torchvision(key: str, num_groups: int) -> _Target | None:
+  """Maps one torchvision key to its target; None when unknown."""
+  if key.endswith(".num_batches_tracked") or re.fullmatch(r"fc\.\w+", key):
+    return _IGNORE
+  group = _TORCH_GROUP_RE.match(key)
+  if group and int(group.group(1)) > num_groups:
+    return _IGNORE
+  m = _TORCH_STEM_RE.fullmatch(key)
+  if m:
+    if m.group(1) == "conv1":
+      return (_Target("leaf", "params", ("stem_conv", "kernel"), "oihw")
+              if m.group(2) == "weight" else None)
+    return _bn_target(_TORCH_BN, ("stem_norm",), m.group(2))
+  m = _TORCH_BLOCK_RE.fullmatch(key)
+  if not m:
+    return None
+  g, i, layer, field = m.groups()
+  block = f"group{int(g)}_block{int(i) + 1}"
+  if layer == "downsample.0":
+    return (_Target("leaf", "params", (block, "proj_conv", "kernel"), "oihw")
+            if field == "weight" else None)
+  if layer == "downsample.1":
+    return _bn_target(_TORCH_BN, (block, "proj_norm"), field)
+  # torchvision conv{k}/bn{k} are our conv{k-1}/norm{k-1}.
+  index = int(layer[-1]) - 1
+  if layer.startswith("conv"):
+    return (_Target("leaf", "params", (block, f"conv{index}", "kernel"),
+                    "oihw") if field == "weight" else None)
+  return _bn_target(_TORCH_BN, (block, f"norm{index}"), field)
+
+
+def _map_keras(key: str, num_groups: int) -> _Target | None:
+  """Maps one Keras key (':0' stripped) to its target; None when unknown."""
+  if re.fullmatch(r"predictions/\w+", key):
+    return _IGNORE
+  group = _KERAS_GROUP_RE.match(key)
+  # Keras stage s (conv2..conv5) is our group s - 1; conv1 is the stem.
+  if group and int(group.group(1)) > num_groups + 1:
+    return _IGNORE
+  m = _KERAS_STEM_RE.fullmatch(key)
+  if m:
+    conv_or_bn, field = m.groups()
+    module = ("stem_conv",) if conv_or_bn == "conv" else ("stem_norm",)
+    transform = "keras_stem"
+  else:
+    m = _KERAS_BLOCK_RE.fullmatch(key)
+    if not m or int(m.group(1)) < 2:
+      return None
+    s, i, index, conv_or_bn, field = m.groups()
+    block = f"group{int(s) - 1}_block{int(i)}"
+    if index == "0":
+      name = "proj_conv" if conv_or_bn == "conv" else "proj_norm"
+    else:
+      name = f"{'conv' if conv_or_bn == 'conv' else 'norm'}{int(index) - 1}"
+    module = (block, name)
+    transform = ""
+  if conv_or_bn == "bn":
+    return _bn_target(_KERAS_BN, module, field)
+  if field == "kernel":
+    return _Target("leaf", "params", (*module, "kernel"), transform)
+  if field == "bias":
+    # The batch norm after this conv: swap the conv's name for the norm's.
+    norm = module[-1].replace("conv", "norm")
+    return _Target("fold", "batch_stats", (*module[:-1], norm, "bn", "mean"),
+                   transform)
+  return None
+
+
+def _caffe_delta() -> np.ndarray:
+  """Keras' input value (0..255 scale) where ours is 0, per RGB channel."""
+  mean_rgb = np.asarray(_IMAGENET_MEAN, np.float64)
+  caffe_rgb = np.asarray(_CAFFE_MEAN_BGR[::-1], np.float64)
+  return 255.0 * mean_rgb - caffe_rgb
+
+
+def _keras_stem(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Rewrites a Keras stem kernel [7, 7, 3 BGR, o] for our normalised input.
+
+  Keras sees k_bgr(c) = 255 x_c - caffe_mean_c; we feed z_c = (x_c - mu_c) /
+  std_c, so k(c) = 255 std_c z_c + delta_c with delta_c = 255 mu_c -
+  caffe_mean_c. The kernel becomes K[:, :, 2 - c] * 255 std_c and delta adds
+  the constant sum K delta per output channel, returned as an extra bias.
+
+  Args:
+    kernel: float [7, 7, 3, o] HWIO with BGR input channels.
+
+  Returns:
+    (float32 [7, 7, 3, o] kernel for RGB mean/std input, float64 [o] bias).
+  """
+  rgb = kernel.astype(np.float64)[:, :, ::-1, :]
+  scale = 255.0 * np.asarray(_IMAGENET_STD, np.float64)
+  extra_bias = np.einsum("hwco,c->o", rgb, _caffe_delta())
+  return (rgb * scale[:, None]).astype(np.float32), extra_bias
+
+
+# ------------------------------------------------------------------ loading
+
+
+def _backbone(tree: Mapping, name: str, path: str) -> dict:
+  if not isinstance(tree, Mapping) or "backbone" not in tree:
+    keys = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
+    raise ValueError(f"loading {path}: {name} has no 'backbone' subtree "
+                     f"(keys: {keys}); expected Pix2SeqD variables.")
+  return traverse_util.flatten_dict(tree["backbone"])
+
+
+def _leaf_value(leaf: Any) -> Any:
+  return leaf.unbox() if isinstance(leaf, meta.AxisMetadata) else leaf
+
+
+def _place(old: Any, value: np.ndarray) -> Any:
+  """`value` in the old leaf's dtype, box and (if a jax.Array) sharding."""
+  if isinstance(old, meta.AxisMetadata):
+    return old.replace_boxed(_place(old.unbox(), value))
+  value = np.asarray(value, dtype=old.dtype)
+  if isinstance(old, jax.Array):
+    # Every process builds its own shards, so this also works multi-host.
+    return jax.make_array_from_callback(value.shape, old.sharding,
+                                        lambda index: value[index])
+  return value
+
+
+def _with_backbone(tree: Mapping, updates: dict) -> PyTree:
+  """A copy of `tree` with leaves under 'backbone' replaced by `updates`."""
+  flat = traverse_util.flatten_dict(tree, keep_empty_nodes=True)
+  for path, value in updates.items():
+    full = ("backbone", *path)
+    flat[full] = _place(flat[full], value)
+  out = traverse_util.unflatten_dict(flat)
+  if isinstance(tree, flax.core.FrozenDict):
+    return flax.core.freeze(out)
+  return out
+
+
+def _fmt(path: tuple[str, ...]) -> str:
+  return "/".join(path)
+
+
+def _few(items: list[str], n: int = 8) -> str:
+  more = f" (and {len(items) - n} more)" if len(items) > n else ""
+  return ", ".join(items[:n]) + more
+
+
+def load_backbone_weights(
+    path: str,
+    params: PyTree,
+    batch_stats: PyTree,
+    *,
+    convert_keras_input: bool = True,
+) -> tuple[PyTree, PyTree, dict[str, Any]]:
+  """Loads an ImageNet ResNet-50 export into the Pix2SeqD backbone.
+
+  Every conv kernel, batch-norm scale/bias and running mean/variance of
+  `params['backbone']` / `batch_stats['backbone']` is replaced exactly once;
+  all other leaves are returned as they are. The new leaves keep the old
+  leaves' dtype, `nn.Partitioned` box and jax sharding. See the module
+  docstring for the two layouts and how each maps onto our ResNet.
+
+  Args:
+    path: `.npz` or `.safetensors` file in the torchvision or Keras layout.
+    params: the model's params (`{'backbone': {...}, ...}`), plain arrays or
+      boxed; backbone_norm must be 'batch'.
+    batch_stats: the model's batch statistics (`{'backbone': {...}}`).
+    convert_keras_input: rewrite a Keras stem for our RGB mean/std input
+      (Keras expects BGR caffe input); ignored for torchvision.
+
+  Returns:
+    (params, batch_stats, report): new trees and a dict with `num_loaded`
+    (leaves assigned), `ignored_keys` (sorted export keys not used),
+    `folded_keys` (sorted Keras conv biases folded into running means) and
+    `layout`.
+
+  Raises:
+    FileNotFoundError: if `path` is not a file.
+    ValueError: on an unknown layout, a group-norm backbone, export keys the
+      model has no place for, shape mismatches (naming the export key and
+      shape and our path and shape) or backbone leaves the export lacks.
+  """
+  keys, get = _open_export(path)
+  layout = detect_layout(keys, path)
+  ours = {"params": _backbone(params, "params", path),
+          "batch_stats": _backbone(batch_stats, "batch_stats", path)}
+  if any("gn" in p for p in ours["params"]):
+    raise ValueError(
+        f"loading {path}: the model's backbone uses group norm "
+        "(backbone_norm='group'); ImageNet exports carry batch-norm weights, "
+        "so set model.backbone_norm='batch'.")
+  blocks = [_OUR_BLOCK_RE.fullmatch(p[0]) for p in ours["params"]]
+  num_groups = max((int(m.group(1)) for m in blocks if m), default=0)
+  mapper = _map_torchvision if layout == "torchvision" else _map_keras
+
+  assigned: dict[tuple[str, tuple[str, ...]], str] = {}
+  folds: list[tuple[str, _Target]] = []
+  ignored, unknown, mismatched = [], [], []
+  for key in sorted(keys):
+    target = mapper(_strip(key), num_groups)
+    if target is None or (target.kind != "ignore" and
+                          target.path not in ours[target.collection]):
+      unknown.append(key)
+    elif target.kind == "ignore":
+      ignored.append(key)
+    elif target.kind == "fold":
+      if any(t.path == target.path for _, t in folds):
+        raise ValueError(
+            f"loading {path}: two conv biases fold into batch_stats/"
+            f"backbone/{_fmt(target.path)}; the second is {key!r}.")
+      folds.append((key, target))
+    else:
+      slot = (target.collection, target.path)
+      if slot in assigned:
+        raise ValueError(
+            f"loading {path}: export keys {assigned[slot]!r} and {key!r} "
+            f"both map to {target.collection}/backbone/"
+            f"{_fmt(target.path)}.")
+      assigned[slot] = key
+  if unknown:
+    raise ValueError(
+        f"loading {path}: {len(unknown)} {layout} export key(s) have no "
+        f"place in the model's backbone ({num_groups} block groups): "
+        f"{_few(unknown)}.")
+  missing = [f"{c}/backbone/{_fmt(p)}" for c in ours for p in ours[c]
+             if (c, p) not in assigned]
+  if missing:
+    raise ValueError(
+        f"loading {path}: the {layout} export has no value for "
+        f"{len(missing)} of our backbone leaves: {_few(missing)}.")
+
+  updates = {"params": {}, "batch_stats": {}}
+  stem_bias = None
+  for (collection, leaf_path), key in assigned.items():
+    target = mapper(_strip(key), num_groups)
+    value = get(key)
+    if target.transform == "oihw" and value.ndim == 4:
+      value = value.transpose(2, 3, 1, 0)
+    elif (target.transform == "keras_stem" and convert_keras_input and
+          leaf_path[-1] == "kernel" and value.shape[2:3] == (3,)):
+      value, stem_bias = _keras_stem(value)
+    want = _leaf_value(ours[collection][leaf_path]).shape
+    if value.shape != tuple(want):
+      mismatched.append(
+          f"{key} {list(get(key).shape)} -> {collection}/backbone/"
+          f"{_fmt(leaf_path)} {list(want)}")
+    updates[collection][leaf_path] = value
+  if mismatched:
+    raise ValueError(
+        f"loading {path}: shape mismatch (export key [export shape] -> our "
+        f"path [expected HWIO/our shape]): {_few(mismatched, 5)}.")
+
+  for key, target in folds:
+    bias = get(key).astype(np.float64)
+    if target.transform == "keras_stem" and stem_bias is not None:
+      bias = bias + stem_bias
+    mean = updates["batch_stats"][target.path]
+    if bias.shape != mean.shape:
+      raise ValueError(
+          f"loading {path}: conv bias {key} {list(bias.shape)} cannot fold "
+          f"into batch_stats/backbone/{_fmt(target.path)} "
+          f"{list(mean.shape)}.")
+    updates["batch_stats"][target.path] = mean.astype(np.float64) - bias
+  if stem_bias is not None and not any(
+      t.transform == "keras_stem" for _, t in folds):
+    # A bias-free Keras stem still owes the mean-difference constant.
+    mean_path = ("stem_norm", "bn", "mean")
+    updates["batch_stats"][mean_path] = (
+        updates["batch_stats"][mean_path].astype(np.float64) - stem_bias)
+
+  report = dict(num_loaded=len(assigned), ignored_keys=ignored,
+                folded_keys=sorted(k for k, _ in folds), layout=layout)
+  logging.info("Loaded %d backbone leaves from %s (%s layout); ignored %d "
+               "keys, folded %d conv biases.", len(assigned), path, layout,
+               len(ignored), len(folds))
+  return (_with_backbone(params, updates["params"]),
+          _with_backbone(batch_stats, updates["batch_stats"]), report)
