@@ -1,0 +1,135 @@
+"""Runs one train step on 8 fake CPU devices under several meshes.
+
+Executed by `test_sharding_multidevice.py` in its own process, because
+`--xla_force_host_platform_device_count` must be set before jax is imported.
+Prints one JSON object: per mesh, the loss, a parameter checksum, the max
+parameter difference to the 1-device run, and how the stem kernel and a
+decoder kernel are sharded.
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+
+# Plumbing, not XLA's code quality, is under test: compile faster.
+jax.config.update("jax_disable_most_optimizations", True)
+import numpy as np  # noqa: E402
+
+from configs import common  # noqa: E402
+from pix2seq_d_jax import checkpointing, sharding, train_state  # noqa: E402
+
+IMAGE, MASK, BATCH = 32, 16, 8
+FSDP_RULES = [("batch", ("data", "fsdp")), ("embed", "fsdp"),
+              ("conv_out", "fsdp")]
+MESHES = {
+    "single": ([("data", 1)], [("batch", "data")], 1),
+    "dp": ([("data", 8)], [("batch", "data")], 8),
+    "fsdp": ([("fsdp", 8)], FSDP_RULES, 8),
+    "data_x_fsdp": ([("data", 2), ("fsdp", 4)], FSDP_RULES, 8),
+}
+
+
+def _config():
+  config = common.get_base_config()
+  config.model = common.tiny_model()
+  config.model.update(backbone_width=8, enc_layers=1, enc_dim=32,
+                      enc_mlp_dim=64, enc_heads=2, fuse_dim=16, dec_dim=16,
+                      dec_dim_mults=(1, 2), dec_transformer_dim=32,
+                      dec_heads=2, enc_dropout=0.0)
+  config.input.image_size, config.input.mask_size = IMAGE, MASK
+  return config
+
+
+def _batch():
+  rng = np.random.default_rng(0)
+  sem = rng.integers(0, 4, (BATCH, MASK, MASK)).astype(np.int32)
+  return {
+      "image": rng.uniform(size=(BATCH, IMAGE, IMAGE, 3)).astype(np.float32),
+      "semantic": sem,
+      "instance": np.where(sem > 1, sem + 2, 0).astype(np.int32),
+      "loss_weight": np.ones((BATCH, MASK, MASK), np.float32),
+  }
+
+
+def run(mesh_config, rules, num_devices, workdir=None):
+  config = _config()
+  mesh = sharding.make_mesh(mesh_config, jax.devices()[:num_devices])
+  model = train_state.build_model(config)
+  tx, sched = train_state.make_optimizer(config.optax, total_steps=10,
+                                         warmup_steps=0)
+  init = train_state.make_init_fn(model, tx, image_size=IMAGE,
+                                  mask_size=MASK, num_bits=16)
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  shardings = sharding.state_shardings(boxed, mesh, rules)
+  state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(
+      jax.random.key(0))
+  step = jax.jit(
+      train_state.make_train_step(model, tx, sched, config.diffusion,
+                                  ema_decay=0.9),
+      in_shardings=(shardings, sharding.batch_sharding(mesh),
+                    sharding.replicated(mesh)),
+      out_shardings=(shardings, sharding.replicated(mesh)),
+      donate_argnums=0)
+  batch = sharding.global_batch(_batch(), mesh)
+  state, metrics = step(state, batch, jax.random.key(1))
+  jax.block_until_ready(metrics)
+  if workdir is not None:
+    manager = checkpointing.make_manager(workdir, keep=1)
+    checkpointing.save(manager, 1, state, None, force=True)
+    manager.wait_until_finished()
+    manager.close()
+  params = jax.tree.map(np.asarray, state.params)
+  stem = state.params["backbone"]["stem_conv"]["kernel"]
+  return float(metrics["loss"]), params, str(stem.sharding.spec), state
+
+
+def main():
+  workdir = sys.argv[1]
+  out = {}
+  ref_loss, ref_params, _, _ = run(*MESHES["single"])
+  fsdp_params = None
+  for name, (mesh_config, rules, n) in MESHES.items():
+    if name == "single":
+      continue
+    save_to = workdir if name == "fsdp" else None
+    loss, params, stem_spec, state = run(mesh_config, rules, n, save_to)
+    if name == "fsdp":
+      fsdp_params = params
+    diff = max(jax.tree.leaves(jax.tree.map(
+        lambda a, b: float(np.abs(a - b).max()), params, ref_params)))
+    leaf = state.params["decoder"]["conv_out"]["kernel"]
+    out[name] = dict(loss=loss, ref_loss=ref_loss, max_param_diff=diff,
+                     stem_spec=stem_spec,
+                     conv_out_spec=str(leaf.sharding.spec),
+                     conv_out_shard_shape=list(
+                         leaf.addressable_shards[0].data.shape),
+                     conv_out_shape=list(leaf.shape))
+  # A checkpoint written with params sharded over 8 devices restores on 1.
+  config = _config()
+  model = train_state.build_model(config)
+  tx, _ = train_state.make_optimizer(config.optax, total_steps=10,
+                                     warmup_steps=0)
+  init = train_state.make_init_fn(model, tx, image_size=IMAGE,
+                                  mask_size=MASK, num_bits=16)
+  mesh1 = sharding.make_mesh([("data", 1)], jax.devices()[:1])
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  abstract = checkpointing.abstract_with_shardings(
+      nn.unbox(boxed), sharding.state_shardings(boxed, mesh1, []))
+  restored = checkpointing.restore_weights(workdir, abstract)
+  diff = max(jax.tree.leaves(jax.tree.map(
+      lambda a, b: float(np.abs(np.asarray(a) - b).max()),
+      restored.params, fsdp_params)))
+  out["restore_8_to_1"] = dict(
+      max_param_diff=diff, num_devices=len(
+          restored.params["decoder"]["conv_out"]["kernel"].devices()))
+  print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()
