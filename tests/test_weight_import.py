@@ -456,3 +456,25 @@ def test_is_backbone_export(exports, tmp_path):
   absent = tmp_path / "absent.npz"
   for path in (other, junk, not_zip, msgpack, tmp_path, absent):
     assert not weight_import.is_backbone_export(str(path))
+
+
+def test_trainer_model_init_loads_backbone_into_params_and_ema(
+    exports, model_and_vars):
+  from pix2seq_d_jax import train, train_state
+
+  _, variables = model_and_vars
+  params = variables["params"]
+  state = train_state.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      batch_stats=variables["batch_stats"], opt_state=(),
+      ema_params=jax.tree.map(jnp.copy, params))
+  loaded = train._init_weights(state, exports["torch_npz"], None)
+  expected = exports["torch"].arrays["conv1.weight"].transpose(2, 3, 1, 0)
+  for tree in (loaded.params, loaded.ema_params):
+    np.testing.assert_array_equal(_bb(tree, "stem_conv", "kernel"), expected)
+    np.testing.assert_array_equal(
+        tree["decoder"]["conv_out"]["kernel"],
+        params["decoder"]["conv_out"]["kernel"])
+  np.testing.assert_array_equal(
+      _bb(loaded.batch_stats, "stem_norm", "bn", "var"),
+      exports["torch"].arrays["bn1.running_var"])
