@@ -133,6 +133,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       )
   )
   config.ema_decay = 0.999
+  # A NaN/inf loss stops the run naming the step and the last good
+  # checkpoint; True skips such updates instead (counted as train/skipped).
+  config.skip_nonfinite_updates = False
 
   config.evals = ml_collections.ConfigDict()
   config.evals.panoptic = ml_collections.ConfigDict(

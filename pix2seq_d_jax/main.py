@@ -68,9 +68,11 @@ def main(argv):
     config_lib.validate(config)
     train.train_and_evaluate(config, _WORKDIR.value, _MODE.value)
   except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
-    logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except train.NonFiniteLossError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   finally:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils

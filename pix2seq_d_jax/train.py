@@ -193,7 +193,7 @@ def train_and_evaluate(
       num_bits=2 * config.diffusion.bits_per_channel,
   )
   rng = jax.random.key(config.seed)
-  init_rng, train_rng, eval_rng = jax.random.split(rng, 3)
+  init_rng, train_rng = jax.random.split(rng)
   with jax.set_mesh(mesh):
     abstract_boxed = jax.eval_shape(init_fn, init_rng)
   state_shardings = sharding.state_shardings(
@@ -296,7 +296,8 @@ def train_and_evaluate(
   # rather than after a long compile.
   next_local = next(train_iter) if start_step < total_steps else None
   step_fn = train_state.make_train_step(
-      model, tx, lr_schedule, config.diffusion, ema_decay=config.ema_decay
+      model, tx, lr_schedule, config.diffusion, ema_decay=config.ema_decay,
+      skip_nonfinite=config.skip_nonfinite_updates,
   )
   batch_shardings = {k: sharding.batch_sharding(mesh)
                      for k in _batch_spec(config, batch_size)}
@@ -334,7 +335,9 @@ def train_and_evaluate(
       # Block every step: on CPU, queued steps with collectives deadlock
       # (STACK.md pitfall 2), and the loss is needed for the NaN check.
       metrics = jax.device_get(metrics)
-      if not math.isfinite(float(metrics["loss"])):
+      if metrics["skipped"]:
+        logging.warning("Non-finite loss at step %d: update skipped.", step)
+      elif not math.isfinite(float(metrics["loss"])):
         manager.wait_until_finished()
         raise NonFiniteLossError(
             f"loss is {metrics['loss']} at step {step} (last log at step "

@@ -172,6 +172,7 @@ def make_train_step(
     diff_config: ml_collections.ConfigDict,
     *,
     ema_decay: float,
+    skip_nonfinite: bool = False,
 ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
   """Returns the pure train step `(state, batch, rng) -> (state, metrics)`.
 
@@ -181,6 +182,9 @@ def make_train_step(
     schedule: the learning-rate schedule (for the logged lr).
     diff_config: `config.diffusion`.
     ema_decay: decay of the exponential moving average of the params.
+    skip_nonfinite: if the loss or a gradient is NaN/inf, keep the previous
+      params, optimizer state, EMA and batch statistics (the step counter
+      still advances) and report `skipped` = 1, instead of applying it.
 
   Returns:
     The step function; jit it with donated state.
@@ -275,9 +279,19 @@ def make_train_step(
         opt_state=opt_state,
         ema_params=ema_params,
     )
+    grad_norm = _tree_norm(grads)
+    skipped = jnp.zeros((), jnp.float32)
+    if skip_nonfinite:
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      new_state = jax.tree.map(
+          lambda new, old: jnp.where(finite, new, old), new_state,
+          state.replace(step=state.step + 1),
+      )
+      skipped = 1.0 - finite.astype(jnp.float32)
     metrics = {
         "loss": loss,
-        "grad_norm": _tree_norm(grads),
+        "skipped": skipped,
+        "grad_norm": grad_norm,
         "param_norm": _tree_norm(params),
         "update_norm": _tree_norm(updates),
         "lr": schedule(state.step),

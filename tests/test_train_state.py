@@ -81,7 +81,7 @@ def _batch(b=2, seed=0):
   }
 
 
-def _setup(config, ema_decay=0.5, lr=3e-3):
+def _setup(config, ema_decay=0.5, lr=3e-3, skip_nonfinite=False):
   model = train_state.build_model(config)
   tx, sched = train_state.make_optimizer(
       _opt(lr=lr, weight_decay=0.0), total_steps=100, warmup_steps=0)
@@ -89,7 +89,8 @@ def _setup(config, ema_decay=0.5, lr=3e-3):
                                   mask_size=MASK, num_bits=16)
   state = jax.jit(lambda r: nn.unbox(init(r)))(jax.random.key(0))
   step = jax.jit(train_state.make_train_step(
-      model, tx, sched, config.diffusion, ema_decay=ema_decay))
+      model, tx, sched, config.diffusion, ema_decay=ema_decay,
+      skip_nonfinite=skip_nonfinite))
   return model, state, step
 
 
@@ -206,3 +207,19 @@ def test_bfloat16_compute_matches_float32_loss():
   l32, l16 = loss(model32), loss(model16)
   assert l16 == pytest.approx(l32, rel=2e-2)
   assert l16 != l32  # The bf16 path really computes in bf16.
+
+
+def test_nonfinite_update_is_skipped_when_configured():
+  _, state, step = _setup(_tiny_config(), skip_nonfinite=True)
+  bad = dict(_batch(), loss_weight=jnp.full((2, MASK, MASK), jnp.nan))
+  new_state, metrics = step(state, bad, jax.random.key(1))
+  assert not np.isfinite(float(metrics["loss"]))
+  assert float(metrics["skipped"]) == 1.0 and int(new_state.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, new_state.params, state.params)
+  jax.tree.map(np.testing.assert_array_equal, new_state.opt_state,
+               state.opt_state)
+  good_state, metrics = step(new_state, _batch(), jax.random.key(1))
+  assert float(metrics["skipped"]) == 0.0 and int(good_state.step) == 2
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b),
+                         good_state.params, new_state.params)
+  assert any(jax.tree.leaves(changed))
