@@ -136,6 +136,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # A NaN/inf loss stops the run naming the step and the last good
   # checkpoint; True skips such updates instead (counted as train/skipped).
   config.skip_nonfinite_updates = False
+  # Memory lever: run each batch as this many micro-batches, summing grads.
+  config.grad_accum_steps = 1
 
   config.evals = ml_collections.ConfigDict()
   config.evals.panoptic = ml_collections.ConfigDict(

@@ -279,6 +279,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(
       0.0 <= config.ema_decay < 1.0, "ema_decay", config.ema_decay, "in [0, 1)"
   )
+  _require(
+      config.grad_accum_steps >= 1
+      and inp.batch_size % config.grad_accum_steps == 0,
+      "grad_accum_steps",
+      config.grad_accum_steps,
+      f">= 1 and dividing input.batch_size={inp.batch_size}",
+  )
   for name, ev in config.evals.items():
     _require(
         ev.get("type") is not None, f"evals.{name}.type", None, "a name"

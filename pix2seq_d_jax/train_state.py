@@ -173,6 +173,7 @@ def make_train_step(
     *,
     ema_decay: float,
     skip_nonfinite: bool = False,
+    grad_accum_steps: int = 1,
 ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
   """Returns the pure train step `(state, batch, rng) -> (state, metrics)`.
 
@@ -185,6 +186,10 @@ def make_train_step(
     skip_nonfinite: if the loss or a gradient is NaN/inf, keep the previous
       params, optimizer state, EMA and batch statistics (the step counter
       still advances) and report `skipped` = 1, instead of applying it.
+    grad_accum_steps: split the batch into this many micro-batches run one
+      after another (`lax.scan`) and average their gradients: the same
+      update as the full batch (exactly so without batch norm and dropout)
+      at a fraction of the activation memory.
 
   Returns:
     The step function; jit it with donated state.
@@ -192,11 +197,70 @@ def make_train_step(
   d = diff_config
   bits = d.bits_per_channel
 
+  def loss_fn(params, batch_stats, micro, use_sc, k_drop, k_drop_sc):
+    """Loss of one (micro-)batch of noised examples; see `train_step`."""
+    variables = {"params": params, "batch_stats": batch_stats}
+    x_t, gamma_t = micro["x_t"], micro["gamma_t"]
+    encoded, new_vars = model.apply(
+        variables,
+        micro["image"],
+        train=True,
+        method="encode",
+        mutable=["batch_stats"],
+        rngs={"dropout": k_drop},
+    )
+
+    def decode(x0_sc, key):
+      return model.apply(
+          variables,
+          x_t,
+          gamma_t,
+          encoded,
+          self_cond_x0=x0_sc,
+          train=True,
+          method="decode",
+          rngs={"dropout": key},
+      )
+
+    x0_sc = None
+    if d.self_cond:
+      # Self-conditioning (Analog Bits): with probability self_cond_rate per
+      # batch, a first decoder pass without gradient estimates x0, which
+      # conditions the second pass; zeros otherwise. lax.cond runs the extra
+      # pass only when it is used.
+      def estimate(_):
+        out = decode(jnp.zeros_like(x_t), k_drop_sc)
+        est = losses.predict_x0(
+            out, x_t=x_t, gamma_t=gamma_t, loss_type=d.loss_type,
+            scale=d.bit_scale, softmax_groups=d.softmax_groups,
+        )
+        return jax.lax.stop_gradient(est)
+
+      x0_sc = jax.lax.cond(
+          use_sc, estimate, lambda _: jnp.zeros_like(x_t), None
+      )
+    output = decode(x0_sc, k_drop)
+    loss, _ = losses.diffusion_loss(
+        output,
+        x0_bits=micro["x0_bits"],
+        x_t=x_t,
+        gamma_t=gamma_t,
+        eps=micro["eps"],
+        weights=micro["loss_weight"],
+        loss_type=d.loss_type,
+        scale=d.bit_scale,
+        softmax_groups=d.softmax_groups,
+    )
+    return loss, new_vars.get("batch_stats", {})
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
   def train_step(state: TrainState, batch: dict, rng: jax.Array):
     rng = jax.random.fold_in(rng, state.step)
     k_t, k_eps, k_drop, k_sc, k_drop_sc = jax.random.split(rng, 5)
-    image = batch["image"]
-    b = image.shape[0]
+    b = batch["image"].shape[0]
+    # Noise for the whole batch first, so that gradient accumulation over
+    # micro-batches sees exactly the examples of one big batch.
     x0_bits = losses.bits_from_mask(
         batch["semantic"], batch["instance"], bits_per_channel=bits,
         code=d.bit_code,
@@ -205,66 +269,48 @@ def make_train_step(
     t = jax.random.uniform(k_t, (b,), jnp.float32)
     gamma_t = schedules.gamma(t, d.schedule)
     eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
-    x_t = schedules.add_noise(x0, gamma_t, eps)
-    weights = batch["loss_weight"]
-
-    def loss_fn(params):
-      variables = {"params": params, "batch_stats": state.batch_stats}
-      encoded, new_vars = model.apply(
-          variables,
-          image,
-          train=True,
-          method="encode",
-          mutable=["batch_stats"],
-          rngs={"dropout": k_drop},
+    examples = {
+        "image": batch["image"],
+        "x0_bits": x0_bits,
+        "x_t": schedules.add_noise(x0, gamma_t, eps),
+        "gamma_t": gamma_t,
+        "eps": eps,
+        "loss_weight": batch["loss_weight"],
+    }
+    use_sc = jax.random.uniform(k_sc) < d.self_cond_rate
+    if grad_accum_steps == 1:
+      (loss, batch_stats), grads = grad_fn(
+          state.params, state.batch_stats, examples, use_sc, k_drop,
+          k_drop_sc,
+      )
+    else:
+      # Micro-batch i holds examples i, i + k, i + 2k, ... so that each one
+      # is spread over the data-parallel devices like the full batch.
+      micro = jax.tree.map(
+          lambda x: x.reshape(
+              (b // grad_accum_steps, grad_accum_steps) + x.shape[1:]
+          ).swapaxes(0, 1),
+          examples,
       )
 
-      def decode(x0_sc, key):
-        return model.apply(
-            variables,
-            x_t,
-            gamma_t,
-            encoded,
-            self_cond_x0=x0_sc,
-            train=True,
-            method="decode",
-            rngs={"dropout": key},
+      def accumulate(carry, inputs):
+        loss_sum, grad_sum, stats = carry
+        i, micro_batch = inputs
+        (loss_i, stats), grads_i = grad_fn(
+            state.params, stats, micro_batch, use_sc,
+            jax.random.fold_in(k_drop, i), jax.random.fold_in(k_drop_sc, i),
         )
+        grad_sum = jax.tree.map(jnp.add, grad_sum, grads_i)
+        return (loss_sum + loss_i, grad_sum, stats), None
 
-      x0_sc = None
-      if d.self_cond:
-        # Self-conditioning (Analog Bits): with probability self_cond_rate
-        # per batch, a first decoder pass without gradient estimates x0,
-        # which conditions the second pass; zeros otherwise. lax.cond runs
-        # the extra pass only when it is used.
-        def estimate(_):
-          out = decode(jnp.zeros_like(x_t), k_drop_sc)
-          est = losses.predict_x0(
-              out, x_t=x_t, gamma_t=gamma_t, loss_type=d.loss_type,
-              scale=d.bit_scale, softmax_groups=d.softmax_groups,
-          )
-          return jax.lax.stop_gradient(est)
-
-        use = jax.random.uniform(k_sc) < d.self_cond_rate
-        x0_sc = jax.lax.cond(
-            use, estimate, lambda _: jnp.zeros_like(x_t), None
-        )
-      output = decode(x0_sc, k_drop)
-      loss, per_example = losses.diffusion_loss(
-          output,
-          x0_bits=x0_bits,
-          x_t=x_t,
-          gamma_t=gamma_t,
-          eps=eps,
-          weights=weights,
-          loss_type=d.loss_type,
-          scale=d.bit_scale,
-          softmax_groups=d.softmax_groups,
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (loss, grads, batch_stats), _ = jax.lax.scan(
+          accumulate,
+          (jnp.zeros((), jnp.float32), zeros, state.batch_stats),
+          (jnp.arange(grad_accum_steps), micro),
       )
-      return loss, (new_vars.get("batch_stats", {}), per_example)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (batch_stats, _)), grads = grad_fn(state.params)
+      loss = loss / grad_accum_steps
+      grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = jax.tree.map(

@@ -81,7 +81,8 @@ def _batch(b=2, seed=0):
   }
 
 
-def _setup(config, ema_decay=0.5, lr=3e-3, skip_nonfinite=False):
+def _setup(config, ema_decay=0.5, lr=3e-3, skip_nonfinite=False,
+           grad_accum_steps=1):
   model = train_state.build_model(config)
   tx, sched = train_state.make_optimizer(
       _opt(lr=lr, weight_decay=0.0), total_steps=100, warmup_steps=0)
@@ -90,7 +91,7 @@ def _setup(config, ema_decay=0.5, lr=3e-3, skip_nonfinite=False):
   state = jax.jit(lambda r: nn.unbox(init(r)))(jax.random.key(0))
   step = jax.jit(train_state.make_train_step(
       model, tx, sched, config.diffusion, ema_decay=ema_decay,
-      skip_nonfinite=skip_nonfinite))
+      skip_nonfinite=skip_nonfinite, grad_accum_steps=grad_accum_steps))
   return model, state, step
 
 
@@ -223,3 +224,21 @@ def test_nonfinite_update_is_skipped_when_configured():
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b),
                          good_state.params, new_state.params)
   assert any(jax.tree.leaves(changed))
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+  # Without batch norm and dropout, micro-batches see exactly the examples
+  # (and noise) of the full batch, so the update must be the same.
+  config = _tiny_config()
+  config.model.update(backbone_norm="group", enc_dropout=0.0)
+  _, state, step_full = _setup(config, lr=1e-3)
+  _, _, step_accum = _setup(config, lr=1e-3, grad_accum_steps=2)
+  batch = _batch(b=4)
+  full, m_full = step_full(state, batch, jax.random.key(7))
+  accum, m_accum = step_accum(state, batch, jax.random.key(7))
+  assert float(m_accum["loss"]) == pytest.approx(float(m_full["loss"]),
+                                                 rel=1e-5)
+  assert float(m_accum["grad_norm"]) == pytest.approx(
+      float(m_full["grad_norm"]), rel=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               accum.params, full.params)
