@@ -98,3 +98,4 @@ def _synthetic(
       max_examples=max_examples,
       skip_bad_examples=skip_bad_examples,
   )
+from pix2seq_d_jax.data import cityscapes_panoptic  # noqa: E402, F401
