@@ -138,6 +138,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.skip_nonfinite_updates = False
   # Memory lever: run each batch as this many micro-batches, summing grads.
   config.grad_accum_steps = 1
+  # Memory lever: 'none' | 'encoder' | 'decoder' | 'both' recompute their
+  # activations in the backward pass instead of storing them.
+  config.remat = "none"
 
   config.evals = ml_collections.ConfigDict()
   config.evals.panoptic = ml_collections.ConfigDict(

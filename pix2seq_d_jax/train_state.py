@@ -27,6 +27,7 @@ from pix2seq_d_jax import models
 from pix2seq_d_jax.diffusion import analog_bits, losses, sampler, schedules
 
 PyTree = Any
+REMAT_CHOICES = ("none", "encoder", "decoder", "both")
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -174,6 +175,7 @@ def make_train_step(
     ema_decay: float,
     skip_nonfinite: bool = False,
     grad_accum_steps: int = 1,
+    remat: str = "none",
 ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
   """Returns the pure train step `(state, batch, rng) -> (state, metrics)`.
 
@@ -190,37 +192,53 @@ def make_train_step(
       after another (`lax.scan`) and average their gradients: the same
       update as the full batch (exactly so without batch norm and dropout)
       at a fraction of the activation memory.
+    remat: `none`, `encoder`, `decoder` or `both`: which parts recompute
+      their activations in the backward pass instead of storing them.
 
   Returns:
     The step function; jit it with donated state.
   """
   d = diff_config
   bits = d.bits_per_channel
+  if remat not in REMAT_CHOICES:
+    raise ValueError(f"remat={remat!r}; expected one of {REMAT_CHOICES}")
 
-  def loss_fn(params, batch_stats, micro, use_sc, k_drop, k_drop_sc):
-    """Loss of one (micro-)batch of noised examples; see `train_step`."""
-    variables = {"params": params, "batch_stats": batch_stats}
-    x_t, gamma_t = micro["x_t"], micro["gamma_t"]
-    encoded, new_vars = model.apply(
-        variables,
-        micro["image"],
+  def encode_fn(params, batch_stats, image, key):
+    return model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        image,
         train=True,
         method="encode",
         mutable=["batch_stats"],
-        rngs={"dropout": k_drop},
+        rngs={"dropout": key},
     )
 
+  def decode_fn(params, batch_stats, x_t, gamma_t, encoded, x0_sc, key):
+    return model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        x_t,
+        gamma_t,
+        encoded,
+        self_cond_x0=x0_sc,
+        train=True,
+        method="decode",
+        rngs={"dropout": key},
+    )
+
+  # Rematerialisation: keep only each part's inputs for the backward pass
+  # and recompute its activations there (less memory, one more forward).
+  if remat in ("encoder", "both"):
+    encode_fn = jax.checkpoint(encode_fn)
+  if remat in ("decoder", "both"):
+    decode_fn = jax.checkpoint(decode_fn)
+
+  def loss_fn(params, batch_stats, micro, use_sc, k_drop, k_drop_sc):
+    """Loss of one (micro-)batch of noised examples; see `train_step`."""
+    x_t, gamma_t = micro["x_t"], micro["gamma_t"]
+    encoded, new_vars = encode_fn(params, batch_stats, micro["image"], k_drop)
+
     def decode(x0_sc, key):
-      return model.apply(
-          variables,
-          x_t,
-          gamma_t,
-          encoded,
-          self_cond_x0=x0_sc,
-          train=True,
-          method="decode",
-          rngs={"dropout": key},
-      )
+      return decode_fn(params, batch_stats, x_t, gamma_t, encoded, x0_sc, key)
 
     x0_sc = None
     if d.self_cond:

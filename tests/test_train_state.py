@@ -242,3 +242,32 @@ def test_gradient_accumulation_equals_the_full_batch():
       float(m_full["grad_norm"]), rel=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                accum.params, full.params)
+
+
+def test_remat_keeps_the_update_and_lowers_temporary_memory():
+  config = _tiny_config()
+  config.model.update(enc_dropout=0.0)
+  model = train_state.build_model(config)
+  tx, sched = train_state.make_optimizer(
+      _opt(lr=1e-3, weight_decay=0.0), total_steps=100, warmup_steps=0)
+  init = train_state.make_init_fn(model, tx, image_size=IMAGE,
+                                  mask_size=MASK, num_bits=16)
+  state = jax.jit(lambda r: nn.unbox(init(r)))(jax.random.key(0))
+  batch = _batch(b=4)
+  results = {}
+  for remat in ("none", "both"):
+    step = jax.jit(train_state.make_train_step(
+        model, tx, sched, config.diffusion, ema_decay=0.5, remat=remat))
+    compiled = step.lower(state, batch, jax.random.key(7)).compile()
+    new_state, metrics = compiled(state, batch, jax.random.key(7))
+    results[remat] = (new_state, float(metrics["loss"]),
+                      compiled.memory_analysis().temp_size_in_bytes)
+  (plain, loss, mem), (remat_state, remat_loss, remat_mem) = (
+      results["none"], results["both"])
+  assert remat_loss == pytest.approx(loss, rel=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               remat_state.params, plain.params)
+  assert remat_mem < mem
+  with pytest.raises(ValueError, match="remat='all'"):
+    train_state.make_train_step(model, tx, sched, config.diffusion,
+                                ema_decay=0.5, remat="all")
