@@ -1,0 +1,552 @@
+r"""Speed benchmark of training and sampling on random inputs (no dataset).
+
+  python -m pix2seq_d_jax.benchmark --config=configs/synthetic.py \
+      [--batch_size 8] [--image_size 64] [--mask_size 32] \
+      [--steps_list 1,5,10,20,50] [--train_iters 10] [--output results.json] \
+      [--config.model.dtype=bfloat16 ...]
+
+Method. Every timing blocks on the result (`jax.block_until_ready`), because
+jax dispatches asynchronously and an unblocked call measures only the
+dispatch. Every function is compiled and run once before it is timed, and
+each number is the median of several runs, which ignores the odd slow run
+(another process, a page fault) that would skew a mean.
+
+Ceilings. The same command measures what this machine reaches on the two
+operations the model is made of: an f32 matmul (n^3 multiply-adds) and a 3x3
+convolution (batch 8, 64x64x256 -> 256 by default). Their best is the
+ceiling that the train step's achieved rate is compared with.
+
+FLOPs. The train step's FLOPs are XLA's own count for the compiled program
+(`compiled.cost_analysis()["flops"]`): a multiply-add counts 2, elementwise
+ops count too, and both branches of the self-conditioning `lax.cond` are
+counted although one runs per step. It is a property of the program, not a
+measurement; achieved GFLOP/s is that count over the median step time.
+
+Sampling. The encoder runs once per image and the decoder once per step, so
+sampling time should be a + b * steps with b about one decoder pass. The
+benchmark times the encoder and one decoder pass alone, the full predict
+function for each step count (compiled once per count), fits a and b by least
+squares, and reports measured / (encoder + 20 * decoder) at 20 steps: above 1
+is the sampler's own overhead (noise, schedule, bit decoding).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from pix2seq_d_jax import config_lib, sharding, train_state
+
+# Schedule length used when the config's duration needs the dataset size:
+# learning-rate values do not change what a step costs.
+_NOMINAL_TOTAL_STEPS = 10_000
+
+
+# ------------------------------------------------------------- measuring
+
+
+def time_calls(
+    fn: Callable[..., Any], *args: Any, repeats: int, warmup: int = 1
+) -> list[float]:
+  """Wall times in seconds of `repeats` blocked calls after `warmup` calls.
+
+  Args:
+    fn: the (jitted) function; its arguments must not be donated.
+    *args: its arguments.
+    repeats: number of timed calls (>= 1).
+    warmup: untimed calls first (compilation, allocator warm-up).
+
+  Returns:
+    One time per timed call.
+  """
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def fit_linear(steps: Sequence[int], times: Sequence[float]
+               ) -> tuple[float, float]:
+  """Least-squares fit of time = a + b * steps.
+
+  Args:
+    steps: sampling step counts, at least two distinct values.
+    times: the measured seconds, one per step count.
+
+  Returns:
+    (a, b): the intercept (seconds) and the slope (seconds per step).
+
+  Raises:
+    ValueError: fewer than two distinct step counts or mismatched lengths.
+  """
+  x = np.asarray(steps, np.float64)
+  y = np.asarray(times, np.float64)
+  if x.shape != y.shape or len(np.unique(x)) < 2:
+    raise ValueError(
+        f"--steps_list={list(steps)} with {len(times)} times: expected at "
+        "least two distinct step counts and one time per count"
+    )
+  design = np.stack([np.ones_like(x), x], axis=1)
+  (a, b), *_ = np.linalg.lstsq(design, y, rcond=None)
+  return float(a), float(b)
+
+
+def _flops(compiled: Any) -> float:
+  cost = compiled.cost_analysis()
+  # Older jax versions return one dict per device program.
+  if isinstance(cost, list | tuple):
+    cost = cost[0]
+  return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def _memory(compiled: Any) -> dict[str, int]:
+  try:
+    mem = compiled.memory_analysis()
+  except (NotImplementedError, AttributeError):
+    mem = None
+  if mem is None:
+    return {}
+  return {
+      "argument_bytes": int(mem.argument_size_in_bytes),
+      "output_bytes": int(mem.output_size_in_bytes),
+      "temp_bytes": int(mem.temp_size_in_bytes),
+      "alias_bytes": int(mem.alias_size_in_bytes),
+  }
+
+
+def peak_rss_bytes() -> int:
+  """Peak resident memory of this process so far (Linux reports KiB)."""
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return int(rss) * (1 if sys.platform == "darwin" else 1024)
+
+
+def measure_ceilings(
+    *, matmul_size: int, conv_spatial: int, conv_channels: int,
+    conv_batch: int = 8, repeats: int = 5,
+) -> dict[str, Any]:
+  """GFLOP/s of an f32 matmul and an f32 3x3 SAME convolution.
+
+  Args:
+    matmul_size: n of the [n, n] x [n, n] matmul (2 n^3 FLOPs).
+    conv_spatial: height and width of the convolution input.
+    conv_channels: input and output channels of the convolution.
+    conv_batch: convolution batch size.
+    repeats: timed runs per operation; the median is used.
+
+  Returns:
+    The GFLOP/s of each, their shapes, and the ceiling (the larger).
+  """
+  key_a, key_b, key_x, key_w = jax.random.split(jax.random.key(0), 4)
+  n = matmul_size
+  a = jax.random.normal(key_a, (n, n), jnp.float32)
+  b = jax.random.normal(key_b, (n, n), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  t_mm = statistics.median(time_calls(matmul, a, b, repeats=repeats))
+  s, c = conv_spatial, conv_channels
+  x = jax.random.normal(key_x, (conv_batch, s, s, c), jnp.float32)
+  w = jax.random.normal(key_w, (3, 3, c, c), jnp.float32)
+  conv = jax.jit(functools.partial(
+      jax.lax.conv_general_dilated, window_strides=(1, 1), padding="SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  ))
+  t_conv = statistics.median(time_calls(conv, x, w, repeats=repeats))
+  mm_gflops = 2.0 * n**3 / t_mm / 1e9
+  conv_gflops = 2.0 * conv_batch * s * s * c * c * 9 / t_conv / 1e9
+  return {
+      "matmul_size": n,
+      "matmul_gflops": mm_gflops,
+      "conv_shape": [conv_batch, s, s, c, c],
+      "conv_gflops": conv_gflops,
+      "ceiling_gflops": max(mm_gflops, conv_gflops),
+  }
+
+
+# ------------------------------------------------------------- benchmark
+
+
+def _random_batch(
+    config: ml_collections.ConfigDict, batch_size: int, num_classes: int
+) -> dict[str, np.ndarray]:
+  s, m = config.input.image_size, config.input.mask_size
+  rs = np.random.RandomState(config.seed)
+  shape = (batch_size, m, m)
+  return {
+      "image": rs.uniform(size=(batch_size, s, s, 3)).astype(np.float32),
+      "semantic": rs.randint(0, num_classes, shape).astype(np.int32),
+      "instance": rs.randint(0, config.input.max_instances, shape).astype(
+          np.int32),
+      "loss_weight": np.ones(shape, np.float32),
+  }
+
+
+def _schedule_steps(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  batch_size = config.input.batch_size
+  try:
+    total = config_lib.steps("total", config, batch_size=batch_size)
+  except config_lib.ConfigError:
+    total = _NOMINAL_TOTAL_STEPS
+  try:
+    warmup = config_lib.steps("warmup", config.optax, batch_size=batch_size,
+                              total_steps=total, default=0)
+  except config_lib.ConfigError:
+    warmup = 0
+  return total, warmup
+
+
+def run_benchmark(
+    config: ml_collections.ConfigDict,
+    *,
+    steps_list: Sequence[int] = (1, 5, 10, 20, 50),
+    train_iters: int = 10,
+    sample_repeats: int = 3,
+    matmul_size: int = 2048,
+    conv_spatial: int = 64,
+    conv_channels: int = 256,
+    ceiling_repeats: int = 5,
+) -> dict[str, Any]:
+  """Measures ceilings, the train step and sampling; returns a JSON dict.
+
+  Args:
+    config: the run's config; `input.batch_size`, `image_size` and
+      `mask_size` set the shapes. Validated here.
+    steps_list: sampling step counts to time the predict function at.
+    train_iters: timed train steps after the first (warm-up) call.
+    sample_repeats: timed runs per sampling measurement (>= 3 advised).
+    matmul_size: n of the matmul ceiling.
+    conv_spatial: input height and width of the convolution ceiling.
+    conv_channels: channels of the convolution ceiling.
+    ceiling_repeats: timed runs per ceiling operation.
+
+  Returns:
+    Nested dict: `setup`, `ceilings`, `train`, `sampling`, `peak_rss_bytes`.
+
+  Raises:
+    config_lib.ConfigError: the config (with overrides) is invalid.
+    ValueError: a bad `steps_list` or `train_iters`.
+  """
+  config_lib.validate(config)
+  if train_iters < 1:
+    raise ValueError(f"--train_iters={train_iters}: expected >= 1")
+  if not steps_list or min(steps_list) < 1:
+    raise ValueError(f"--steps_list={list(steps_list)}: expected counts >= 1")
+  inp, d = config.input, config.diffusion
+  batch_size = inp.batch_size
+  num_bits = 2 * d.bits_per_channel
+  num_classes = inp.get("num_classes") or 2**d.bits_per_channel
+  results: dict[str, Any] = {}
+
+  # ------------------------------------------------------------ ceilings
+  logging.info("Measuring the matmul and convolution ceilings.")
+  results["ceilings"] = measure_ceilings(
+      matmul_size=matmul_size, conv_spatial=conv_spatial,
+      conv_channels=conv_channels, repeats=ceiling_repeats,
+  )
+
+  # ------------------------------------------- model and state (train.py)
+  mesh = sharding.make_mesh(config.mesh)
+  model = train_state.build_model(config)
+  total_steps, warmup_steps = _schedule_steps(config)
+  tx, lr_schedule = train_state.make_optimizer(
+      config.optax, total_steps=total_steps, warmup_steps=warmup_steps
+  )
+  init_fn = train_state.make_init_fn(
+      model, tx, image_size=inp.image_size, mask_size=inp.mask_size,
+      num_bits=num_bits,
+  )
+  init_rng, train_rng, sample_rng = jax.random.split(
+      jax.random.key(config.seed), 3)
+  with jax.set_mesh(mesh):
+    abstract_boxed = jax.eval_shape(init_fn, init_rng)
+  state_shardings = sharding.state_shardings(
+      abstract_boxed, mesh, config.sharding_rules
+  )
+  init = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=state_shardings)
+  with jax.set_mesh(mesh):
+    state = init(init_rng)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  results["setup"] = {
+      "model": config.model.name,
+      "num_params": int(num_params),
+      "batch_size": batch_size,
+      "image_size": inp.image_size,
+      "mask_size": inp.mask_size,
+      "dtype": config.model.dtype,
+      "device": jax.devices()[0].device_kind,
+      "platform": jax.devices()[0].platform,
+      "num_devices": jax.device_count(),
+      "jax_version": jax.__version__,
+  }
+
+  # ----------------------------------------------------------- train step
+  batch_sharding = sharding.batch_sharding(mesh)
+  host_batch = _random_batch(config, batch_size, num_classes)
+  batch = {k: jax.device_put(v, batch_sharding) for k, v in host_batch.items()}
+  step_fn = train_state.make_train_step(
+      model, tx, lr_schedule, d, ema_decay=config.ema_decay
+  )
+  train_step = jax.jit(
+      step_fn,
+      in_shardings=(state_shardings, {k: batch_sharding for k in batch},
+                    sharding.replicated(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=0,
+  )
+  logging.info("Compiling the train step.")
+  with jax.set_mesh(mesh):
+    t0 = time.perf_counter()
+    lowered = train_step.lower(state, batch, train_rng)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    # The state is donated: each call consumes it and returns the next one.
+    state, metrics = compiled(state, batch, train_rng)
+    jax.block_until_ready((state, metrics))
+    t3 = time.perf_counter()
+    step_times = []
+    for _ in range(train_iters):
+      t_start = time.perf_counter()
+      state, metrics = compiled(state, batch, train_rng)
+      jax.block_until_ready((state, metrics))
+      step_times.append(time.perf_counter() - t_start)
+  step_time = statistics.median(step_times)
+  flops = _flops(compiled)
+  achieved = flops / step_time / 1e9
+  results["train"] = {
+      "lower_s": t1 - t0,
+      "compile_s": t2 - t1,
+      "first_call_s": t3 - t2,
+      "step_time_s": step_time,
+      "step_times_s": step_times,
+      "images_per_s": batch_size / step_time,
+      "flops_per_step": flops,
+      "achieved_gflops": achieved,
+      "fraction_of_ceiling": achieved / results["ceilings"]["ceiling_gflops"],
+      "memory": _memory(compiled),
+      "final_loss": float(metrics["loss"]),
+      "peak_rss_bytes": peak_rss_bytes(),
+  }
+
+  # ------------------------------------------------------------- sampling
+  params, batch_stats = state.ema_params, state.batch_stats
+  image = batch["image"]
+
+  def encode(params, batch_stats, image):
+    return model.apply({"params": params, "batch_stats": batch_stats}, image,
+                       train=False, method="encode")
+
+  def decode(params, batch_stats, x_t, gamma, encoded):
+    x0_sc = jnp.zeros_like(x_t) if model.self_cond else None
+    return model.apply({"params": params, "batch_stats": batch_stats}, x_t,
+                       gamma, encoded, self_cond_x0=x0_sc, train=False,
+                       method="decode")
+
+  with jax.set_mesh(mesh):
+    encode_jit = jax.jit(encode)
+    encoder_times = time_calls(encode_jit, params, batch_stats, image,
+                               repeats=sample_repeats)
+    encoded = encode_jit(params, batch_stats, image)
+    m = inp.mask_size
+    x_t = jax.random.normal(sample_rng, (batch_size, m, m, num_bits))
+    gamma = jnp.full((batch_size,), 0.5, jnp.float32)
+    decoder_times = time_calls(jax.jit(decode), params, batch_stats, x_t,
+                               gamma, encoded, repeats=sample_repeats)
+    predict_times, predict_compile = {}, {}
+    for steps in steps_list:
+      predict = train_state.make_predict_fn(
+          model, d, num_classes=num_classes,
+          max_instances=inp.max_instances, num_steps=steps,
+      )
+      predict_jit = jax.jit(
+          predict,
+          in_shardings=(state_shardings.params, state_shardings.batch_stats,
+                        batch_sharding, sharding.replicated(mesh)),
+          out_shardings=batch_sharding,
+      )
+      t0 = time.perf_counter()
+      compiled_predict = predict_jit.lower(
+          params, batch_stats, image, sample_rng).compile()
+      predict_compile[str(steps)] = time.perf_counter() - t0
+      predict_times[str(steps)] = statistics.median(time_calls(
+          compiled_predict, params, batch_stats, image, sample_rng,
+          repeats=sample_repeats,
+      ))
+  encoder_s = statistics.median(encoder_times)
+  decoder_s = statistics.median(decoder_times)
+  sampling: dict[str, Any] = {
+      "encoder_s": encoder_s,
+      "decoder_s": decoder_s,
+      "predict_s": predict_times,
+      "predict_compile_s": predict_compile,
+      "fit_a_s": None,
+      "fit_b_s": None,
+  }
+  if len(set(steps_list)) >= 2:
+    a, b = fit_linear(list(steps_list),
+                      [predict_times[str(s)] for s in steps_list])
+    sampling["fit_a_s"], sampling["fit_b_s"] = a, b
+  # At 20 steps: the measurement when 20 was run, else the fit's value.
+  if "20" in predict_times:
+    at_20, source = predict_times["20"], "measured"
+  elif sampling["fit_a_s"] is not None:
+    at_20, source = sampling["fit_a_s"] + 20 * sampling["fit_b_s"], "fit"
+  else:
+    at_20, source = None, None
+  sampling["ratio_20_steps"] = (
+      None if at_20 is None else at_20 / (encoder_s + 20 * decoder_s))
+  sampling["ratio_20_source"] = source
+  results["sampling"] = sampling
+  results["peak_rss_bytes"] = peak_rss_bytes()
+  return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+  """The results as an aligned two-column text table."""
+  su, ce = results["setup"], results["ceilings"]
+  tr, sa = results["train"], results["sampling"]
+  mem = tr["memory"]
+  mib = 2.0**20
+
+  def opt(value, fmt):
+    return "n/a" if value is None else format(value, fmt)
+
+  rows = [
+      ("model", f"{su['model']} ({su['num_params']:,} params, "
+                f"{su['dtype']})"),
+      ("shapes", f"batch {su['batch_size']}, image {su['image_size']}, "
+                 f"mask {su['mask_size']}"),
+      ("device", f"{su['num_devices']} x {su['device']}"),
+      ("matmul ceiling", f"{ce['matmul_gflops']:.1f} GFLOP/s "
+                         f"(n={ce['matmul_size']})"),
+      ("conv ceiling", f"{ce['conv_gflops']:.1f} GFLOP/s {ce['conv_shape']}"),
+      ("train compile", f"{tr['lower_s']:.2f} s lower + "
+                        f"{tr['compile_s']:.2f} s compile + "
+                        f"{tr['first_call_s']:.2f} s first call"),
+      ("train step", f"{tr['step_time_s'] * 1e3:.1f} ms (median of "
+                     f"{len(tr['step_times_s'])}), "
+                     f"{tr['images_per_s']:.1f} images/s"),
+      ("train FLOPs", f"{tr['flops_per_step'] / 1e9:.2f} GFLOP/step, "
+                      f"{tr['achieved_gflops']:.1f} GFLOP/s = "
+                      f"{100 * tr['fraction_of_ceiling']:.1f}% of ceiling"),
+      ("train memory", ", ".join(f"{k[:-6]} {v / mib:.1f} MiB"
+                                 for k, v in mem.items()) or "n/a"),
+      ("encoder", f"{sa['encoder_s'] * 1e3:.1f} ms"),
+      ("decoder pass", f"{sa['decoder_s'] * 1e3:.1f} ms"),
+  ]
+  for steps, t in sa["predict_s"].items():
+    rows.append((f"predict {steps} steps",
+                 f"{t * 1e3:.1f} ms (compile "
+                 f"{sa['predict_compile_s'][steps]:.1f} s)"))
+  a_ms = None if sa["fit_a_s"] is None else sa["fit_a_s"] * 1e3
+  b_ms = None if sa["fit_b_s"] is None else sa["fit_b_s"] * 1e3
+  rows += [
+      ("fit a + b*steps", f"a = {opt(a_ms, '.1f')} ms, "
+                          f"b = {opt(b_ms, '.2f')} ms/step"),
+      ("ratio at 20 steps", f"{opt(sa['ratio_20_steps'], '.3f')} "
+                            f"({sa['ratio_20_source']})"),
+      ("peak host RSS", f"{results['peak_rss_bytes'] / mib:.0f} MiB"),
+  ]
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+# ------------------------------------------------------------------- CLI
+
+
+def _define_flags() -> dict[str, Any]:
+  """Defines the CLI's flags; called only when run as a program.
+
+  Importing this module (tests, other CLIs that define --config) then adds
+  nothing to absl's global FLAGS.
+  """
+  return dict(
+      config=config_flags.DEFINE_config_file(
+          "config", "configs/synthetic.py", "Config file (path[:args]).",
+          lock_config=True,
+      ),
+      batch_size=flags.DEFINE_integer(
+          "batch_size", None, "Overrides config.input.batch_size.",
+          lower_bound=1),
+      image_size=flags.DEFINE_integer(
+          "image_size", None, "Overrides config.input.image_size.",
+          lower_bound=1),
+      mask_size=flags.DEFINE_integer(
+          "mask_size", None, "Overrides config.input.mask_size.",
+          lower_bound=1),
+      steps_list=flags.DEFINE_list(
+          "steps_list", ["1", "5", "10", "20", "50"],
+          "Sampling step counts to time predict at."),
+      train_iters=flags.DEFINE_integer(
+          "train_iters", 10, "Timed train steps.", lower_bound=1),
+      sample_repeats=flags.DEFINE_integer(
+          "sample_repeats", 3, "Timed runs per sampling measurement.",
+          lower_bound=1),
+      matmul_size=flags.DEFINE_integer(
+          "matmul_size", 2048, "n of the matmul ceiling.", lower_bound=1),
+      conv_spatial=flags.DEFINE_integer(
+          "conv_spatial", 64, "Height/width of the conv ceiling.",
+          lower_bound=1),
+      conv_channels=flags.DEFINE_integer(
+          "conv_channels", 256, "Channels of the conv ceiling.",
+          lower_bound=1),
+      output=flags.DEFINE_string(
+          "output", None, "Write the results as JSON to this file."),
+  )
+
+
+def _main(argv: Sequence[str], cli: dict[str, Any]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  jax.config.update("jax_threefry_partitionable", True)
+  config = cli["config"].value
+  for name in ("batch_size", "image_size", "mask_size"):
+    if cli[name].value is not None:
+      config.input[name] = cli[name].value
+  try:
+    try:
+      steps_list = [int(s) for s in cli["steps_list"].value]
+    except ValueError as e:
+      raise ValueError(
+          f"--steps_list={','.join(cli['steps_list'].value)}: expected "
+          "comma-separated integers") from e
+    results = run_benchmark(
+        config, steps_list=steps_list, train_iters=cli["train_iters"].value,
+        sample_repeats=cli["sample_repeats"].value,
+        matmul_size=cli["matmul_size"].value,
+        conv_spatial=cli["conv_spatial"].value,
+        conv_channels=cli["conv_channels"].value,
+    )
+  except (config_lib.ConfigError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(format_table(results))
+  if cli["output"].value:
+    path = os.path.abspath(cli["output"].value)
+    with open(path, "w") as f:
+      json.dump(results, f, indent=2)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  _cli = _define_flags()
+  app.run(
+      functools.partial(_main, cli=_cli), flags_parser=config_lib.parse_flags
+  )
