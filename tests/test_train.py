@@ -2,8 +2,8 @@
 
 Runs `python -m pix2seq_d_jax.main` in subprocesses (as a user would), then
 reads what the run left in the workdir: the JSON-lines metrics, checkpoints,
-TensorBoard events, COCO-panoptic predictions and overlays. Resuming after a
-finished run or a SIGTERM continues at the checkpointed step.
+TensorBoard events, COCO-panoptic predictions and overlays. Rerunning the
+same command after a SIGTERM continues at the checkpointed step.
 """
 
 import glob
@@ -101,17 +101,6 @@ def test_run_writes_metrics_checkpoints_predictions(finished_run):
   assert len(overlays) == 4
   strip = np.asarray(Image.open(overlays[0]))
   assert strip.shape[1] >= 3 * 64 and strip.shape[2] == 3
-
-
-def test_rerun_resumes_at_checkpointed_step(finished_run, tmp_path):
-  workdir, data_dir = finished_run
-  resumed = str(tmp_path / "resumed")
-  # Copy the finished run, then ask for 2 more steps.
-  subprocess.run(["cp", "-r", workdir, resumed], check=True)
-  _run(resumed, data_dir, "--config.total_steps=6", "--mode=train")
-  steps = [r["step"] for r in _metrics(resumed) if "train/loss" in r]
-  assert steps == [1, 2, 4, 6]  # Continues after 4, not from scratch.
-  assert _ckpt_steps(resumed)[-1] == 6
 
 
 def test_sigterm_checkpoints_and_rerun_resumes(tmp_path):
