@@ -38,7 +38,6 @@ from pix2seq_d_jax.data.coco_panoptic import (
     SPLITS,
     BadExampleError,
     CocoPanopticSource,
-    metadata_from_categories,
 )
 
 _DEFAULT_CACHE_DIR = os.path.join(
@@ -187,17 +186,11 @@ class CityscapesPanopticSource(CocoPanopticSource):
     )
 
     self.source_json = source_json
-    self.metadata = metadata_from_categories(
-        normalised['categories'],
-        gt_json=gt_json,
-        gt_folder=gt_folder,
-        image_folder=image_folder,
+    self._init_state(
+        normalised, gt_json=gt_json, gt_folder=gt_folder,
+        image_folder=image_folder, split=split, max_examples=max_examples,
+        skip_bad_examples=skip_bad_examples,
     )
-    self.split = split
-    self.skip_bad_examples = skip_bad_examples
-    self.num_skipped = 0
-    self.bad_indices: set[int] = set()
-    self._records = self._index(normalised, max_examples)
     self._names = names[: len(self._records)]
 
   def __repr__(self) -> str:

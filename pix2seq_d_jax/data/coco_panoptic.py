@@ -180,6 +180,18 @@ class CocoPanopticSource:
       if not os.path.isdir(folder):
         raise FileNotFoundError(f'{what} folder not found: {folder}')
 
+    self._init_state(
+        content, gt_json=gt_json, gt_folder=gt_folder,
+        image_folder=image_folder, split=split, max_examples=max_examples,
+        skip_bad_examples=skip_bad_examples,
+    )
+
+  def _init_state(
+      self, content: dict, *, gt_json: str, gt_folder: str,
+      image_folder: str, split: str, max_examples: int | None,
+      skip_bad_examples: bool,
+  ) -> None:
+    """Sets metadata, counters and the example index (shared by subclasses)."""
     self.metadata = metadata_from_categories(
         content['categories'],
         gt_json=gt_json,
