@@ -50,7 +50,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pix2seq_d_jax import config_lib, sharding, train_state
+from pix2seq_d_jax import config_lib, reporting, sharding, train_state
 
 # Schedule length used when the config's duration needs the dataset size:
 # learning-rate values do not change what a step costs.
@@ -116,21 +116,6 @@ def _flops(compiled: Any) -> float:
   if isinstance(cost, list | tuple):
     cost = cost[0]
   return float(cost.get("flops", 0.0)) if cost else 0.0
-
-
-def _memory(compiled: Any) -> dict[str, int]:
-  try:
-    mem = compiled.memory_analysis()
-  except (NotImplementedError, AttributeError):
-    mem = None
-  if mem is None:
-    return {}
-  return {
-      "argument_bytes": int(mem.argument_size_in_bytes),
-      "output_bytes": int(mem.output_size_in_bytes),
-      "temp_bytes": int(mem.temp_size_in_bytes),
-      "alias_bytes": int(mem.alias_size_in_bytes),
-  }
 
 
 def peak_rss_bytes() -> int:
@@ -340,7 +325,7 @@ def run_benchmark(
       "flops_per_step": flops,
       "achieved_gflops": achieved,
       "fraction_of_ceiling": achieved / results["ceilings"]["ceiling_gflops"],
-      "memory": _memory(compiled),
+      "memory": reporting.compiled_memory(compiled),
       "final_loss": float(metrics["loss"]),
       "peak_rss_bytes": peak_rss_bytes(),
   }

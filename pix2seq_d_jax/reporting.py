@@ -42,6 +42,25 @@ def itstime(
   return step % every_n_steps == 0
 
 
+def compiled_memory(compiled: Any) -> dict[str, int]:
+  """Byte counts of XLA's memory analysis of a compiled step ({} if absent).
+
+  Some backends do not implement the analysis; that is not an error.
+  """
+  try:
+    mem = compiled.memory_analysis()
+  except (NotImplementedError, AttributeError):
+    return {}
+  if mem is None:
+    return {}
+  return {
+      "argument_bytes": int(mem.argument_size_in_bytes),
+      "output_bytes": int(mem.output_size_in_bytes),
+      "temp_bytes": int(mem.temp_size_in_bytes),
+      "alias_bytes": int(mem.alias_size_in_bytes),
+  }
+
+
 def _to_python(value: Any) -> Any:
   value = np.asarray(value)
   if value.ndim == 0:

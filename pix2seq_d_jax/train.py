@@ -412,18 +412,13 @@ def _init_weights(state: Any, path: str, abstract_state: Any) -> Any:
 
 
 def _log_memory(compiled: Any) -> None:
-  try:
-    mem = compiled.memory_analysis()
-  except (NotImplementedError, AttributeError):
-    return
-  if mem is None:
-    return
-  logging.info(
-      "Train step memory: arguments %.1f MB, outputs %.1f MB, temporaries "
-      "%.1f MB.",
-      mem.argument_size_in_bytes / 1e6, mem.output_size_in_bytes / 1e6,
-      mem.temp_size_in_bytes / 1e6,
-  )
+  mem = reporting.compiled_memory(compiled)
+  if mem:
+    logging.info(
+        "Train step memory: arguments %.1f MB, outputs %.1f MB, temporaries "
+        "%.1f MB.", mem["argument_bytes"] / 1e6, mem["output_bytes"] / 1e6,
+        mem["temp_bytes"] / 1e6,
+    )
 
 
 def _write_json(path: str, payload: dict) -> None:

@@ -35,9 +35,9 @@ import numpy as np
 
 from pix2seq_d_jax.data import panoptic_format, register_source
 from pix2seq_d_jax.data.coco_panoptic import (
-    SPLITS,
     BadExampleError,
     CocoPanopticSource,
+    open_layout,
 )
 
 _DEFAULT_CACHE_DIR = os.path.join(
@@ -154,24 +154,15 @@ class CityscapesPanopticSource(CocoPanopticSource):
     """
     # The parent's constructor derives COCO paths, so the state it sets is
     # set here from the Cityscapes paths instead.
-    if split not in SPLITS:
-      raise ValueError(f'split must be one of {SPLITS}, got {split!r}.')
-    if max_examples is not None and max_examples < 0:
-      raise ValueError(f'max_examples must be >= 0, got {max_examples}.')
-    if not os.path.isdir(root):
-      raise FileNotFoundError(f'Cityscapes root not found: {root}')
     source_json = os.path.join(
         root, 'gtFine', f'cityscapes_panoptic_{split}.json'
     )
     gt_folder = os.path.join(root, 'gtFine', f'cityscapes_panoptic_{split}')
     image_folder = os.path.join(root, 'leftImg8bit', split)
-    content = panoptic_format.load_panoptic_json(source_json)
-    for folder, what in (
-        (gt_folder, 'panoptic PNG'),
-        (image_folder, 'image'),
-    ):
-      if not os.path.isdir(folder):
-        raise FileNotFoundError(f'{what} folder not found: {folder}')
+    content = open_layout(
+        root, 'Cityscapes root', split, max_examples,
+        gt_json=source_json, gt_folder=gt_folder, image_folder=image_folder,
+    )
     normalised, names = normalize_json(content, source_json)
     # A missing city is a setup error, so it fails here, not per example.
     for city in sorted({city_of(im['file_name']) for im in content['images']}):

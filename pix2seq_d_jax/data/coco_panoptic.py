@@ -113,6 +113,32 @@ class _Record:
   segment_crowd: np.ndarray  # bool [n]
 
 
+def open_layout(
+    root: str, root_what: str, split: str, max_examples: int | None, *,
+    gt_json: str, gt_folder: str, image_folder: str,
+) -> dict:
+  """Checks arguments and folders of a panoptic layout; returns its JSON.
+
+  Shared by every source in the COCO panoptic format, so each fails the
+  same way: a bad split or count is a ValueError, a missing root, JSON or
+  folder a FileNotFoundError naming the path.
+  """
+  if split not in SPLITS:
+    raise ValueError(f'split must be one of {SPLITS}, got {split!r}.')
+  if max_examples is not None and max_examples < 0:
+    raise ValueError(f'max_examples must be >= 0, got {max_examples}.')
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f'{root_what} not found: {root}')
+  content = panoptic_format.load_panoptic_json(gt_json)
+  for folder, what in (
+      (gt_folder, 'panoptic PNG'),
+      (image_folder, 'image'),
+  ):
+    if not os.path.isdir(folder):
+      raise FileNotFoundError(f'{what} folder not found: {folder}')
+  return content
+
+
 class CocoPanopticSource:
   """COCO-panoptic-layout reader (grain RandomAccessDataSource protocol).
 
@@ -161,24 +187,15 @@ class CocoPanopticSource:
       FileNotFoundError: if the root, JSON, image folder or PNG folder is
         missing.
     """
-    if split not in SPLITS:
-      raise ValueError(f'split must be one of {SPLITS}, got {split!r}.')
-    if max_examples is not None and max_examples < 0:
-      raise ValueError(f'max_examples must be >= 0, got {max_examples}.')
-    if not os.path.isdir(root):
-      raise FileNotFoundError(f'Panoptic dataset root not found: {root}')
     gt_json = os.path.join(
         root, 'annotations', f'panoptic_{split}2017.json'
     )
     gt_folder = os.path.join(root, 'annotations', f'panoptic_{split}2017')
     image_folder = os.path.join(root, f'{split}2017')
-    content = panoptic_format.load_panoptic_json(gt_json)
-    for folder, what in (
-        (gt_folder, 'panoptic PNG'),
-        (image_folder, 'image'),
-    ):
-      if not os.path.isdir(folder):
-        raise FileNotFoundError(f'{what} folder not found: {folder}')
+    content = open_layout(
+        root, 'Panoptic dataset root', split, max_examples,
+        gt_json=gt_json, gt_folder=gt_folder, image_folder=image_folder,
+    )
 
     self._init_state(
         content, gt_json=gt_json, gt_folder=gt_folder,
