@@ -95,6 +95,12 @@ def get_base_config() -> ml_collections.ConfigDict:
           num_workers=0,
           skip_bad_examples=False,
           max_train_examples=config_dict.placeholder(int),
+          # Video: condition the decoder on the masks of these earlier
+          # frames (e.g. (-2, -1)); () = image model.
+          proceeding_frames=(),
+          # Video training: probability of replacing a conditioning frame's
+          # ground-truth mask by a zero map.
+          frames_dropout=0.1,
           # Parameters of the synthetic generator (source='synthetic' only).
           synthetic=ml_collections.ConfigDict(
               dict(num_train=2000, num_val=100, image_size=64, seed=0)
@@ -115,6 +121,8 @@ def get_base_config() -> ml_collections.ConfigDict:
           self_cond_rate=0.5,
           sampler="ddim",
           sample_steps=20,
+          # Video: steps for every frame after the first (None = the same).
+          sample_steps_later=config_dict.placeholder(int),
           td=1.0,
       )
   )

@@ -212,6 +212,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(
       1 <= bits <= 16, "diffusion.bits_per_channel", bits, "1..16"
   )
+  frames = tuple(inp.get("proceeding_frames") or ())
+  _require(
+      all(isinstance(f, int) and f < 0 for f in frames)
+      and len(set(frames)) == len(frames),
+      "input.proceeding_frames",
+      frames,
+      "distinct negative frame offsets such as (-2, -1), or () for images",
+  )
+  _require(
+      0.0 <= inp.get("frames_dropout", 0.0) <= 1.0,
+      "input.frames_dropout",
+      inp.get("frames_dropout"),
+      "a probability in [0, 1]",
+  )
+  later = diff.get("sample_steps_later")
+  _require(
+      later is None or (isinstance(later, int) and later >= 1),
+      "diffusion.sample_steps_later",
+      later,
+      "None or an integer >= 1",
+  )
   _require(
       2 <= inp.max_instances <= 2**bits,
       "input.max_instances",

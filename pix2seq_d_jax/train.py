@@ -299,6 +299,7 @@ def train_and_evaluate(
       model, tx, lr_schedule, config.diffusion, ema_decay=config.ema_decay,
       skip_nonfinite=config.skip_nonfinite_updates,
       grad_accum_steps=config.grad_accum_steps, remat=config.remat,
+      frames_dropout=config.input.frames_dropout,
   )
   batch_shardings = {k: sharding.batch_sharding(mesh)
                      for k in _batch_spec(config, batch_size)}

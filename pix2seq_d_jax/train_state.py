@@ -13,6 +13,7 @@ and take the weighted loss of `diffusion.losses`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -24,10 +25,18 @@ import ml_collections
 import optax
 
 from pix2seq_d_jax import models
-from pix2seq_d_jax.diffusion import analog_bits, losses, sampler, schedules
+from pix2seq_d_jax.diffusion import (
+    analog_bits,
+    losses,
+    sampler,
+    schedules,
+    video_conditioning,
+)
 
 PyTree = Any
 REMAT_CHOICES = ("none", "encoder", "decoder", "both")
+# fold_in constant of the frame-dropout random stream of video models.
+_FRAMES_DROPOUT_STREAM = 0x7F1D
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -176,6 +185,7 @@ def make_train_step(
     skip_nonfinite: bool = False,
     grad_accum_steps: int = 1,
     remat: str = "none",
+    frames_dropout: float = 0.0,
 ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
   """Returns the pure train step `(state, batch, rng) -> (state, metrics)`.
 
@@ -194,6 +204,10 @@ def make_train_step(
       at a fraction of the activation memory.
     remat: `none`, `encoder`, `decoder` or `both`: which parts recompute
       their activations in the backward pass instead of storing them.
+    frames_dropout: video models (`model.cond_channels > 0`) read the
+      ground-truth masks of the conditioning frames from the batch
+      (`cond_semantic`, `cond_instance` int32 [b, F, m, m]); each frame is
+      replaced by a zero map with this probability.
 
   Returns:
     The step function; jit it with donated state.
@@ -213,13 +227,15 @@ def make_train_step(
         rngs={"dropout": key},
     )
 
-  def decode_fn(params, batch_stats, x_t, gamma_t, encoded, x0_sc, key):
+  def decode_fn(params, batch_stats, x_t, gamma_t, encoded, x0_sc, cond_map,
+                key):
     return model.apply(
         {"params": params, "batch_stats": batch_stats},
         x_t,
         gamma_t,
         encoded,
         self_cond_x0=x0_sc,
+        cond_map=cond_map,
         train=True,
         method="decode",
         rngs={"dropout": key},
@@ -238,7 +254,8 @@ def make_train_step(
     encoded, new_vars = encode_fn(params, batch_stats, micro["image"], k_drop)
 
     def decode(x0_sc, key):
-      return decode_fn(params, batch_stats, x_t, gamma_t, encoded, x0_sc, key)
+      return decode_fn(params, batch_stats, x_t, gamma_t, encoded, x0_sc,
+                       micro.get("cond_map"), key)
 
     x0_sc = None
     if d.self_cond:
@@ -273,6 +290,21 @@ def make_train_step(
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+  def _train_conditioning(batch, key):
+    """Ground-truth masks of earlier frames, with frame dropout, as bits."""
+    if "cond_semantic" not in batch or "cond_instance" not in batch:
+      raise ValueError(
+          f"The model conditions on {model.cond_channels} channels of "
+          "earlier frames (config.input.proceeding_frames), so the batch "
+          "needs 'cond_semantic' and 'cond_instance' [b, frames, m, m]; got "
+          f"fields {sorted(batch)}.")
+    sem = batch["cond_semantic"]
+    keep = video_conditioning.frame_dropout_keep(
+        key, sem.shape[0], sem.shape[1], frames_dropout)
+    return video_conditioning.conditioning_map(
+        sem, batch["cond_instance"], bits_per_channel=bits, scale=d.bit_scale,
+        code=d.bit_code, keep=keep)
+
   def train_step(state: TrainState, batch: dict, rng: jax.Array):
     rng = jax.random.fold_in(rng, state.step)
     k_t, k_eps, k_drop, k_sc, k_drop_sc = jax.random.split(rng, 5)
@@ -295,6 +327,10 @@ def make_train_step(
         "eps": eps,
         "loss_weight": batch["loss_weight"],
     }
+    if model.cond_channels:
+      # A separate stream, so image models keep their exact random numbers.
+      k_frames = jax.random.fold_in(rng, _FRAMES_DROPOUT_STREAM)
+      examples["cond_map"] = _train_conditioning(batch, k_frames)
     use_sc = jax.random.uniform(k_sc) < d.self_cond_rate
     if grad_accum_steps == 1:
       (loss, batch_stats), grads = grad_fn(
@@ -365,27 +401,24 @@ def make_train_step(
   return train_step
 
 
-def make_predict_fn(
+def _masks_sampler(
     model: nn.Module,
-    diff_config: ml_collections.ConfigDict,
+    d: ml_collections.ConfigDict,
     *,
     num_classes: int,
     max_instances: int,
-    num_steps: int | None = None,
     return_trajectory: bool = False,
 ) -> Callable[..., Any]:
-  """Returns `predict(params, batch_stats, image, rng) -> (semantic, instance)`.
+  """Returns a sampler of masks from encoder features.
 
-  The image encoder runs once; only the decoder runs inside the sampler's
-  `jax.lax.scan` over steps. Outputs are int32 [b, m, m] at mask resolution.
+  `sample_masks(variables, encoded, rng, steps, cond_map=None)` samples the
+  analog bits of the images whose encoder output is `encoded` (only the
+  decoder runs in the sampler's scan) and decodes them into int32 [b, m, m]
+  (semantic, instance) maps, plus the trajectory when asked.
   """
-  d = diff_config
-  steps = num_steps or d.sample_steps
   num_bits = 2 * d.bits_per_channel
 
-  def predict(params, batch_stats, image, rng):
-    variables = {"params": params, "batch_stats": batch_stats}
-    encoded = model.apply(variables, image, train=False, method="encode")
+  def sample_masks(variables, encoded, rng, steps, cond_map=None):
     m = model.mask_size
 
     def decode_fn(x_t, gamma_t, x0_sc):
@@ -395,15 +428,16 @@ def make_predict_fn(
           gamma_t,
           encoded,
           self_cond_x0=x0_sc if d.self_cond else None,
+          cond_map=cond_map,
           train=False,
           method="decode",
       )
 
-    shape = (image.shape[0], m[0], m[1], num_bits)
+    batch = jax.tree.leaves(encoded)[0].shape[0]
     result = sampler.sample(
         decode_fn,
         rng,
-        shape,
+        (batch, m[0], m[1], num_bits),
         num_steps=steps,
         td=d.td,
         schedule=d.schedule,
@@ -424,6 +458,126 @@ def make_predict_fn(
     )
     if return_trajectory:
       return semantic, instance, trajectory
+    return semantic, instance
+
+  return sample_masks
+
+
+def make_predict_fn(
+    model: nn.Module,
+    diff_config: ml_collections.ConfigDict,
+    *,
+    num_classes: int,
+    max_instances: int,
+    num_steps: int | None = None,
+    return_trajectory: bool = False,
+) -> Callable[..., Any]:
+  """Returns `predict(params, batch_stats, image, rng) -> (semantic, instance)`.
+
+  The image encoder runs once; only the decoder runs inside the sampler's
+  `jax.lax.scan` over steps. Outputs are int32 [b, m, m] at mask resolution.
+  Video models (`model.cond_channels > 0`) get the conditioning of a first
+  frame (zero maps for every earlier frame); use `make_video_predict_fn` to
+  walk a sequence.
+  """
+  steps = num_steps or diff_config.sample_steps
+  sample_masks = _masks_sampler(
+      model, diff_config, num_classes=num_classes,
+      max_instances=max_instances, return_trajectory=return_trajectory)
+
+  def predict(params, batch_stats, image, rng):
+    variables = {"params": params, "batch_stats": batch_stats}
+    encoded = model.apply(variables, image, train=False, method="encode")
+    cond_map = None
+    if model.cond_channels:
+      m = model.mask_size
+      frames = model.cond_channels // (2 * diff_config.bits_per_channel)
+      zeros = jnp.zeros((image.shape[0], frames, m[0], m[1]), jnp.int32)
+      cond_map = video_conditioning.conditioning_map(
+          zeros, zeros, bits_per_channel=diff_config.bits_per_channel,
+          scale=diff_config.bit_scale, code=diff_config.bit_code)
+    return sample_masks(variables, encoded, rng, steps, cond_map)
+
+  return predict
+
+
+def make_video_predict_fn(
+    model: nn.Module,
+    diff_config: ml_collections.ConfigDict,
+    *,
+    num_classes: int,
+    max_instances: int,
+    proceeding_frames: tuple[int, ...],
+    first_frame_steps: int | None = None,
+    later_frame_steps: int | None = None,
+) -> Callable[..., Any]:
+  """Returns `predict(params, batch_stats, frames, rng)` for whole clips.
+
+  It segments whole clips frame by frame, conditioning each frame on the
+  model's own predictions for the frames `proceeding_frames` before it (zero
+  maps before the first frame), so instance ids carry over. The encoder runs
+  once over all frames of the batch; the first frame is sampled with
+  `first_frame_steps` (`diffusion.sample_steps`) and the later ones with
+  `later_frame_steps` (`diffusion.sample_steps_later`, fewer: the
+  conditioning already says most of the answer) in a `jax.lax.scan` over
+  frames that carries the last K predicted masks, so a clip is one compiled
+  call per (batch, frame count) shape.
+
+  Args on the returned function: frames float32 [b, T, H, W, 3] (T >= 1);
+  rng a PRNG key; frame t uses key fold_in(rng, t).
+
+  Returns:
+    (semantic, instance), int32 [b, T, m, m].
+  """
+  d = diff_config
+  k = video_conditioning.history_length(proceeding_frames)
+  if not model.cond_channels or k == 0:
+    raise ValueError(
+        "make_video_predict_fn needs a model conditioned on earlier frames "
+        "(config.input.proceeding_frames non-empty).")
+  first = first_frame_steps or d.sample_steps
+  later = later_frame_steps or d.get("sample_steps_later") or first
+  sample_masks = _masks_sampler(
+      model, d, num_classes=num_classes, max_instances=max_instances)
+
+  def predict(params, batch_stats, frames, rng):
+    variables = {"params": params, "batch_stats": batch_stats}
+    b, t = frames.shape[:2]
+    encoded = model.apply(
+        variables, frames.reshape((b * t,) + frames.shape[2:]), train=False,
+        method="encode")
+    # [b * T, ...] -> [T, b, ...]: the scan walks the leading axis.
+    encoded = jax.tree.map(
+        lambda x: x.reshape((b, t) + x.shape[1:]).swapaxes(0, 1), encoded)
+    m = model.mask_size
+    empty = jnp.zeros((k, b, m[0], m[1]), jnp.int32)
+
+    def frame(history, inputs, steps):
+      enc_t, index = inputs
+      sem_hist, inst_hist = history
+      cond_map = video_conditioning.conditioning_map(
+          video_conditioning.select_history(
+              sem_hist, proceeding_frames).swapaxes(0, 1),
+          video_conditioning.select_history(
+              inst_hist, proceeding_frames).swapaxes(0, 1),
+          bits_per_channel=d.bits_per_channel, scale=d.bit_scale,
+          code=d.bit_code)
+      semantic, instance = sample_masks(
+          variables, enc_t, jax.random.fold_in(rng, index), steps, cond_map)
+      history = (
+          jnp.concatenate([sem_hist[1:], semantic[None]]),
+          jnp.concatenate([inst_hist[1:], instance[None]]),
+      )
+      return history, (semantic, instance)
+
+    first_enc = jax.tree.map(lambda x: x[0], encoded)
+    history, (sem0, inst0) = frame((empty, empty), (first_enc, 0), first)
+    rest_enc = jax.tree.map(lambda x: x[1:], encoded)
+    _, (sems, insts) = jax.lax.scan(
+        functools.partial(frame, steps=later), history,
+        (rest_enc, jnp.arange(1, t, dtype=jnp.int32)))
+    semantic = jnp.concatenate([sem0[None], sems]).swapaxes(0, 1)
+    instance = jnp.concatenate([inst0[None], insts]).swapaxes(0, 1)
     return semantic, instance
 
   return predict
