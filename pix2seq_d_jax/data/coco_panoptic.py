@@ -139,6 +139,67 @@ def open_layout(
   return content
 
 
+def segments_to_maps(
+    ids: np.ndarray,
+    segment_ids: np.ndarray,
+    segment_class: np.ndarray,
+    segment_thing: np.ndarray,
+    segment_crowd: np.ndarray,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Turns a panoptic id map and its segment list into the raw label maps.
+
+  Shared by every source in the COCO panoptic format (folder and TFDS), so
+  they all produce the same example.
+
+  Args:
+    ids: integer [h, w] segment ids (0 = void).
+    segment_ids: int64 [n] ids of the listed segments, in list order.
+    segment_class: int32 [n] contiguous class per segment (0 = unknown).
+    segment_thing: bool [n] whether the segment's class is a thing.
+    segment_crowd: bool [n] iscrowd per segment.
+
+  Returns:
+    `(maps, unknown)`: maps has semantic int32 [h, w], instance int32 [h, w]
+    (1..k for the non-crowd thing segments present, in list order) and crowd
+    bool [h, w]; unknown holds the non-zero ids of `ids` absent from
+    `segment_ids` (the caller decides how to report them).
+  """
+  uniq, inverse = np.unique(ids, return_inverse=True)
+  inverse = inverse.reshape(ids.shape)
+  # Position of each PNG id within the segment list (-1 = void or unlisted).
+  seg_index = np.full(len(uniq), -1, np.int64)
+  if len(segment_ids):
+    order = np.argsort(segment_ids, kind='stable')
+    sorted_ids = segment_ids[order]
+    pos = np.minimum(np.searchsorted(sorted_ids, uniq), len(order) - 1)
+    hit = (sorted_ids[pos] == uniq) & (uniq != 0)
+    seg_index[hit] = order[pos[hit]]
+  unknown = uniq[(seg_index < 0) & (uniq != 0)]
+
+  sem_lut = np.zeros(len(uniq), np.int32)
+  inst_lut = np.zeros(len(uniq), np.int32)
+  crowd_lut = np.zeros(len(uniq), np.bool_)
+  listed = seg_index >= 0
+  sem_lut[listed] = segment_class[seg_index[listed]]
+  crowd_lut[listed] = segment_crowd[seg_index[listed]]
+  is_instance = np.zeros(len(uniq), np.bool_)
+  is_instance[listed] = (
+      segment_thing[seg_index[listed]]
+      & ~segment_crowd[seg_index[listed]]
+      & (segment_class[seg_index[listed]] > 0)
+  )
+  # Number the present instances 1..k in segment list order.
+  inst_slots = np.flatnonzero(is_instance)
+  inst_slots = inst_slots[np.argsort(seg_index[inst_slots], kind='stable')]
+  inst_lut[inst_slots] = np.arange(1, len(inst_slots) + 1, dtype=np.int32)
+  maps = {
+      'semantic': sem_lut[inverse],
+      'instance': inst_lut[inverse],
+      'crowd': crowd_lut[inverse],
+  }
+  return maps, unknown
+
+
 class CocoPanopticSource:
   """COCO-panoptic-layout reader (grain RandomAccessDataSource protocol).
 
@@ -324,48 +385,19 @@ class CocoPanopticSource:
           f'PNG {png_path} has size {ids.shape}.'
       )
 
-    uniq, inverse = np.unique(ids, return_inverse=True)
-    inverse = inverse.reshape(ids.shape)
-    # Position of each PNG id within segments_info (-1 = void or not listed).
-    seg_index = np.full(len(uniq), -1, np.int64)
-    if len(rec.segment_ids):
-      order = np.argsort(rec.segment_ids, kind='stable')
-      sorted_ids = rec.segment_ids[order]
-      pos = np.minimum(np.searchsorted(sorted_ids, uniq), len(order) - 1)
-      hit = (sorted_ids[pos] == uniq) & (uniq != 0)
-      seg_index[hit] = order[pos[hit]]
-    unknown = (seg_index < 0) & (uniq != 0)
-    if unknown.any():
+    maps, unknown = segments_to_maps(
+        ids, rec.segment_ids, rec.segment_class, rec.segment_thing,
+        rec.segment_crowd,
+    )
+    if unknown.size:
       raise BadExampleError(
           f'Panoptic PNG {png_path} contains segment id(s) '
-          f'{uniq[unknown].tolist()} absent from segments_info of image_id '
+          f'{unknown.tolist()} absent from segments_info of image_id '
           f'{rec.image_id} in {self.metadata.gt_json}.'
       )
-
-    sem_lut = np.zeros(len(uniq), np.int32)
-    inst_lut = np.zeros(len(uniq), np.int32)
-    crowd_lut = np.zeros(len(uniq), np.bool_)
-    listed = seg_index >= 0
-    sem_lut[listed] = rec.segment_class[seg_index[listed]]
-    crowd_lut[listed] = rec.segment_crowd[seg_index[listed]]
-    is_instance = np.zeros(len(uniq), np.bool_)
-    is_instance[listed] = (
-        rec.segment_thing[seg_index[listed]]
-        & ~rec.segment_crowd[seg_index[listed]]
-        & (rec.segment_class[seg_index[listed]] > 0)
-    )
-    # Number the present instances 1..k in segments_info order.
-    inst_slots = np.flatnonzero(is_instance)
-    inst_slots = inst_slots[
-        np.argsort(seg_index[inst_slots], kind='stable')
-    ]
-    inst_lut[inst_slots] = np.arange(1, len(inst_slots) + 1, dtype=np.int32)
-
     return {
         'image': image,
-        'semantic': sem_lut[inverse],
-        'instance': inst_lut[inverse],
-        'crowd': crowd_lut[inverse],
+        **maps,
         'image_id': np.asarray(rec.image_id, np.int64),
         'height': np.asarray(image.shape[0], np.int32),
         'width': np.asarray(image.shape[1], np.int32),
