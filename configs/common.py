@@ -105,6 +105,12 @@ def get_base_config() -> ml_collections.ConfigDict:
           synthetic=ml_collections.ConfigDict(
               dict(num_train=2000, num_val=100, image_size=64, seed=0)
           ),
+          # Parameters of the synthetic video generator
+          # (source='synthetic_video' only).
+          synthetic_video=ml_collections.ConfigDict(
+              dict(num_train=64, num_val=8, num_frames=8, image_size=64,
+                   seed=0)
+          ),
       )
   )
   config.model = paper_model()

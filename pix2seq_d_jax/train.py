@@ -35,6 +35,7 @@ from pix2seq_d_jax import (
 )
 from pix2seq_d_jax import data as data_lib
 from pix2seq_d_jax.data import pipeline, preprocess
+from pix2seq_d_jax.diffusion import video_conditioning
 from pix2seq_d_jax.models import weight_import
 
 MODES = ("train", "eval", "train_eval")
@@ -42,6 +43,11 @@ MODES = ("train", "eval", "train_eval")
 
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN or infinite loss."""
+
+
+def is_video(config: ml_collections.ConfigDict) -> bool:
+  """Whether the model conditions on earlier frames (a video config)."""
+  return bool(config.input.get("proceeding_frames"))
 
 
 def make_source(config: ml_collections.ConfigDict, split: str) -> Any:
@@ -54,6 +60,13 @@ def make_source(config: ml_collections.ConfigDict, split: str) -> Any:
     kwargs["max_examples"] = inp.max_train_examples
   if inp.source == "synthetic":
     kwargs.update(dict(inp.synthetic))
+  if inp.source == "synthetic_video":
+    kwargs.update(dict(inp.synthetic_video))
+  if is_video(config):
+    # Training reads clips: the conditioning frames, then the target.
+    kwargs["clip_length"] = (
+        video_conditioning.history_length(inp.proceeding_frames) + 1
+        if split == inp.train_split else 1)
   return data_lib.get_source(
       inp.source, data_dir=os.path.expanduser(inp.data_dir), **kwargs
   )
@@ -78,8 +91,14 @@ def check_metadata(config: ml_collections.ConfigDict, meta: Any) -> None:
 
 def train_preprocess_fn(config: ml_collections.ConfigDict):
   inp = config.input
+  if is_video(config):
+    fn = functools.partial(
+        preprocess.preprocess_train_clip,
+        proceeding_frames=tuple(inp.proceeding_frames))
+  else:
+    fn = preprocess.preprocess_train
   return functools.partial(
-      preprocess.preprocess_train,
+      fn,
       image_size=inp.image_size,
       mask_size=inp.mask_size,
       max_instances=inp.max_instances,
@@ -127,12 +146,17 @@ class _StopSignal:
 
 def _batch_spec(config: ml_collections.ConfigDict, batch_size: int) -> dict:
   s, m = config.input.image_size, config.input.mask_size
-  return {
+  spec = {
       "image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.float32),
       "semantic": jax.ShapeDtypeStruct((batch_size, m, m), jnp.int32),
       "instance": jax.ShapeDtypeStruct((batch_size, m, m), jnp.int32),
       "loss_weight": jax.ShapeDtypeStruct((batch_size, m, m), jnp.float32),
   }
+  if is_video(config):
+    frames = (batch_size, len(config.input.proceeding_frames), m, m)
+    spec["cond_semantic"] = jax.ShapeDtypeStruct(frames, jnp.int32)
+    spec["cond_instance"] = jax.ShapeDtypeStruct(frames, jnp.int32)
+  return spec
 
 
 def train_and_evaluate(
@@ -237,10 +261,17 @@ def train_and_evaluate(
   reporter.write_config(config.to_dict())
 
   # ----------------------------------------------------------- evaluators
-  predict = train_state.make_predict_fn(
-      model, config.diffusion, num_classes=meta.num_classes,
-      max_instances=config.input.max_instances,
-  )
+  if is_video(config):
+    predict = train_state.make_video_predict_fn(
+        model, config.diffusion, num_classes=meta.num_classes,
+        max_instances=config.input.max_instances,
+        proceeding_frames=tuple(config.input.proceeding_frames),
+    )
+  else:
+    predict = train_state.make_predict_fn(
+        model, config.diffusion, num_classes=meta.num_classes,
+        max_instances=config.input.max_instances,
+    )
   predict_jit = jax.jit(
       predict,
       in_shardings=(state_shardings.params, state_shardings.batch_stats,

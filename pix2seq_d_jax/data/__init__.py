@@ -98,4 +98,12 @@ def _synthetic(
       max_examples=max_examples,
       skip_bad_examples=skip_bad_examples,
   )
-from pix2seq_d_jax.data import cityscapes_panoptic  # noqa: E402, F401
+# Sources that register themselves import the registry above, so they come
+# last.
+from pix2seq_d_jax.data import (  # noqa: E402, F401
+  cityscapes_panoptic,
+  davis,
+  kitti_step,
+  synthetic_video,
+  tfds_sources,
+)

@@ -442,6 +442,88 @@ def preprocess_train(
   return _finish(ex, raw, image, semantic, instance, weight)
 
 
+def preprocess_train_clip(
+    raw: Example,
+    rng: np.random.Generator,
+    *,
+    proceeding_frames: Sequence[int],
+    image_size: int,
+    mask_size: int,
+    max_instances: int,
+    scale_range: tuple[float, float] = (1.0, 1.0),
+    flip: bool = True,
+    color_jitter_strength: float = 0.0,
+    loss_weight_power: float = 0.2,
+) -> Example:
+  """Training preprocessing of a video clip: the last frame is the target.
+
+  Every frame of the clip gets the same flip, jitter and colour change (each
+  frame replays the same random draws), and instance ids are assigned once
+  over the whole clip, so an object keeps its (random) id in every frame.
+
+  Args:
+    raw: a clip of L frames: image uint8 [L, H, W, 3], semantic / instance
+      int32 and crowd bool [L, H, W] (a video source's example), with
+      L > max(-f for f in proceeding_frames).
+    rng: randomness source.
+    proceeding_frames: negative offsets of the conditioning frames relative
+      to the last (target) frame, e.g. (-2, -1).
+    image_size, mask_size, max_instances, scale_range, flip,
+    color_jitter_strength, loss_weight_power: as `preprocess_train`.
+
+  Returns:
+    The target frame's fields as `preprocess_train` returns them, plus
+    cond_semantic / cond_instance int32 [F, m, m], the ground-truth maps of
+    the conditioning frames in `proceeding_frames` order.
+
+  Raises:
+    ValueError: if the clip is too short for `proceeding_frames` or S is not
+      a multiple of m.
+  """
+  _validate_sizes(image_size, mask_size)
+  length = raw['image'].shape[0]
+  frames = tuple(proceeding_frames)
+  if not frames or length <= max(-f for f in frames):
+    raise ValueError(
+        f'preprocess_train_clip: a clip of {length} frames cannot condition '
+        f'on proceeding_frames={frames}.')
+  state = rng.bit_generator.state
+  images, semantics, instances, valids = [], [], [], []
+  for i in range(length):
+    frame_rng = np.random.Generator(type(rng.bit_generator)())
+    frame_rng.bit_generator.state = state
+    ex = {k: raw[k][i] for k in ('image', 'semantic', 'instance', 'crowd')}
+    if flip:
+      ex = random_flip(ex, frame_rng)
+    ex = large_scale_jitter(
+        ex, frame_rng, output_size=image_size, scale_range=scale_range
+    )
+    images.append(color_jitter(
+        ex['image'].astype(np.float32) / 255.0, frame_rng,
+        color_jitter_strength,
+    ))
+    semantics.append(resize_labels(ex['semantic'], mask_size))
+    instances.append(resize_labels(ex['instance'], mask_size))
+    valids.append(resize_labels(ex['valid'], mask_size))
+  # The generator moves on past the replayed draws, then ids are assigned
+  # jointly: the frames stacked as one tall map share one id table.
+  rng.bit_generator.state = frame_rng.bit_generator.state
+  instance, semantic = assign_random_instance_ids(
+      np.concatenate(instances), rng, max_instances,
+      semantic=np.concatenate(semantics),
+  )
+  instance = instance.reshape(length, mask_size, mask_size)
+  semantic = semantic.reshape(length, mask_size, mask_size)
+  weight = loss_weights(
+      semantic[-1], instance[-1], loss_weight_power, valids[-1])
+  target = {'image': raw['image'][-1], 'image_id': raw['image_id']}
+  out = _finish(ex, target, images[-1], semantic[-1], instance[-1], weight)
+  cond = [length - 1 + f for f in frames]
+  out['cond_semantic'] = semantic[cond].astype(np.int32)
+  out['cond_instance'] = instance[cond].astype(np.int32)
+  return out
+
+
 def preprocess_eval(
     raw: Example,
     *,

@@ -255,6 +255,82 @@ def _write_split(root: str, split: str, num: int, size: int, seed: int) -> None:
   )
 
 
+def full_params(defaults: dict[str, Any], params: dict[str, Any]
+                ) -> dict[str, Any]:
+  """`defaults` updated with `params`.
+
+  Raises:
+    TypeError: on a parameter name not in `defaults`.
+  """
+  unknown = sorted(set(params) - set(defaults))
+  if unknown:
+    raise TypeError(
+        f'Unknown synthetic dataset parameter(s) {unknown}; valid: '
+        f'{sorted(defaults)}.'
+    )
+  return {**defaults, **params}
+
+
+def write_atomically(root: str, write: Any, params: dict[str, Any]) -> None:
+  """Runs `write(tmp)` into `<root>.tmp-<pid>`, then renames it to `root`.
+
+  `params` is saved as `params.json`. An interrupted run never leaves a
+  partial dataset at `root`.
+
+  Raises:
+    FileExistsError: if `root` already exists.
+  """
+  root = os.path.abspath(root)
+  if os.path.exists(root):
+    raise FileExistsError(
+        f'Synthetic dataset folder already exists: {root}'
+    )
+  tmp = f'{root}.tmp-{os.getpid()}'
+  if os.path.exists(tmp):
+    shutil.rmtree(tmp)
+  try:
+    write(tmp)
+    with open(os.path.join(tmp, 'params.json'), 'w') as f:
+      json.dump(params, f, sort_keys=True)
+    os.replace(tmp, root)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def cache_dir(data_dir: str, prefix: str, defaults: dict[str, Any],
+              version: int, params: dict[str, Any]) -> str:
+  """`<data_dir>/<prefix>-<hash of the full parameters and version>`."""
+  full = {**full_params(defaults, params), 'version': version}
+  key = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()
+  return os.path.join(data_dir, f'{prefix}-{key[:12]}')
+
+
+def ensure_cached(data_dir: str, prefix: str, defaults: dict[str, Any],
+                  version: int, generate_fn: Any,
+                  params: dict[str, Any]) -> str:
+  """Returns the cached dataset folder, running `generate_fn` on first use.
+
+  The folder name is a hash of the parameters (and the generator version),
+  so different parameters never share a folder. Safe when several processes
+  call it at once: each generates into its own temporary folder and the first
+  rename wins; the others discard their copy.
+  """
+  root = cache_dir(data_dir, prefix, defaults, version, params)
+  if os.path.isdir(root):
+    return root
+  os.makedirs(data_dir, exist_ok=True)
+  logging.info('Generating synthetic dataset %s in %s', params, root)
+  try:
+    generate_fn(root, **params)
+  except (FileExistsError, OSError):
+    # Another process finished first (os.replace onto a non-empty folder fails
+    # with OSError); its dataset is identical, so use it.
+    if not os.path.isdir(root):
+      raise
+  return root
+
+
 def generate(
     root: str,
     *,
@@ -285,30 +361,19 @@ def generate(
     )
   if image_size < 16:
     raise ValueError(f'image_size must be >= 16, got {image_size}.')
-  root = os.path.abspath(root)
-  if os.path.exists(root):
-    raise FileExistsError(
-        f'Synthetic dataset folder already exists: {root}'
-    )
-  tmp = f'{root}.tmp-{os.getpid()}'
-  if os.path.exists(tmp):
-    shutil.rmtree(tmp)
-  try:
+
+  def write(tmp):
     for split, num in (('train', num_train), ('val', num_val)):
       _write_split(tmp, split, num, image_size, seed)
-    params = {
-        'num_train': num_train,
-        'num_val': num_val,
-        'image_size': image_size,
-        'seed': seed,
-        'version': GENERATOR_VERSION,
-    }
-    with open(os.path.join(tmp, 'params.json'), 'w') as f:
-      json.dump(params, f, sort_keys=True)
-    os.replace(tmp, root)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+
+  params = {
+      'num_train': num_train,
+      'num_val': num_val,
+      'image_size': image_size,
+      'seed': seed,
+      'version': GENERATOR_VERSION,
+  }
+  write_atomically(root, write, params)
 
 
 def dataset_dir(data_dir: str, **params: Any) -> str:
@@ -321,24 +386,12 @@ def dataset_dir(data_dir: str, **params: Any) -> str:
   Raises:
     TypeError: on an unknown parameter name.
   """
-  unknown = sorted(set(params) - set(_PARAM_DEFAULTS))
-  if unknown:
-    raise TypeError(
-        f'Unknown synthetic dataset parameter(s) {unknown}; valid: '
-        f'{sorted(_PARAM_DEFAULTS)}.'
-    )
-  full = {**_PARAM_DEFAULTS, **params, 'version': GENERATOR_VERSION}
-  key = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()
-  return os.path.join(data_dir, f'synthetic-{key[:12]}')
+  return cache_dir(data_dir, 'synthetic', _PARAM_DEFAULTS, GENERATOR_VERSION,
+                   params)
 
 
 def ensure_synthetic(data_dir: str, **params: Any) -> str:
   """Returns a synthetic dataset folder, generating it on first use.
-
-  The folder name is a hash of the parameters (and the generator version),
-  so different parameters never share a folder. Safe when several processes
-  call it at once: each generates into its own temporary folder and the first
-  rename wins; the others discard their copy.
 
   Args:
     data_dir: cache root (created if missing).
@@ -347,16 +400,5 @@ def ensure_synthetic(data_dir: str, **params: Any) -> str:
   Returns:
     The dataset root, ready for `CocoPanopticSource(root, split)`.
   """
-  root = dataset_dir(data_dir, **params)
-  if os.path.isdir(root):
-    return root
-  os.makedirs(data_dir, exist_ok=True)
-  logging.info('Generating synthetic panoptic dataset %s in %s', params, root)
-  try:
-    generate(root, **params)
-  except (FileExistsError, OSError):
-    # Another process finished first (os.replace onto a non-empty folder fails
-    # with OSError); its dataset is identical, so use it.
-    if not os.path.isdir(root):
-      raise
-  return root
+  return ensure_cached(data_dir, 'synthetic', _PARAM_DEFAULTS,
+                       GENERATOR_VERSION, generate, params)

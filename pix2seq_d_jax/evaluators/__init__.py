@@ -46,4 +46,7 @@ def from_config(evals_config: Any, **shared: Any) -> dict[str, Any]:
 
 
 # Imported for their registrations.
-from pix2seq_d_jax.evaluators import coco_panoptic  # noqa: E402,F401
+from pix2seq_d_jax.evaluators import (  # noqa: E402,F401
+  coco_panoptic,
+  davis_video,
+)

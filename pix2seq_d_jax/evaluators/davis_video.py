@@ -1,0 +1,207 @@
+"""DAVIS 2017 J&F of whole sequences segmented frame by frame.
+
+For every eval sequence: preprocess each frame as for images (resize the
+longer side to the image size, pad), pad the sequence to a multiple of
+`length_bucket` frames (repeating the last frame, so one compiled program
+serves every length in a bucket), run the video predict function (first
+frame with `diffusion.sample_steps` steps, later frames conditioned on the
+model's own previous masks), crop the padding, resize the masks to the
+original frame size (nearest) and keep the instance ids of "thing" pixels as
+DAVIS object ids. Ids are renumbered 1..k per sequence by first appearance
+(the same object keeps its number in every frame), keeping at most the 20
+largest objects the unsupervised protocol accepts. Results are written as
+DAVIS palette PNGs (`<workdir>/predictions/<name>_step<step>/<seq>/<frame>.png`,
+the layout `python -m pix2seq_d_jax.evaluation.davis` reads) and scored in
+memory with the davis2017-evaluation-exact `evaluation.davis` functions;
+per-object statistics are gathered over processes, so the result equals a
+single-process run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from pix2seq_d_jax import sharding
+from pix2seq_d_jax.data import preprocess
+from pix2seq_d_jax.evaluation import davis as davis_eval
+from pix2seq_d_jax.evaluators import register
+from pix2seq_d_jax.evaluators.coco_panoptic import _local_rows
+
+# Per-object statistics, in the order of davis_eval.GLOBAL_MEASURES' parts.
+_STATS = ("J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
+
+
+def result_ids(semantic: np.ndarray, instance: np.ndarray,
+               thing_classes: np.ndarray) -> np.ndarray:
+  """DAVIS object ids of one sequence from predicted panoptic maps.
+
+  Args:
+    semantic, instance: int [t, h, w] predictions of every frame.
+    thing_classes: bool [num_classes], True for classes with instances.
+
+  Returns:
+    uint8 [t, h, w]: 0 background, objects renumbered 1..k (k <= 20) by
+    first appearance (frame, then raster order); beyond 20 objects only the
+    largest 20 (total pixels over the sequence) are kept.
+  """
+  ids = np.where(thing_classes[np.clip(semantic, 0, len(thing_classes) - 1)],
+                 instance, 0)
+  flat = ids.ravel()
+  present, first = np.unique(flat, return_index=True)
+  keep = present[present > 0]
+  first = first[present > 0]
+  if len(keep) > davis_eval.MAX_PROPOSALS:
+    area = np.bincount(flat, minlength=int(keep.max()) + 1)[keep]
+    largest = np.sort(np.argsort(-area, kind="stable")[
+        :davis_eval.MAX_PROPOSALS])
+    keep, first = keep[largest], first[largest]
+  order = keep[np.argsort(first, kind="stable")]
+  lut = np.zeros(int(max(flat.max(), 0)) + 1, np.uint8)
+  lut[order] = np.arange(1, len(order) + 1, dtype=np.uint8)
+  return lut[ids]
+
+
+@register("davis_video")
+class DavisVideoEvaluator:
+  """J&F-Mean, J/F Mean, Recall and Decay over a DAVIS-layout split."""
+
+  def __init__(
+      self,
+      *,
+      name: str,
+      config: Any,
+      predict_fn: Callable[..., Any],
+      source: Any,
+      preprocess_fn: Callable[[dict], dict],
+      mesh: jax.sharding.Mesh,
+      seed: int,
+      workdir: str,
+  ):
+    for attr in ("sequence_names", "read_sequence", "frame_names"):
+      if not hasattr(source, attr):
+        raise ValueError(
+            f"config.evals.{name}.type='davis_video' needs a video source "
+            f"(config.input.source such as 'davis' or 'synthetic_video'); "
+            f"{type(source).__name__} has no {attr}")
+    self.name = name
+    self.config = config
+    self.predict_fn = predict_fn
+    self.source = source
+    self.preprocess_fn = preprocess_fn
+    self.mesh = mesh
+    self.seed = seed
+    self.workdir = workdir
+    self.task = config.get("task", "unsupervised")
+    self.things = np.asarray(source.metadata.is_thing, bool)
+    dp = sharding.data_parallel_size(mesh)
+    if config.batch_size % dp or config.batch_size % jax.process_count():
+      raise ValueError(
+          f"config.evals.{name}.batch_size={config.batch_size}: expected a "
+          f"multiple of the {dp} data-parallel devices and "
+          f"{jax.process_count()} processes")
+    names = list(source.sequence_names)
+    if config.get("max_sequences"):
+      names = names[:config.max_sequences]
+    self.names = names
+
+  def _global_batches(self) -> list[list[int]]:
+    """Sequence indices of every global batch (-1 = padding)."""
+    b = self.config.batch_size
+    count = math.ceil(len(self.names) / b)
+    idx = list(range(len(self.names))) + [-1] * (count * b - len(self.names))
+    return [idx[i * b:(i + 1) * b] for i in range(count)]
+
+  def _frames(self, index: int) -> tuple[dict, np.ndarray]:
+    """Preprocessed frames [T, S, S, 3] and GT ids [T, H, W] of a sequence."""
+    seq = self.source.read_sequence(self.names[index])
+    frames = [
+        self.preprocess_fn({k: seq[k][t] for k in (
+            "image", "semantic", "instance", "crowd")} | {"image_id": 0})
+        for t in range(seq["image"].shape[0])
+    ]
+    gt = np.where(seq["semantic"] == 0, davis_eval.VOID_LABEL,
+                  np.where(self.things[seq["semantic"]], seq["instance"], 0))
+    return {
+        "image": np.stack([f["image"] for f in frames]),
+        "valid_size": frames[0]["valid_size"],
+    }, gt
+
+  def run(self, params: Any, batch_stats: Any, *, step: int) -> dict:
+    """Segments every eval sequence and returns the J&F metrics."""
+    out_dir = os.path.join(self.workdir, "predictions",
+                           f"{self.name}_step{step}")
+    bucket = int(self.config.get("length_bucket", 16))
+    rng = jax.random.key(self.seed)
+    nproc, pid = jax.process_count(), jax.process_index()
+    local_b = self.config.batch_size // nproc
+    stats, per_sequence = [], {}
+    for i, batch in enumerate(self._global_batches()):
+      mine = batch[pid * local_b:(pid + 1) * local_b]
+      lengths = [self.source.num_frames(self.names[j]) for j in batch
+                 if j >= 0]
+      length = bucket * math.ceil(max(lengths) / bucket)
+      loaded = [self._frames(j if j >= 0 else batch[0]) for j in mine]
+      images = np.stack([
+          np.concatenate([f["image"], np.repeat(
+              f["image"][-1:], length - len(f["image"]), axis=0)])
+          for f, _ in loaded])
+      arrays = sharding.global_batch({"image": images}, self.mesh)
+      semantic, instance = self.predict_fn(
+          params, batch_stats, arrays["image"], jax.random.fold_in(rng, i))
+      semantic, instance = _local_rows(semantic), _local_rows(instance)
+      for row, (j, (frames, gt)) in enumerate(zip(mine, loaded, strict=True)):
+        if j < 0:
+          continue
+        ids = self._to_original(semantic[row], instance[row], frames, gt)
+        name = self.names[j]
+        self._write(out_dir, name, ids)
+        j_all, f_all = davis_eval.evaluate_sequence_ids(gt, ids, self.task)
+        for k in range(j_all.shape[0]):
+          row_stats = (*davis_eval.db_statistics(j_all[k]),
+                       *davis_eval.db_statistics(f_all[k]))
+          stats.append(row_stats)
+          per_sequence[f"{name}_{k + 1}"] = row_stats
+    stats = self._gather(np.asarray(stats, np.float64).reshape(-1, 6))
+    metrics = {key: float(np.mean(stats[:, c])) if len(stats) else 0.0
+               for c, key in enumerate(_STATS)}
+    metrics["J&F-Mean"] = (metrics["J-Mean"] + metrics["F-Mean"]) / 2
+    metrics["num_objects"] = int(len(stats))
+    logging.info("eval/%s at step %d: %s", self.name, step, metrics)
+    return metrics
+
+  def _to_original(self, semantic, instance, frames, gt) -> np.ndarray:
+    """Crops padding, resizes to the frame size, maps to DAVIS ids."""
+    t, (h, w) = gt.shape[0], gt.shape[1:]
+    m = semantic.shape[-1]
+    s = frames["image"].shape[1]
+    vh, vw = (max(1, round(int(v) * m / s)) for v in frames["valid_size"])
+    sem = np.stack([preprocess.resize_labels(x[:vh, :vw], (h, w))
+                    for x in semantic[:t]])
+    inst = np.stack([preprocess.resize_labels(x[:vh, :vw], (h, w))
+                     for x in instance[:t]])
+    return result_ids(sem, inst, self.things)
+
+  def _write(self, out_dir: str, name: str, ids: np.ndarray) -> None:
+    for frame_name, frame_ids in zip(self.source.frame_names(name), ids,
+                                     strict=True):
+      davis_eval.write_palette_png(
+          os.path.join(out_dir, name, f"{frame_name}.png"), frame_ids)
+
+  def _gather(self, stats: np.ndarray) -> np.ndarray:
+    """Per-object rows of every process (row order does not matter)."""
+    if jax.process_count() == 1:
+      return stats
+    counts = np.asarray(multihost_utils.process_allgather(
+        np.array([len(stats)], np.int64))).ravel()
+    padded = np.zeros((int(counts.max()), 6), np.float64)
+    padded[:len(stats)] = stats
+    everyone = np.asarray(multihost_utils.process_allgather(padded))
+    return np.concatenate([everyone[p, :c] for p, c in enumerate(counts)])
