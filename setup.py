@@ -25,6 +25,10 @@ _EXTRAS = {
         "pytest>=8,<10",
         "chex>=0.1.90,<0.2",
         "ruff>=0.6",
+        # tests/test_notebook.py runs notebooks/demo.ipynb headless.
+        "nbclient>=0.10,<0.12",
+        "nbformat>=5.10,<6",
+        "ipykernel>=6.29,<8",
     ],
     # Accelerator wheels: `pip install -e '.[tpu]'` or `'.[cuda]'`.
     "tpu": ["jax[tpu]>=0.10.2,<0.11"],

@@ -1,16 +1,16 @@
-r"""Panoptic segmentation of image files with a trained checkpoint.
+r"""Panoptic segmentation of image files and videos with a trained checkpoint.
 
   python -m pix2seq_d_jax.predict --config=configs/synthetic.py \
       --checkpoint=/tmp/p2sd --input=photos/ --output=/tmp/p2sd_pred \
-      [--steps=20] [--save_trajectory] [--batch_size=8] [--config.seed=1]
+      [--steps=20] [--save_trajectory] [--batch_size=8] [--video]
 
 `--input` is one image file or a folder of images (JPEG, PNG, ...; read in
-sorted order as independent images; colour, grey or RGBA, any size).
-`--checkpoint` is a workdir, its `checkpoints/` folder or one step folder; the
-EMA weights are used. The class names and which classes are things come from
-the config's dataset (`config.input.source` / `config.input.data_dir`), so
-predictions can be written with the dataset's category ids. Written under
-`--output`:
+sorted order as independent images; colour, grey or RGBA, any size), or a
+video (below). `--checkpoint` is a workdir, its `checkpoints/` folder or one
+step folder; the EMA weights are used. The class names and which classes are
+things come from the config's dataset (`config.input.source` /
+`config.input.data_dir`), so predictions can be written with the dataset's
+category ids. Written under `--output` for images:
 
   panoptic.json             COCO panoptic JSON (images, annotations,
                             categories) for all inputs.
@@ -18,6 +18,24 @@ predictions can be written with the dataset's category ids. Written under
   overlays/<name>.png       image | segments blended, class names drawn.
   trajectories/<name>.png   with --save_trajectory: the decoded mask of every
   trajectories/<name>.gif   sampling step, as a strip and as an animation.
+
+Videos. `--input` is a video when `--video` is given (a folder of frames is
+one sequence, named after the folder; a folder of such folders, e.g. DAVIS
+`JPEGImages/480p/`, is one sequence per sub-folder) or, without the flag,
+when it is a folder that holds no image file but sub-folders that do. Frames
+are read in sorted order. For videos the DAVIS results format is written:
+
+  <seq>/<frame>.png                palette PNG (PASCAL VOC / DAVIS colours)
+                                   at the frame's size; value = the
+                                   predicted instance id of each thing pixel
+                                   (1..255), 0 = background, stuff or void.
+  overlays/<seq>/<frame>.png       as for images (and trajectories/ with
+                                   --save_trajectory).
+
+Image models (`config.input.proceeding_frames=()`) segment every frame
+independently, so instance ids are not linked across frames. Models that
+condition on earlier frames need a video sampler, which predict does not
+have: such configs fail with a one-line error.
 
 Every image is sampled from the same starting noise (`config.seed`) and the
 batch is vmapped per image, so an image's prediction does not depend on the
@@ -42,6 +60,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
+from PIL import Image
 
 from pix2seq_d_jax import checkpointing, config_lib, sharding, train_state
 from pix2seq_d_jax.data import panoptic_format, preprocess
@@ -51,8 +70,10 @@ from pix2seq_d_jax.evaluators import postprocess, visualize
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"
 )
-# GIF frames are enlarged (nearest) so their longer side is at least this;
-# mask-resolution frames are often 16-64 pixels, too small to look at.
+# Output folders next to the sequence folders of a video prediction.
+_VIDEO_EXTRAS = ("overlays", "trajectories")
+# Object ids a palette PNG can hold (uint8, 0 = background).
+_MAX_OBJECT_ID = 255
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +99,66 @@ class Prediction:
   instance: np.ndarray
   trajectory: tuple[np.ndarray, np.ndarray] | None = None
 
+  def object_ids(self) -> np.ndarray:
+    """DAVIS object ids: uint8 [H, W] at the original size.
+
+    A pixel of a thing segment gets the segment's predicted instance id,
+    every other pixel (stuff, void, dropped fragments) 0. `instance` is
+    resized with the same nearest-neighbour sampling as `segment_ids`, so
+    each output pixel reads the mask pixel its segment id came from.
+    """
+    things = [s["id"] for s in self.segments_info if s["isthing"]]
+    instance = postprocess.resize_nearest(
+        self.instance, self.segment_ids.shape
+    )
+    ids = np.where(np.isin(self.segment_ids, things), instance, 0)
+    if ids.max(initial=0) > _MAX_OBJECT_ID:
+      raise ValueError(
+          f"instance id {ids.max()} > {_MAX_OBJECT_ID}: palette PNGs hold "
+          "object ids 1..255; lower config.input.max_instances to <= 256"
+      )
+    return ids.astype(np.uint8)
+
+
+def voc_palette() -> np.ndarray:
+  """The PASCAL VOC / DAVIS colour map: uint8 [256, 3].
+
+  Colour k spreads the bits of k over the channels, most significant first:
+  bit 3j of k goes to bit 7 - j of red, bit 3j + 1 to green, 3j + 2 to blue
+  (1 = (128, 0, 0), 2 = (0, 128, 0), 255 = (224, 224, 192)). DAVIS' own
+  annotations use it, so results open with the same colours.
+  """
+  k = np.arange(256)
+  palette = np.zeros((256, 3), np.int64)
+  for j in range(8):
+    for channel in range(3):
+      palette[:, channel] |= ((k >> (3 * j + channel)) & 1) << (7 - j)
+  return palette.astype(np.uint8)
+
+
+def write_palette_png(path: str, ids: np.ndarray) -> None:
+  """Writes uint8 [H, W] object ids as a VOC-palette ('P' mode) PNG.
+
+  Parent folders are created; the file is written under a temporary name
+  and renamed, so a crash never leaves a truncated PNG.
+
+  Raises:
+    ValueError: `ids` is not an [H, W] map of values in 0..255.
+  """
+  ids = np.asarray(ids)
+  if (ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer)
+      or ids.min(initial=0) < 0 or ids.max(initial=0) > 255):
+    raise ValueError(
+        f"{path}: expected integer [H, W] object ids in 0..255, got "
+        f"{ids.dtype} {ids.shape}"
+    )
+  image = Image.fromarray(ids.astype(np.uint8), mode="P")
+  image.putpalette(voc_palette().ravel().tolist())
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  image.save(tmp, format="PNG")
+  os.replace(tmp, path)
+
 
 def list_images(inputs: str | Sequence[str]) -> list[str]:
   """Expands image files and folders into a list of image files.
@@ -98,12 +179,7 @@ def list_images(inputs: str | Sequence[str]) -> list[str]:
   for item in inputs:
     item = os.path.expanduser(os.fspath(item))
     if os.path.isdir(item):
-      names = sorted(
-          n for n in os.listdir(item)
-          if not n.startswith(".")
-          and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS
-      )
-      paths.extend(os.path.join(item, n) for n in names)
+      paths.extend(os.path.join(item, n) for n in _image_names(item))
     elif os.path.isfile(item):
       paths.append(item)
     else:
@@ -114,6 +190,95 @@ def list_images(inputs: str | Sequence[str]) -> list[str]:
         f"{', '.join(IMAGE_EXTENSIONS)})"
     )
   return paths
+
+
+def _image_names(folder: str) -> list[str]:
+  return sorted(
+      n for n in os.listdir(folder)
+      if not n.startswith(".")
+      and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS
+      and os.path.isfile(os.path.join(folder, n))
+  )
+
+
+def _subfolders(folder: str) -> list[str]:
+  return sorted(
+      n for n in os.listdir(folder)
+      if not n.startswith(".") and os.path.isdir(os.path.join(folder, n))
+  )
+
+
+def is_sequence_root(path: str) -> bool:
+  """Whether `path` is a folder of sequence folders (DAVIS JPEGImages/480p).
+
+  True for a folder that holds no image file directly but at least one
+  sub-folder that does; the CLI then predicts a video without `--video`.
+  """
+  path = os.path.expanduser(os.fspath(path))
+  if not os.path.isdir(path) or _image_names(path):
+    return False
+  return any(_image_names(os.path.join(path, d)) for d in _subfolders(path))
+
+
+def list_sequences(path: str) -> list[tuple[str, list[str]]]:
+  """The sequences of a video input and their frames, in sorted order.
+
+  Args:
+    path: a folder of frames (one sequence, named after the folder) or a
+      folder of such folders (one sequence per sub-folder that holds
+      images; others are skipped).
+
+  Returns:
+    (sequence name, frame paths) pairs.
+
+  Raises:
+    FileNotFoundError: `path` is not a folder or holds no frames.
+    ValueError: a sequence is named like an output folder (overlays,
+      trajectories), which would mix results and visualisations.
+  """
+  path = os.path.expanduser(os.fspath(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+        f"--input={path!r}: --video expects a folder of frames or a folder "
+        "of sequence folders"
+    )
+  frames = _image_names(path)
+  if frames:
+    name = os.path.basename(os.path.normpath(os.path.abspath(path)))
+    sequences = [(name, [os.path.join(path, n) for n in frames])]
+  else:
+    sequences = []
+    for sub in _subfolders(path):
+      names = _image_names(os.path.join(path, sub))
+      if names:
+        sequences.append((sub, [os.path.join(path, sub, n) for n in names]))
+  if not sequences:
+    raise FileNotFoundError(
+        f"--input={path!r}: no frames (extensions "
+        f"{', '.join(IMAGE_EXTENSIONS)}) in the folder or its sub-folders"
+    )
+  for name, _ in sequences:
+    if name in _VIDEO_EXTRAS:
+      raise ValueError(
+          f"--input={path!r}: sequence {name!r} would share its output "
+          f"folder with the {name}/ visualisations; rename it"
+      )
+  return sequences
+
+
+def check_image_model(config: ml_collections.ConfigDict) -> None:
+  """Rejects configs whose model conditions on earlier frames' masks.
+
+  Raises:
+    ConfigError: `config.input.proceeding_frames` is not empty.
+  """
+  frames = tuple(config.input.get("proceeding_frames") or ())
+  if frames:
+    raise config_lib.ConfigError(
+        f"config.input.proceeding_frames={frames}: predict has no video "
+        "sampler for frame-conditioned models yet; it runs image models "
+        "(proceeding_frames=()), one frame at a time"
+    )
 
 
 def load_metadata(config: ml_collections.ConfigDict) -> Any:
@@ -171,6 +336,7 @@ class Predictor:
       metadata: Any = None,
   ):
     config_lib.validate(config)
+    check_image_model(config)
     self.config = config
     self.steps = config.diffusion.sample_steps if steps is None else steps
     if not isinstance(self.steps, int) or self.steps < 1:
@@ -336,6 +502,23 @@ def _output_names(paths: Sequence[str]) -> list[str]:
   return names
 
 
+def _write_visuals(
+    output: str, name: str, image: np.ndarray, pred: Prediction, meta: Any,
+    names: dict[int, str],
+) -> None:
+  """Writes overlays/<name>.png (and trajectories/<name>.png/.gif)."""
+  visualize.save_png(
+      os.path.join(output, "overlays", f"{name}.png"),
+      visualize.overlay(image, pred.segment_ids, pred.segments_info, names),
+  )
+  if pred.trajectory is not None:
+    frames = visualize.colorize_pairs(*pred.trajectory, meta.is_thing)
+    visualize.save_trajectory(
+        frames, os.path.join(output, "trajectories", f"{name}.png"),
+        os.path.join(output, "trajectories", f"{name}.gif"),
+    )
+
+
 def write_predictions(
     predictor: Predictor, paths: Sequence[str], output: str
 ) -> dict[str, Any]:
@@ -369,16 +552,7 @@ def write_predictions(
       panoptic_format.write_panoptic_png(
           os.path.join(output, "panoptic", png_name), pred.segment_ids
       )
-      visualize.save_png(
-          os.path.join(output, "overlays", png_name),
-          visualize.overlay(image, pred.segment_ids, pred.segments_info, names),
-      )
-      if pred.trajectory is not None:
-        frames = visualize.colorize_pairs(*pred.trajectory, meta.is_thing)
-        visualize.save_trajectory(
-            frames, os.path.join(output, "trajectories", png_name),
-            os.path.join(output, "trajectories", f"{name}.gif"),
-        )
+      _write_visuals(output, name, image, pred, meta, names)
       images.append({"id": image_id, "file_name": os.path.basename(path),
                      "height": h, "width": w})
       segments = [{k: v for k, v in s.items() if k != "isthing"}
@@ -392,6 +566,59 @@ def write_predictions(
   logging.info("Wrote %d predictions to %s.", len(images), output)
   return {"images": images, "annotations": annotations,
           "categories": categories}
+
+
+def write_video_predictions(
+    predictor: Predictor,
+    sequences: Sequence[tuple[str, Sequence[str]]],
+    output: str,
+) -> dict[str, list[str]]:
+  """Predicts video frames and writes DAVIS palette PNGs and overlays.
+
+  Frames are predicted independently (an image model), batched across
+  sequences and read one batch at a time.
+
+  Args:
+    predictor: the restored model.
+    sequences: (sequence name, frame paths) pairs, e.g. `list_sequences`.
+    output: results folder (created): `<seq>/<frame>.png` object ids,
+      `overlays/<seq>/<frame>.png`, with a trajectory predictor also
+      `trajectories/<seq>/<frame>.png` and `.gif`.
+
+  Returns:
+    Sequence name -> the PNG names written in `<output>/<seq>/`, in order.
+  """
+  meta = predictor.meta
+  names = {int(c["id"]): str(c["name"]) for c in meta.categories}
+  items = [
+      (seq, path, name)
+      for seq, paths in sequences
+      for path, name in zip(paths, _output_names(paths), strict=True)
+  ]
+  written: dict[str, list[str]] = {seq: [] for seq, _ in sequences}
+  for start in range(0, len(items), predictor.batch_size):
+    chunk = items[start : start + predictor.batch_size]
+    pixels = [panoptic_format.read_rgb_image(p) for _, p, _ in chunk]
+    for (seq, _, name), image, pred in zip(
+        chunk, pixels, predictor.predict(pixels), strict=True
+    ):
+      png_name = f"{name}.png"
+      write_palette_png(os.path.join(output, seq, png_name),
+                        pred.object_ids())
+      _write_visuals(output, os.path.join(seq, name), image, pred, meta,
+                     names)
+      written[seq].append(png_name)
+  logging.info("Wrote %d frames of %d sequences to %s.", len(items),
+               len(written), output)
+  return written
+
+
+def _batch_size_for(
+    config: ml_collections.ConfigDict, num_images: int
+) -> int:
+  # No padding beyond one image per data-parallel device for few inputs.
+  dp = sharding.data_parallel_size(sharding.make_mesh(config.mesh))
+  return min(_default_batch_size(config), -(-num_images // dp) * dp)
 
 
 def predict_images(
@@ -422,15 +649,54 @@ def predict_images(
   Raises:
     ConfigError, FileNotFoundError, ValueError: bad config, paths or files.
   """
+  check_image_model(config)
   paths = list_images(inputs)
   if batch_size is None:
-    # No padding beyond one image per data-parallel device for few inputs.
-    dp = sharding.data_parallel_size(sharding.make_mesh(config.mesh))
-    batch_size = min(_default_batch_size(config), -(-len(paths) // dp) * dp)
+    batch_size = _batch_size_for(config, len(paths))
   predictor = Predictor(config, checkpoint, steps=steps,
                         with_trajectory=save_trajectory,
                         batch_size=batch_size)
   return write_predictions(predictor, paths, output)
+
+
+def predict_videos(
+    config: ml_collections.ConfigDict,
+    checkpoint: str,
+    inputs: str,
+    output: str,
+    steps: int | None = None,
+    save_trajectory: bool = False,
+    *,
+    batch_size: int | None = None,
+) -> dict[str, list[str]]:
+  """Restores a checkpoint and segments video frames (the CLI's video mode).
+
+  Args:
+    config: the training config of an image model.
+    checkpoint: a workdir, its `checkpoints/` folder or a step folder.
+    inputs: a folder of frames or a folder of sequence folders.
+    output: results folder (DAVIS format, see the module docstring).
+    steps: sampling steps; None = `config.diffusion.sample_steps`.
+    save_trajectory: also write every step's decoded mask.
+    batch_size: frames per jitted call; None as for `predict_images`.
+
+  Returns:
+    Sequence name -> the PNG names written in `<output>/<seq>/`.
+
+  Raises:
+    ConfigError: the config conditions on earlier frames, or a bad value.
+    FileNotFoundError, ValueError: bad paths or files.
+  """
+  check_image_model(config)
+  sequences = list_sequences(inputs)
+  if batch_size is None:
+    batch_size = _batch_size_for(
+        config, sum(len(frames) for _, frames in sequences)
+    )
+  predictor = Predictor(config, checkpoint, steps=steps,
+                        with_trajectory=save_trajectory,
+                        batch_size=batch_size)
+  return write_video_predictions(predictor, sequences, output)
 
 
 # ------------------------------------------------------------------- CLI
@@ -452,7 +718,14 @@ def _define_flags() -> dict[str, Any]:
           "Workdir, its checkpoints/ folder or a step folder.",
       ),
       input=flags.DEFINE_string(
-          "input", None, "Image file or folder of images."
+          "input", None,
+          "Image file, folder of images, or video (see --video).",
+      ),
+      video=flags.DEFINE_bool(
+          "video", False,
+          "--input is a video: a folder of frames (one sequence) or a folder "
+          "of sequence folders; writes DAVIS palette PNGs. A folder that "
+          "holds only sequence folders is a video even without this flag.",
       ),
       output=flags.DEFINE_string("output", None, "Output folder."),
       steps=flags.DEFINE_integer(
@@ -475,10 +748,11 @@ def _main(argv: Sequence[str], cli: dict[str, Any]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   jax.config.update("jax_threefry_partitionable", True)
-  output = cli["output"].value
+  output, inputs = cli["output"].value, cli["input"].value
+  video = cli["video"].value or is_sequence_root(inputs)
   try:
-    result = predict_images(
-        cli["config"].value, cli["checkpoint"].value, cli["input"].value,
+    result = (predict_videos if video else predict_images)(
+        cli["config"].value, cli["checkpoint"].value, inputs,
         output, cli["steps"].value, cli["save_trajectory"].value,
         batch_size=cli["batch_size"].value,
     )
@@ -486,9 +760,13 @@ def _main(argv: Sequence[str], cli: dict[str, Any]) -> None:
     # One line, no traceback: these are the user's to fix.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  segments = sum(len(a["segments_info"]) for a in result["annotations"])
-  print(json.dumps({"images": len(result["images"]), "segments": segments,
-                    "output": os.path.abspath(output)}))
+  if video:
+    summary = {"sequences": len(result),
+               "frames": sum(len(v) for v in result.values())}
+  else:
+    summary = {"images": len(result["images"]), "segments": sum(
+        len(a["segments_info"]) for a in result["annotations"])}
+  print(json.dumps({**summary, "output": os.path.abspath(output)}))
 
 
 if __name__ == "__main__":

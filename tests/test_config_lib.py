@@ -7,7 +7,7 @@ import pytest
 
 from pix2seq_d_jax import config_lib
 
-SHIPPED = ("synthetic", "coco", "cityscapes", "davis")
+SHIPPED = ("synthetic", "coco", "cityscapes", "davis", "kitti_step")
 
 
 def test_parse_arg_types_flags_and_unknown_keys():

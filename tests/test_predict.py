@@ -6,6 +6,9 @@ ratios and a grey PNG. The outputs are checked against the inputs and the
 dataset's own JSON: original sizes, ids listed with exact areas and boxes,
 dataset category ids, overlay and trajectory geometry, and identical
 results for the same seed whatever the batch and the trajectory option.
+Video input: a fake DAVIS `JPEGImages/480p/` folder of two sequences gives
+VOC-palette PNGs at each frame's size whose values are the instance ids of
+the thing segments that the same frames get when predicted as images.
 """
 
 import glob
@@ -30,6 +33,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (file name, height, width, PIL mode) of the inputs.
 INPUTS = (("a.jpg", 48, 30, "RGB"), ("b.jpg", 20, 70, "RGB"),
           ("c.png", 33, 33, "L"))
+# DAVIS-like sequences: name -> (frames, height, width).
+SEQUENCES = {"bear": (3, 50, 70), "car-turn": (2, 36, 28)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,17 +46,20 @@ def _fast_compile():
   jax.config.update("jax_disable_most_optimizations", previous)
 
 
+def _write_image(path, h, w, mode, rng):
+  shape = (h, w, 3) if mode == "RGB" else (h, w)
+  # Smooth content plus noise, so JPEG keeps it recognisable.
+  ramp = np.linspace(0, 200, w)[None, :] + np.linspace(0, 50, h)[:, None]
+  pixels = ramp.reshape(ramp.shape + (1,) * (len(shape) - 2))
+  pixels = pixels + rng.integers(0, 50, shape)
+  Image.fromarray(pixels.astype(np.uint8), mode).save(path)
+
+
 def _write_inputs(folder):
   rng = np.random.default_rng(0)
   os.makedirs(folder)
   for name, h, w, mode in INPUTS:
-    shape = (h, w, 3) if mode == "RGB" else (h, w)
-    # Smooth content plus noise, so JPEG keeps it recognisable.
-    ramp = np.linspace(0, 200, w)[None, :] + np.linspace(0, 50, h)[:, None]
-    pixels = ramp.reshape(ramp.shape + (1,) * (len(shape) - 2))
-    pixels = pixels + rng.integers(0, 50, shape)
-    Image.fromarray(pixels.astype(np.uint8), mode).save(
-        os.path.join(folder, name))
+    _write_image(os.path.join(folder, name), h, w, mode, rng)
   # Not images: skipped when reading the folder.
   open(os.path.join(folder, "notes.txt"), "w").close()
   open(os.path.join(folder, ".hidden.png"), "w").close()
@@ -214,4 +222,189 @@ def test_cli_missing_input_is_one_line_error(tmp_path):
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
   assert "--input" in lines[0]
+  assert not os.path.exists(tmp_path / "out")
+
+
+# ------------------------------------------------------------------ video
+
+
+def _write_davis(root):
+  """JPEGImages/480p/<seq>/<00000>.jpg frames; returns the 480p folder."""
+  rng = np.random.default_rng(1)
+  folder = os.path.join(root, "JPEGImages", "480p")
+  for seq, (n, h, w) in SEQUENCES.items():
+    os.makedirs(os.path.join(folder, seq))
+    for k in range(n):
+      _write_image(os.path.join(folder, seq, f"{k:05d}.jpg"), h, w, "RGB",
+                   rng)
+  open(os.path.join(folder, "bear", "notes.txt"), "w").close()
+  os.makedirs(os.path.join(folder, "no_frames"))  # Skipped: holds no image.
+  return folder
+
+
+@pytest.fixture(scope="module")
+def video(run):
+  """One predictor writes the video results and the same frames as images."""
+  root = run["root"] / "davis"
+  davis = _write_davis(str(root))
+  sequences = predict.list_sequences(davis)
+  frames = [p for _, paths in sequences for p in paths]
+  predictor = predict.Predictor(run["config"], run["workdir"], batch_size=4)
+  out = str(root / "results")
+  written = predict.write_video_predictions(predictor, sequences, out)
+  as_images = str(root / "as_images")
+  result = predict.write_predictions(predictor, frames, as_images)
+  preds = predictor.predict(
+      [panoptic_format.read_rgb_image(p) for p in frames])
+  return dict(davis=davis, sequences=sequences, out=out, written=written,
+              as_images=as_images, result=result, preds=preds,
+              meta=predictor.meta, min_pixels=predictor.min_pixels)
+
+
+def test_voc_palette():
+  palette = predict.voc_palette()
+  assert palette.shape == (256, 3) and palette.dtype == np.uint8
+  # The published PASCAL VOC colours (15: person, 20: tv/monitor).
+  expected = {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 3: (128, 128, 0),
+              4: (0, 0, 128), 5: (128, 0, 128), 6: (0, 128, 128),
+              7: (128, 128, 128), 8: (64, 0, 0), 15: (192, 128, 128),
+              20: (0, 64, 128), 255: (224, 224, 192)}
+  for k, rgb in expected.items():
+    assert tuple(palette[k]) == rgb, k
+  assert len({tuple(c) for c in palette}) == 256
+
+
+def test_write_palette_png_round_trip(tmp_path):
+  ids = np.arange(12, dtype=np.int64).reshape(3, 4) * 20 + 15
+  path = str(tmp_path / "seq" / "00000.png")
+  predict.write_palette_png(path, ids)
+  image = Image.open(path)
+  assert image.mode == "P" and image.size == (4, 3)
+  np.testing.assert_array_equal(np.asarray(image), ids)
+  np.testing.assert_array_equal(
+      np.asarray(image.getpalette(), np.uint8).reshape(-1, 3),
+      predict.voc_palette())
+  assert os.listdir(tmp_path / "seq") == ["00000.png"]
+  with pytest.raises(ValueError, match="0..255"):
+    predict.write_palette_png(path, ids + 250)
+
+
+def test_sequence_layouts(run, tmp_path):
+  davis = _write_davis(str(tmp_path))
+  seqs = predict.list_sequences(davis)
+  assert [s for s, _ in seqs] == ["bear", "car-turn"]
+  assert [os.path.basename(p) for p in seqs[0][1]] == [
+      "00000.jpg", "00001.jpg", "00002.jpg"]
+  # One sequence folder is one sequence named after it.
+  bear = os.path.join(davis, "bear")
+  assert predict.list_sequences(bear) == [("bear", seqs[0][1])]
+  # Only a folder of sequence folders is detected without --video.
+  assert predict.is_sequence_root(davis)
+  assert not predict.is_sequence_root(bear)
+  assert not predict.is_sequence_root(run["inputs"])
+  assert not predict.is_sequence_root(seqs[0][1][0])
+  os.makedirs(tmp_path / "bad" / "overlays")
+  os.rename(seqs[0][1][0], tmp_path / "bad" / "overlays" / "00000.jpg")
+  with pytest.raises(ValueError, match="'overlays'"):
+    predict.list_sequences(str(tmp_path / "bad"))
+  with pytest.raises(FileNotFoundError, match="no frames"):
+    predict.list_sequences(os.path.join(davis, "no_frames"))
+
+
+def test_video_palette_pngs(video):
+  assert video["written"] == {
+      seq: [f"{k:05d}.png" for k in range(n)]
+      for seq, (n, _, _) in SEQUENCES.items()}
+  palette = predict.voc_palette()
+  for seq, (n, h, w) in SEQUENCES.items():
+    for k in range(n):
+      image = Image.open(os.path.join(video["out"], seq, f"{k:05d}.png"))
+      assert image.mode == "P" and image.size == (w, h)
+      np.testing.assert_array_equal(
+          np.asarray(image.getpalette(), np.uint8).reshape(-1, 3), palette)
+      overlay = Image.open(
+          os.path.join(video["out"], "overlays", seq, f"{k:05d}.png"))
+      assert overlay.size == (2 * w + 4, h)
+  assert sorted(os.listdir(video["out"])) == ["bear", "car-turn", "overlays"]
+
+
+def test_video_values_are_instance_ids_of_thing_segments(video):
+  meta = video["meta"]
+  thing_categories = {int(c["id"]) for c in meta.categories if c["isthing"]}
+  frames = [(seq, os.path.basename(p)) for seq, paths in video["sequences"]
+            for p in paths]
+  annotations = video["result"]["annotations"]
+  num_things = 0
+  for (seq, frame), ann, pred in zip(frames, annotations, video["preds"],
+                                     strict=True):
+    objects = np.asarray(Image.open(os.path.join(
+        video["out"], seq, frame.replace(".jpg", ".png"))))
+    panoptic = panoptic_format.read_panoptic_png(
+        os.path.join(video["as_images"], "panoptic", ann["file_name"]))
+    assert objects.shape == panoptic.shape
+    things = sorted(s["id"] for s in ann["segments_info"]
+                    if s["category_id"] in thing_categories)
+    in_things = np.isin(panoptic, things)
+    # Background, stuff and void are 0; each thing segment is one id.
+    np.testing.assert_array_equal(objects[~in_things], 0)
+    values = []
+    for seg_id in things:
+      (value,) = np.unique(objects[panoptic == seg_id])
+      values.append(int(value))
+    # The instance ids that survive post-processing, computed from the
+    # decoded masks: thing pixels, at least min_pixels of them. Segments
+    # are numbered in instance-id order, so the k-th thing segment carries
+    # the k-th kept id.
+    thing_px = meta.is_thing[pred.semantic]
+    ids, counts = np.unique(pred.instance[thing_px], return_counts=True)
+    kept = [int(i) for i, c in zip(ids, counts, strict=True)
+            if i > 0 and c >= video["min_pixels"]]
+    assert values == kept, (seq, frame)
+    num_things += len(things)
+  assert num_things > 0  # The check above is not vacuous.
+
+
+def test_video_single_sequence_end_to_end(run, video):
+  # predict_videos on one sequence folder: same seed, so the same PNGs as
+  # the fixture's folder-of-sequences run (another batch size), and
+  # trajectories under trajectories/<seq>/.
+  out = str(run["root"] / "davis_one")
+  written = predict.predict_videos(
+      run["config"], run["workdir"], os.path.join(video["davis"], "car-turn"),
+      out, save_trajectory=True)
+  assert written == {"car-turn": ["00000.png", "00001.png"]}
+  for png in written["car-turn"]:
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(os.path.join(out, "car-turn", png))),
+        np.asarray(Image.open(os.path.join(video["out"], "car-turn", png))))
+    stem = png[:-4]
+    gif = Image.open(os.path.join(out, "trajectories", "car-turn",
+                                  f"{stem}.gif"))
+    assert gif.n_frames == run["config"].diffusion.sample_steps
+
+
+def test_frame_conditioned_config_is_rejected(run):
+  config = synthetic.get_config("tiny")
+  config.input.proceeding_frames = (-1,)
+  with pytest.raises(predict.config_lib.ConfigError,
+                     match=r"config\.input\.proceeding_frames"):
+    predict.predict_videos(config, run["workdir"], run["inputs"],
+                           str(run["root"] / "never"))
+  assert not os.path.exists(run["root"] / "never")
+
+
+def test_cli_video_config_is_one_line_error(tmp_path):
+  # The DAVIS config conditions on frames -2 and -1; the error comes before
+  # any data or checkpoint is read (neither exists here).
+  frames = _write_davis(str(tmp_path))
+  proc = subprocess.run(
+      [sys.executable, "-m", "pix2seq_d_jax.predict",
+       "--config=configs/davis.py", f"--checkpoint={tmp_path / 'none'}",
+       f"--input={frames}", f"--output={tmp_path / 'out'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+  assert "config.input.proceeding_frames=(-2, -1)" in lines[0]
   assert not os.path.exists(tmp_path / "out")
