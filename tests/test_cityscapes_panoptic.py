@@ -230,3 +230,51 @@ def test_inconsistent_json_is_named(dataset, tmp_path):
     json.dump(content, f)
   with pytest.raises(ValueError, match=r"annotations\[2\].*ulm_000000_000000"):
     cp.CityscapesPanopticSource(root, 'val', cache_dir=str(tmp_path))
+
+
+def test_panoptic_evaluator_of_the_cityscapes_config(dataset, tmp_path):
+  """configs/cityscapes.py's evaluator scores the ground truth PQ = 1."""
+  import importlib
+
+  import jax
+  import ml_collections
+
+  from pix2seq_d_jax import evaluators, sharding, train
+  from pix2seq_d_jax.data import preprocess
+  from pix2seq_d_jax.evaluation import panoptic
+
+  root, _ = dataset
+  config = importlib.import_module('configs.cityscapes').get_config()
+  config.input.data_dir = root
+  config.input.image_size = config.input.mask_size = W
+  config.evals.panoptic.batch_size = 2
+  config.evals.panoptic.min_pixels = 1
+  source = train.make_source(config, 'val')
+  train.check_metadata(config, source.metadata)  # 20 classes incl. void.
+  truth = {}
+  for i in range(len(source)):
+    ex = preprocess.preprocess_eval(source[i], image_size=W, mask_size=W)
+    truth[round(float(ex['image'].sum()), 2)] = (ex['semantic'],
+                                                 ex['instance'])
+
+  def oracle(params, batch_stats, image, rng):
+    del params, batch_stats, rng
+    out = [truth[round(float(im.sum()), 2)] for im in np.asarray(image)]
+    return (np.stack([o[0] for o in out]), np.stack([o[1] for o in out]))
+
+  evals = evaluators.from_config(
+      ml_collections.ConfigDict(config.evals.to_dict()), predict_fn=oracle,
+      source=source, preprocess_fn=train.eval_preprocess_fn(config),
+      mesh=sharding.make_mesh([('data', 1)], jax.devices()[:1]), seed=0,
+      workdir=str(tmp_path))
+  metrics = evals['panoptic'].run({}, {}, step=5)
+  assert metrics['num_images'] == len(NAMES)
+  assert metrics['pq'] == metrics['pq_things'] == metrics['pq_stuff'] == 1.0
+  # The written files score the same with the offline scorer against the
+  # dataset's own (normalised) ground truth.
+  pred = tmp_path / 'predictions' / 'panoptic_step5'
+  offline = panoptic.pq_compute(
+      source.metadata.gt_json, str(pred / 'panoptic.json'),
+      gt_folder=source.metadata.gt_folder, pred_folder=str(pred / 'panoptic'))
+  assert offline['All']['pq'] == 1.0
+  assert offline['Things']['n'] == 2 and offline['Stuff']['n'] == 2
