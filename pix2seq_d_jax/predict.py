@@ -4,6 +4,11 @@ r"""Panoptic segmentation of image files and videos with a trained checkpoint.
       --checkpoint=/tmp/p2sd --input=photos/ --output=/tmp/p2sd_pred \
       [--steps=20] [--save_trajectory] [--batch_size=8] [--video]
 
+  python -m pix2seq_d_jax.predict --config=configs/synthetic.py:video \
+      --checkpoint=/tmp/p2sd_video --input=DAVIS/JPEGImages/480p \
+      --output=/tmp/p2sd_video_pred [--steps=10] [--steps_later=5] \
+      [--length_bucket=16] [--batch_size=2]
+
 `--input` is one image file or a folder of images (JPEG, PNG, ...; read in
 sorted order as independent images; colour, grey or RGBA, any size), or a
 video (below). `--checkpoint` is a workdir, its `checkpoints/` folder or one
@@ -26,21 +31,33 @@ when it is a folder that holds no image file but sub-folders that do. Frames
 are read in sorted order. For videos the DAVIS results format is written:
 
   <seq>/<frame>.png                palette PNG (PASCAL VOC / DAVIS colours)
-                                   at the frame's size; value = the
-                                   predicted instance id of each thing pixel
-                                   (1..255), 0 = background, stuff or void.
+                                   at the frame's size; value = an object
+                                   id (1..255), 0 = background, stuff or
+                                   void.
   overlays/<seq>/<frame>.png       as for images (and trajectories/ with
-                                   --save_trajectory).
+                                   --save_trajectory, image models only).
 
 Image models (`config.input.proceeding_frames=()`) segment every frame
-independently, so instance ids are not linked across frames. Models that
-condition on earlier frames need a video sampler, which predict does not
-have: such configs fail with a one-line error.
+independently: a PNG holds the instance ids of the frame's thing segments,
+which are not linked across frames. Frame-conditioned (video) models
+segment each sequence as a whole (`predict_video`): the first frame with
+`--steps`, every later one with `--steps_later` conditioned on the masks
+the model predicted for the frames before it, so an object keeps its id
+through the sequence. The PNG values are then the ids the in-training
+DAVIS J&F evaluator scores (`davis_video.result_ids`: objects renumbered
+1..k by first appearance, at most the 20 largest). The frames of a sequence
+must share one size; sequences are padded to a multiple of
+`--length_bucket` frames (the last frame repeated, its masks dropped), so
+one compiled program serves every length in a bucket without changing any
+result, and `--batch_size` counts sequences. A single image given to a
+video model is a 1-frame sequence: it is conditioned on empty masks of the
+earlier frames, as a sequence's first frame is.
 
-Every image is sampled from the same starting noise (`config.seed`) and the
-batch is vmapped per image, so an image's prediction does not depend on the
-other inputs, their order or the batch size. Errors of the user's making
-print one `error: ...` line and exit with status 2.
+Every image (every sequence) is sampled from the same starting noise
+(`config.seed`) and the batch is vmapped per image (sequence), so a
+prediction does not depend on the other inputs, their order or the batch
+size. Errors of the user's making print one `error: ...` line and exit
+with status 2.
 """
 
 from __future__ import annotations
@@ -60,11 +77,11 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
-from PIL import Image
 
 from pix2seq_d_jax import checkpointing, config_lib, sharding, train_state
 from pix2seq_d_jax.data import panoptic_format, preprocess
 from pix2seq_d_jax.diffusion import analog_bits
+from pix2seq_d_jax.evaluation import davis as davis_eval
 from pix2seq_d_jax.evaluators import postprocess, visualize
 
 IMAGE_EXTENSIONS = (
@@ -74,6 +91,8 @@ IMAGE_EXTENSIONS = (
 _VIDEO_EXTRAS = ("overlays", "trajectories")
 # Object ids a palette PNG can hold (uint8, 0 = background).
 _MAX_OBJECT_ID = 255
+# Video models pad sequences to a multiple of this many frames by default.
+DEFAULT_LENGTH_BUCKET = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,46 +137,6 @@ class Prediction:
           "object ids 1..255; lower config.input.max_instances to <= 256"
       )
     return ids.astype(np.uint8)
-
-
-def voc_palette() -> np.ndarray:
-  """The PASCAL VOC / DAVIS colour map: uint8 [256, 3].
-
-  Colour k spreads the bits of k over the channels, most significant first:
-  bit 3j of k goes to bit 7 - j of red, bit 3j + 1 to green, 3j + 2 to blue
-  (1 = (128, 0, 0), 2 = (0, 128, 0), 255 = (224, 224, 192)). DAVIS' own
-  annotations use it, so results open with the same colours.
-  """
-  k = np.arange(256)
-  palette = np.zeros((256, 3), np.int64)
-  for j in range(8):
-    for channel in range(3):
-      palette[:, channel] |= ((k >> (3 * j + channel)) & 1) << (7 - j)
-  return palette.astype(np.uint8)
-
-
-def write_palette_png(path: str, ids: np.ndarray) -> None:
-  """Writes uint8 [H, W] object ids as a VOC-palette ('P' mode) PNG.
-
-  Parent folders are created; the file is written under a temporary name
-  and renamed, so a crash never leaves a truncated PNG.
-
-  Raises:
-    ValueError: `ids` is not an [H, W] map of values in 0..255.
-  """
-  ids = np.asarray(ids)
-  if (ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer)
-      or ids.min(initial=0) < 0 or ids.max(initial=0) > 255):
-    raise ValueError(
-        f"{path}: expected integer [H, W] object ids in 0..255, got "
-        f"{ids.dtype} {ids.shape}"
-    )
-  image = Image.fromarray(ids.astype(np.uint8), mode="P")
-  image.putpalette(voc_palette().ravel().tolist())
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  image.save(tmp, format="PNG")
-  os.replace(tmp, path)
 
 
 def list_images(inputs: str | Sequence[str]) -> list[str]:
@@ -266,21 +245,6 @@ def list_sequences(path: str) -> list[tuple[str, list[str]]]:
   return sequences
 
 
-def check_image_model(config: ml_collections.ConfigDict) -> None:
-  """Rejects configs whose model conditions on earlier frames' masks.
-
-  Raises:
-    ConfigError: `config.input.proceeding_frames` is not empty.
-  """
-  frames = tuple(config.input.get("proceeding_frames") or ())
-  if frames:
-    raise config_lib.ConfigError(
-        f"config.input.proceeding_frames={frames}: predict has no video "
-        "sampler for frame-conditioned models yet; it runs image models "
-        "(proceeding_frames=()), one frame at a time"
-    )
-
-
 def load_metadata(config: ml_collections.ConfigDict) -> Any:
   """The class layout (`PanopticMetadata`) of the config's eval split.
 
@@ -307,8 +271,27 @@ def load_metadata(config: ml_collections.ConfigDict) -> Any:
   return meta
 
 
+def is_video_model(config: ml_collections.ConfigDict) -> bool:
+  """Whether the config's model conditions on earlier frames' masks."""
+  return bool(config.input.get("proceeding_frames"))
+
+
+def check_steps(flag: str, value: Any) -> int:
+  """Returns a positive int step count; the error names the flag."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise config_lib.ConfigError(
+        f"{flag}={value!r}: expected a positive integer"
+    )
+  return value
+
+
 class Predictor:
-  """A restored model and its jitted, batched sampler.
+  """A restored model and its jitted, batched image sampler.
+
+  A frame-conditioned (video) model segments each image as the first frame
+  of a sequence: zero maps stand for the earlier frames, and the image uses
+  the key of frame 0 of `predict_video`'s sampler, so an image gets the
+  masks a 1-frame sequence would get.
 
   Args:
     config: the config the checkpoint was trained with (overrides allowed).
@@ -336,13 +319,11 @@ class Predictor:
       metadata: Any = None,
   ):
     config_lib.validate(config)
-    check_image_model(config)
     self.config = config
-    self.steps = config.diffusion.sample_steps if steps is None else steps
-    if not isinstance(self.steps, int) or self.steps < 1:
-      raise config_lib.ConfigError(
-          f"--steps={self.steps!r}: expected a positive integer"
-      )
+    self.video = is_video_model(config)
+    self.steps = check_steps(
+        "--steps", config.diffusion.sample_steps if steps is None else steps
+    )
     self.with_trajectory = with_trajectory
     self.meta = load_metadata(config) if metadata is None else metadata
     panoptic_eval = config.evals.get("panoptic")
@@ -360,7 +341,7 @@ class Predictor:
       )
     self.batch_size = batch_size
 
-    model = train_state.build_model(config)
+    self.model = model = train_state.build_model(config)
     # The optimizer only shapes the abstract state the checkpoint restores
     # into; its state's structure does not depend on the schedule's length.
     tx, _ = train_state.make_optimizer(
@@ -373,7 +354,7 @@ class Predictor:
     )
     with jax.set_mesh(self.mesh):
       abstract_boxed = jax.eval_shape(init_fn, jax.random.key(0))
-    shardings = sharding.state_shardings(
+    self.shardings = shardings = sharding.state_shardings(
         abstract_boxed, self.mesh, config.sharding_rules
     )
     abstract = checkpointing.abstract_with_shardings(
@@ -384,6 +365,11 @@ class Predictor:
     del state  # The optimizer state and raw params are not needed.
     self._predict = self._make_predict_fn(model, shardings)
     self.rng = jax.random.key(config.seed)
+    # Frame t of a sequence samples with key fold_in(rng, t)
+    # (`train_state.make_video_predict_fn`); an image is frame 0.
+    self._image_rng = (
+        jax.random.fold_in(self.rng, 0) if self.video else self.rng
+    )
 
   def _make_predict_fn(self, model: nn.Module, shardings: Any):
     d = self.config.diffusion
@@ -451,7 +437,7 @@ class Predictor:
       arrays = sharding.global_batch({"image": pixels}, self.mesh)
       with jax.set_mesh(self.mesh):
         out = self._predict(
-            self.params, self.batch_stats, arrays["image"], self.rng
+            self.params, self.batch_stats, arrays["image"], self._image_rng
         )
       out = [np.asarray(x) for x in out]
       for j, ex in enumerate(chunk):
@@ -488,7 +474,7 @@ def _default_batch_size(config: ml_collections.ConfigDict) -> int:
   return config.input.batch_size
 
 
-def _output_names(paths: Sequence[str]) -> list[str]:
+def output_names(paths: Sequence[str]) -> list[str]:
   """File stems, made unique (`a.jpg` and `a.png` give `a` and `a_1`)."""
   names, seen = [], set()
   for path in paths:
@@ -502,11 +488,14 @@ def _output_names(paths: Sequence[str]) -> list[str]:
   return names
 
 
-def _write_visuals(
+def write_visuals(
     output: str, name: str, image: np.ndarray, pred: Prediction, meta: Any,
     names: dict[int, str],
 ) -> None:
-  """Writes overlays/<name>.png (and trajectories/<name>.png/.gif)."""
+  """Writes overlays/<name>.png (and trajectories/<name>.png/.gif).
+
+  `names` maps dataset category ids to the class names drawn on segments.
+  """
   visualize.save_png(
       os.path.join(output, "overlays", f"{name}.png"),
       visualize.overlay(image, pred.segment_ids, pred.segments_info, names),
@@ -538,7 +527,7 @@ def write_predictions(
   meta = predictor.meta
   names = {int(c["id"]): str(c["name"]) for c in meta.categories}
   images, annotations = [], []
-  out_names = _output_names(paths)
+  out_names = output_names(paths)
   items = list(zip(paths, out_names, strict=True))
   for start in range(0, len(items), predictor.batch_size):
     chunk = items[start : start + predictor.batch_size]
@@ -552,7 +541,7 @@ def write_predictions(
       panoptic_format.write_panoptic_png(
           os.path.join(output, "panoptic", png_name), pred.segment_ids
       )
-      _write_visuals(output, name, image, pred, meta, names)
+      write_visuals(output, name, image, pred, meta, names)
       images.append({"id": image_id, "file_name": os.path.basename(path),
                      "height": h, "width": w})
       segments = [{k: v for k, v in s.items() if k != "isthing"}
@@ -576,7 +565,8 @@ def write_video_predictions(
   """Predicts video frames and writes DAVIS palette PNGs and overlays.
 
   Frames are predicted independently (an image model), batched across
-  sequences and read one batch at a time.
+  sequences and read one batch at a time. Frame-conditioned models use
+  `predict_video.write_clip_predictions` instead.
 
   Args:
     predictor: the restored model.
@@ -593,7 +583,7 @@ def write_video_predictions(
   items = [
       (seq, path, name)
       for seq, paths in sequences
-      for path, name in zip(paths, _output_names(paths), strict=True)
+      for path, name in zip(paths, output_names(paths), strict=True)
   ]
   written: dict[str, list[str]] = {seq: [] for seq, _ in sequences}
   for start in range(0, len(items), predictor.batch_size):
@@ -603,10 +593,10 @@ def write_video_predictions(
         chunk, pixels, predictor.predict(pixels), strict=True
     ):
       png_name = f"{name}.png"
-      write_palette_png(os.path.join(output, seq, png_name),
-                        pred.object_ids())
-      _write_visuals(output, os.path.join(seq, name), image, pred, meta,
-                     names)
+      davis_eval.write_palette_png(os.path.join(output, seq, png_name),
+                                   pred.object_ids())
+      write_visuals(output, os.path.join(seq, name), image, pred, meta,
+                    names)
       written[seq].append(png_name)
   logging.info("Wrote %d frames of %d sequences to %s.", len(items),
                len(written), output)
@@ -633,6 +623,9 @@ def predict_images(
 ) -> dict[str, Any]:
   """Restores a checkpoint and segments image files (what the CLI runs).
 
+  A frame-conditioned (video) config segments each image as a 1-frame
+  sequence (see `Predictor`).
+
   Args:
     config: the training config.
     checkpoint: a workdir, its `checkpoints/` folder or a step folder.
@@ -649,7 +642,6 @@ def predict_images(
   Raises:
     ConfigError, FileNotFoundError, ValueError: bad config, paths or files.
   """
-  check_image_model(config)
   paths = list_images(inputs)
   if batch_size is None:
     batch_size = _batch_size_for(config, len(paths))
@@ -668,27 +660,61 @@ def predict_videos(
     save_trajectory: bool = False,
     *,
     batch_size: int | None = None,
+    steps_later: int | None = None,
+    length_bucket: int = DEFAULT_LENGTH_BUCKET,
 ) -> dict[str, list[str]]:
   """Restores a checkpoint and segments video frames (the CLI's video mode).
 
+  Image models segment every frame independently; frame-conditioned models
+  (`config.input.proceeding_frames`) segment whole sequences with
+  `predict_video.predict_sequences`, so instance ids carry across frames.
+
   Args:
-    config: the training config of an image model.
+    config: the training config.
     checkpoint: a workdir, its `checkpoints/` folder or a step folder.
     inputs: a folder of frames or a folder of sequence folders.
     output: results folder (DAVIS format, see the module docstring).
-    steps: sampling steps; None = `config.diffusion.sample_steps`.
-    save_trajectory: also write every step's decoded mask.
-    batch_size: frames per jitted call; None as for `predict_images`.
+    steps: sampling steps (of the first frame for a video model); None =
+      `config.diffusion.sample_steps`.
+    save_trajectory: also write every step's decoded mask (image models).
+    batch_size: frames (image model) or sequences (video model) per jitted
+      call; None as for `predict_images` (image model) or
+      `predict_video.default_batch_size`.
+    steps_later: video models: sampling steps of the later frames; None =
+      `config.diffusion.sample_steps_later`.
+    length_bucket: video models: sequences are padded to a multiple of this
+      many frames, so one compiled program serves every length in a bucket.
 
   Returns:
     Sequence name -> the PNG names written in `<output>/<seq>/`.
 
   Raises:
-    ConfigError: the config conditions on earlier frames, or a bad value.
+    ConfigError: a bad value, or an option the model does not support.
     FileNotFoundError, ValueError: bad paths or files.
   """
-  check_image_model(config)
   sequences = list_sequences(inputs)
+  if is_video_model(config):
+    if save_trajectory:
+      raise config_lib.ConfigError(
+          "--save_trajectory: the sequence sampler of frame-conditioned "
+          "models (config.input.proceeding_frames="
+          f"{tuple(config.input.proceeding_frames)}) records no trajectory; "
+          "predict single images to see one"
+      )
+    # Imported here: predict_video builds on this module.
+    from pix2seq_d_jax import predict_video
+
+    return predict_video.predict_sequences(
+        config, checkpoint, sequences, output, steps=steps,
+        steps_later=steps_later, batch_size=batch_size,
+        length_bucket=length_bucket,
+    )
+  if steps_later is not None:
+    raise config_lib.ConfigError(
+        f"--steps_later={steps_later}: only frame-conditioned models "
+        "(config.input.proceeding_frames non-empty) sample later frames "
+        "differently"
+    )
   if batch_size is None:
     batch_size = _batch_size_for(
         config, sum(len(frames) for _, frames in sequences)
@@ -739,7 +765,20 @@ def _define_flags() -> dict[str, Any]:
       ),
       batch_size=flags.DEFINE_integer(
           "batch_size", None,
-          "Images per batch (default: the eval batch size).", lower_bound=1,
+          "Images per batch (default: the eval batch size); sequences per "
+          "batch for video models (default: the davis_video eval's, else "
+          "one per device).", lower_bound=1,
+      ),
+      steps_later=flags.DEFINE_integer(
+          "steps_later", None,
+          "Video models: sampling steps of every frame after the first "
+          "(default: config.diffusion.sample_steps_later).", lower_bound=1,
+      ),
+      length_bucket=flags.DEFINE_integer(
+          "length_bucket", DEFAULT_LENGTH_BUCKET,
+          "Video models: sequences are padded to a multiple of this many "
+          "frames (the last frame repeated, then dropped), so one compiled "
+          "program serves every length in a bucket.", lower_bound=1,
       ),
   )
 
@@ -750,12 +789,21 @@ def _main(argv: Sequence[str], cli: dict[str, Any]) -> None:
   jax.config.update("jax_threefry_partitionable", True)
   output, inputs = cli["output"].value, cli["input"].value
   video = cli["video"].value or is_sequence_root(inputs)
+  args = (cli["config"].value, cli["checkpoint"].value, inputs, output,
+          cli["steps"].value, cli["save_trajectory"].value)
   try:
-    result = (predict_videos if video else predict_images)(
-        cli["config"].value, cli["checkpoint"].value, inputs,
-        output, cli["steps"].value, cli["save_trajectory"].value,
-        batch_size=cli["batch_size"].value,
-    )
+    if video:
+      result = predict_videos(
+          *args, batch_size=cli["batch_size"].value,
+          steps_later=cli["steps_later"].value,
+          length_bucket=cli["length_bucket"].value,
+      )
+    else:
+      if cli["steps_later"].value is not None:
+        raise config_lib.ConfigError(
+            "--steps_later: applies to video inputs (--video) only"
+        )
+      result = predict_images(*args, batch_size=cli["batch_size"].value)
   except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
     # One line, no traceback: these are the user's to fix.
     print(f"error: {e}", file=sys.stderr)

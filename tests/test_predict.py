@@ -7,8 +7,13 @@ dataset's own JSON: original sizes, ids listed with exact areas and boxes,
 dataset category ids, overlay and trajectory geometry, and identical
 results for the same seed whatever the batch and the trajectory option.
 Video input: a fake DAVIS `JPEGImages/480p/` folder of two sequences gives
-VOC-palette PNGs at each frame's size whose values are the instance ids of
+DAVIS-palette PNGs at each frame's size whose values are the instance ids of
 the thing segments that the same frames get when predicted as images.
+Frame-conditioned model (`synthetic.py:video,tiny`, untrained but for a
+random output layer): two sequences of 3 and 5 frames give PNGs equal to
+`result_ids` of the video predict function run by the test itself, the same
+with another length bucket and batch size through the CLI, and a single
+image is segmented as the first frame of a sequence.
 """
 
 import glob
@@ -25,9 +30,16 @@ import pytest
 from PIL import Image
 
 from configs import synthetic
-from pix2seq_d_jax import checkpointing, predict, train_state
-from pix2seq_d_jax.data import panoptic_format
-from pix2seq_d_jax.evaluators import visualize
+from pix2seq_d_jax import (
+    checkpointing,
+    config_lib,
+    predict,
+    predict_video,
+    train_state,
+)
+from pix2seq_d_jax.data import panoptic_format, preprocess
+from pix2seq_d_jax.evaluation import davis as davis_eval
+from pix2seq_d_jax.evaluators import davis_video, visualize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (file name, height, width, PIL mode) of the inputs.
@@ -261,34 +273,6 @@ def video(run):
               meta=predictor.meta, min_pixels=predictor.min_pixels)
 
 
-def test_voc_palette():
-  palette = predict.voc_palette()
-  assert palette.shape == (256, 3) and palette.dtype == np.uint8
-  # The published PASCAL VOC colours (15: person, 20: tv/monitor).
-  expected = {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 3: (128, 128, 0),
-              4: (0, 0, 128), 5: (128, 0, 128), 6: (0, 128, 128),
-              7: (128, 128, 128), 8: (64, 0, 0), 15: (192, 128, 128),
-              20: (0, 64, 128), 255: (224, 224, 192)}
-  for k, rgb in expected.items():
-    assert tuple(palette[k]) == rgb, k
-  assert len({tuple(c) for c in palette}) == 256
-
-
-def test_write_palette_png_round_trip(tmp_path):
-  ids = np.arange(12, dtype=np.int64).reshape(3, 4) * 20 + 15
-  path = str(tmp_path / "seq" / "00000.png")
-  predict.write_palette_png(path, ids)
-  image = Image.open(path)
-  assert image.mode == "P" and image.size == (4, 3)
-  np.testing.assert_array_equal(np.asarray(image), ids)
-  np.testing.assert_array_equal(
-      np.asarray(image.getpalette(), np.uint8).reshape(-1, 3),
-      predict.voc_palette())
-  assert os.listdir(tmp_path / "seq") == ["00000.png"]
-  with pytest.raises(ValueError, match="0..255"):
-    predict.write_palette_png(path, ids + 250)
-
-
 def test_sequence_layouts(run, tmp_path):
   davis = _write_davis(str(tmp_path))
   seqs = predict.list_sequences(davis)
@@ -315,7 +299,7 @@ def test_video_palette_pngs(video):
   assert video["written"] == {
       seq: [f"{k:05d}.png" for k in range(n)]
       for seq, (n, _, _) in SEQUENCES.items()}
-  palette = predict.voc_palette()
+  palette = davis_eval.davis_palette()
   for seq, (n, h, w) in SEQUENCES.items():
     for k in range(n):
       image = Image.open(os.path.join(video["out"], seq, f"{k:05d}.png"))
@@ -383,28 +367,187 @@ def test_video_single_sequence_end_to_end(run, video):
     assert gif.n_frames == run["config"].diffusion.sample_steps
 
 
-def test_frame_conditioned_config_is_rejected(run):
-  config = synthetic.get_config("tiny")
-  config.input.proceeding_frames = (-1,)
-  with pytest.raises(predict.config_lib.ConfigError,
-                     match=r"config\.input\.proceeding_frames"):
-    predict.predict_videos(config, run["workdir"], run["inputs"],
-                           str(run["root"] / "never"))
-  assert not os.path.exists(run["root"] / "never")
+# ------------------------------------------------- frame-conditioned model
+
+# Sequences of different lengths for the video model: name -> frames.
+CLIPS = {"long": 5, "short": 3}
+CLIP_HW = (40, 50)
 
 
-def test_cli_video_config_is_one_line_error(tmp_path):
-  # The DAVIS config conditions on frames -2 and -1; the error comes before
-  # any data or checkpoint is read (neither exists here).
-  frames = _write_davis(str(tmp_path))
+def _randomise_output_layer(params):
+  # A fresh decoder's zero-initialised output layer ignores its inputs (and
+  # every pixel would get the same masks): random weights make the masks
+  # depend on the frames and on the conditioning.
+  conv_out = params["decoder"]["conv_out"]
+  kernel = 0.3 * jax.random.normal(jax.random.key(5), conv_out["kernel"].shape)
+  return dict(params, decoder=dict(
+      params["decoder"], conv_out=dict(conv_out, kernel=kernel)))
+
+
+@pytest.fixture(scope="module")
+def video_run(tmp_path_factory):
+  """`synthetic.py:video,tiny` checkpoint; its predictions, bucket 4."""
+  root = tmp_path_factory.mktemp("predict_video")
+  config = synthetic.get_config("video,tiny")
+  config.input.data_dir = str(root / "data")
+  model = train_state.build_model(config)
+  tx, _ = train_state.make_optimizer(config.optax, total_steps=4,
+                                     warmup_steps=1)
+  init_fn = train_state.make_init_fn(
+      model, tx, image_size=config.input.image_size,
+      mask_size=config.input.mask_size,
+      num_bits=2 * config.diffusion.bits_per_channel)
+  state = jax.jit(lambda r: nn.unbox(init_fn(r)))(jax.random.key(2))
+  state = state.replace(ema_params=_randomise_output_layer(state.ema_params))
+  workdir = str(root / "work")
+  manager = checkpointing.make_manager(workdir, keep=1)
+  checkpointing.save(manager, 2, state, force=True)
+  manager.wait_until_finished()
+  manager.close()
+  rng = np.random.default_rng(2)
+  videos = root / "videos"
+  for seq, n in CLIPS.items():
+    os.makedirs(videos / seq)
+    for k in range(n):
+      _write_image(str(videos / seq / f"{k:05d}.jpg"), *CLIP_HW, "RGB", rng)
+  meta = predict.load_metadata(config)  # Writes the synthetic dataset.
+  # One sequence per call: 3 frames padded to 4, 5 frames to 8.
+  predictor = predict_video.VideoPredictor(
+      config, workdir, batch_size=1, length_bucket=4, metadata=meta)
+  sequences = predict.list_sequences(str(videos))
+  out = str(root / "out")
+  written = predict_video.write_clip_predictions(predictor, sequences, out)
+  return dict(config=config, model=model, state=state, workdir=workdir,
+              videos=str(videos), sequences=sequences, out=out,
+              written=written, meta=meta, root=root, predictor=predictor)
+
+
+def _read_ids(folder, seq, n):
+  return np.stack([davis_eval.read_palette_png(
+      os.path.join(folder, seq, f"{k:05d}.png")) for k in range(n)])
+
+
+def test_video_model_writes_palette_pngs_at_frame_size(video_run):
+  assert video_run["written"] == {
+      seq: [f"{k:05d}.png" for k in range(n)] for seq, n in CLIPS.items()}
+  h, w = CLIP_HW
+  for seq, n in CLIPS.items():
+    for k in range(n):
+      name = f"{k:05d}.png"
+      with Image.open(os.path.join(video_run["out"], seq, name)) as image:
+        assert image.mode == "P" and image.size == (w, h)
+        np.testing.assert_array_equal(
+            np.asarray(image.getpalette(), np.uint8).reshape(-1, 3),
+            davis_eval.davis_palette())
+      with Image.open(os.path.join(video_run["out"], "overlays", seq,
+                                   name)) as overlay:
+        assert overlay.size == (2 * w + 4, h)
+  assert sorted(os.listdir(video_run["out"])) == ["long", "overlays",
+                                                   "short"]
+
+
+def test_video_model_ids_are_result_ids_of_the_video_sampler(video_run):
+  # Independently: preprocess the 5 frames, run the video predict function
+  # on the unpadded sequence, crop the padding of the masks, resize to the
+  # frame size and map with result_ids.
+  config, meta = video_run["config"], video_run["meta"]
+  size, m = config.input.image_size, config.input.mask_size
+  n, (h, w) = CLIPS["long"], CLIP_HW
+  paths = [os.path.join(video_run["videos"], "long", f"{k:05d}.jpg")
+           for k in range(n)]
+  zeros = np.zeros((h, w), np.int32)
+  frames = np.stack([preprocess.preprocess_eval(
+      {"image": panoptic_format.read_rgb_image(p), "semantic": zeros,
+       "instance": zeros, "crowd": zeros.astype(bool), "image_id": 0},
+      image_size=size, mask_size=m)["image"] for p in paths])
+  sample = jax.jit(train_state.make_video_predict_fn(
+      video_run["model"], config.diffusion, num_classes=meta.num_classes,
+      max_instances=config.input.max_instances,
+      proceeding_frames=tuple(config.input.proceeding_frames)))
+  state = video_run["state"]
+  semantic, instance = sample(state.ema_params, state.batch_stats,
+                              frames[None], jax.random.key(config.seed))
+  # 40x50 -> 26x32 inside the 32x32 input -> 13x16 of the 16x16 mask.
+  vh, vw = math.ceil(round(h * size / w) * m / size), m
+
+  # Pixel-centre nearest neighbour in exact integers: output pixel i reads
+  # input pixel floor((i + 0.5) * n / N) (PIL's float version rounds some
+  # exact boundaries, such as column 12 of 50 from 16, the other way).
+  rows = (2 * np.arange(h) + 1) * vh // (2 * h)
+  cols = (2 * np.arange(w) + 1) * vw // (2 * w)
+
+  def to_frame(x):
+    return np.asarray(x)[rows[:, None], cols[None, :]]
+
+  expected = davis_video.result_ids(
+      np.stack([to_frame(x) for x in semantic[0]]),
+      np.stack([to_frame(x) for x in instance[0]]),
+      np.asarray(meta.is_thing, bool))
+  assert expected.max() >= 1  # The comparison is not of empty maps.
+  np.testing.assert_array_equal(_read_ids(video_run["out"], "long", n),
+                                expected)
+
+
+def test_video_model_single_image_is_a_one_frame_sequence(video_run):
+  # predict_images runs a video config: the image is the first frame of a
+  # sequence, so its panoptic PNG is what frame 0 of the 5-frame sequence
+  # gets after post-processing.
+  config = video_run["config"]
+  first = os.path.join(video_run["videos"], "long", "00000.jpg")
+  out = str(video_run["root"] / "single")
+  predict.predict_images(config, video_run["workdir"], first, out)
+  (clip,) = video_run["predictor"].predict_clips(
+      [[panoptic_format.read_rgb_image(first)]])
+  np.testing.assert_array_equal(
+      panoptic_format.read_panoptic_png(
+          os.path.join(out, "panoptic", "00000.png")),
+      clip.frames[0].segment_ids)
+  np.testing.assert_array_equal(
+      clip.object_ids, _read_ids(video_run["out"], "long", 1))
+
+
+def test_cli_video_model_same_pngs_for_any_bucket(video_run, tmp_path):
+  # Bucket 8 and two sequences per call pad both sequences to 8 frames
+  # (the fixture: bucket 4, one per call, 4 and 8 frames): same PNGs.
+  out = tmp_path / "out"
   proc = subprocess.run(
       [sys.executable, "-m", "pix2seq_d_jax.predict",
-       "--config=configs/davis.py", f"--checkpoint={tmp_path / 'none'}",
-       f"--input={frames}", f"--output={tmp_path / 'out'}"],
-      cwd=REPO, capture_output=True, text=True, timeout=120,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert proc.returncode == 2, proc.stderr
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-  assert "config.input.proceeding_frames=(-2, -1)" in lines[0]
-  assert not os.path.exists(tmp_path / "out")
+       "--config=configs/synthetic.py:video,tiny",
+       f"--config.input.data_dir={video_run['config'].input.data_dir}",
+       f"--checkpoint={video_run['workdir']}",
+       f"--input={video_run['videos']}", f"--output={out}",
+       "--length_bucket=8", "--batch_size=2"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu",
+               JAX_DISABLE_MOST_OPTIMIZATIONS="1"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+      "sequences": 2, "frames": 8, "output": str(out)}
+  for seq, n in CLIPS.items():
+    np.testing.assert_array_equal(_read_ids(out, seq, n),
+                                  _read_ids(video_run["out"], seq, n))
+
+
+def test_video_input_errors(video_run, tmp_path):
+  config, videos = video_run["config"], video_run["videos"]
+  never, missing = str(tmp_path / "never"), str(tmp_path / "no_checkpoint")
+  bad = tmp_path / "bad" / "clip"
+  os.makedirs(bad)
+  rng = np.random.default_rng(3)
+  _write_image(str(bad / "00000.jpg"), 40, 50, "RGB", rng)
+  _write_image(str(bad / "00001.jpg"), 30, 50, "RGB", rng)
+  # All fail before the (missing) checkpoint is read.
+  with pytest.raises(ValueError,
+                     match=r"'clip' \(.*bad/clip\).*00001.jpg is 30x50"):
+    predict.predict_videos(config, missing, str(tmp_path / "bad"), never)
+  with pytest.raises(config_lib.ConfigError, match="--save_trajectory"):
+    predict.predict_videos(config, missing, videos, never,
+                           save_trajectory=True)
+  with pytest.raises(config_lib.ConfigError, match="--length_bucket=0"):
+    predict.predict_videos(config, missing, videos, never, length_bucket=0)
+  with pytest.raises(config_lib.ConfigError, match="--steps_later=2"):
+    predict.predict_videos(synthetic.get_config("tiny"), missing, videos,
+                           never, steps_later=2)
+  assert not os.path.exists(never)
+  assert [predict_video.padded_length(n, 4) for n in (1, 3, 4, 5, 9)] == [
+      4, 4, 4, 8, 12]

@@ -69,6 +69,41 @@ def result_ids(semantic: np.ndarray, instance: np.ndarray,
   return lut[ids]
 
 
+def sequence_object_ids(
+    semantic: np.ndarray,
+    instance: np.ndarray,
+    *,
+    valid_size: tuple[int, int] | np.ndarray,
+    orig_size: tuple[int, int] | np.ndarray,
+    image_size: int,
+    is_thing: np.ndarray,
+) -> np.ndarray:
+  """DAVIS object ids of one sequence from its mask-resolution predictions.
+
+  Crops the padding (the mask pixels that cover any of the `valid_size`
+  content, ceil(valid / stride), as the image post-processing does), resizes
+  to the original frame size by nearest neighbour, then `result_ids`.
+
+  Args:
+    semantic, instance: int [T, m, m] predictions of the real frames.
+    valid_size: (h, w) of the resized frame inside the padded image.
+    orig_size: (H, W) of the frames.
+    image_size: S, the padded input size.
+    is_thing: bool [num_classes].
+
+  Returns:
+    uint8 [T, H, W].
+  """
+  m = semantic.shape[-1]
+  vh, vw = (max(1, -(-int(v) * m // image_size)) for v in valid_size)
+  size = tuple(int(v) for v in orig_size)
+  sem = np.stack([preprocess.resize_labels(x[:vh, :vw], size)
+                  for x in semantic])
+  inst = np.stack([preprocess.resize_labels(x[:vh, :vw], size)
+                   for x in instance])
+  return result_ids(sem, inst, np.asarray(is_thing, bool))
+
+
 @register("davis_video")
 class DavisVideoEvaluator:
   """J&F-Mean, J/F Mean, Recall and Decay over a DAVIS-layout split."""
@@ -179,15 +214,11 @@ class DavisVideoEvaluator:
 
   def _to_original(self, semantic, instance, frames, gt) -> np.ndarray:
     """Crops padding, resizes to the frame size, maps to DAVIS ids."""
-    t, (h, w) = gt.shape[0], gt.shape[1:]
-    m = semantic.shape[-1]
-    s = frames["image"].shape[1]
-    vh, vw = (max(1, round(int(v) * m / s)) for v in frames["valid_size"])
-    sem = np.stack([preprocess.resize_labels(x[:vh, :vw], (h, w))
-                    for x in semantic[:t]])
-    inst = np.stack([preprocess.resize_labels(x[:vh, :vw], (h, w))
-                     for x in instance[:t]])
-    return result_ids(sem, inst, self.things)
+    t = gt.shape[0]
+    return sequence_object_ids(
+        semantic[:t], instance[:t], valid_size=frames["valid_size"],
+        orig_size=gt.shape[1:], image_size=frames["image"].shape[1],
+        is_thing=self.things)
 
   def _write(self, out_dir: str, name: str, ids: np.ndarray) -> None:
     for frame_name, frame_ids in zip(self.source.frame_names(name), ids,
