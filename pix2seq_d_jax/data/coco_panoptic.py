@@ -14,6 +14,7 @@ The synthetic dataset is written in the same layout and read by this class.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import os
 from typing import Any
@@ -28,6 +29,67 @@ SPLITS = ('train', 'val')
 
 class BadExampleError(ValueError):
   """One example on disk is unreadable or inconsistent with its JSON."""
+
+
+class SkippingSource(abc.ABC):
+  """grain random-access source whose examples may be bad on disk.
+
+  Subclasses implement `__len__`, `_read(index)` (raising BadExampleError
+  for a bad example) and `_where()` (the dataset, for messages). With
+  `skip_bad_examples` examples are validated lazily when read: a bad one is
+  replaced by the next good one (cyclically), a warning is logged, and
+  `num_skipped` / `bad_indices` record it. Those counters are per process:
+  grain worker processes hold their own copy.
+  """
+
+  skip_bad_examples: bool = False
+
+  def _init_skipping(self, skip_bad_examples: bool) -> None:
+    self.skip_bad_examples = skip_bad_examples
+    self.num_skipped = 0
+    self.bad_indices: set[int] = set()
+
+  @abc.abstractmethod
+  def __len__(self) -> int:
+    """Number of examples."""
+
+  @abc.abstractmethod
+  def _read(self, index: int) -> dict[str, np.ndarray]:
+    """Reads example `index`; raises BadExampleError for a bad one."""
+
+  @abc.abstractmethod
+  def _where(self) -> str:
+    """Names the dataset (split file or folder) in messages."""
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    """Reads example `index`.
+
+    Raises:
+      IndexError: if index is out of range.
+      BadExampleError: for a bad example when skip_bad_examples is False, or
+        when every example is bad.
+    """
+    index = int(index)
+    n = len(self)
+    if not 0 <= index < n:
+      raise IndexError(f'index {index} out of range [0, {n}).')
+    if not self.skip_bad_examples:
+      return self._read(index)
+    for offset in range(n):
+      candidate = (index + offset) % n
+      if candidate in self.bad_indices:
+        self.num_skipped += 1
+        continue
+      try:
+        return self._read(candidate)
+      except BadExampleError as e:
+        self.bad_indices.add(candidate)
+        self.num_skipped += 1
+        logging.warning(
+            'Skipping bad example %d (%d skipped so far): %s',
+            candidate, self.num_skipped, e,
+        )
+    raise BadExampleError(f'All {n} examples of {self._where()} are bad.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +264,7 @@ def segments_to_maps(
   return maps, unknown
 
 
-class CocoPanopticSource:
+class CocoPanopticSource(SkippingSource):
   """COCO-panoptic-layout reader (grain RandomAccessDataSource protocol).
 
   Each `source[i]` returns a dict of numpy arrays:
@@ -279,9 +341,7 @@ class CocoPanopticSource:
         image_folder=image_folder,
     )
     self.split = split
-    self.skip_bad_examples = skip_bad_examples
-    self.num_skipped = 0
-    self.bad_indices: set[int] = set()
+    self._init_skipping(skip_bad_examples)
     self._records = self._index(content, max_examples)
 
   def _index(
@@ -336,41 +396,8 @@ class CocoPanopticSource:
     """Returns int64 [len(self)] image ids in example order (no file I/O)."""
     return np.array([r.image_id for r in self._records], np.int64)
 
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    """Reads example `index`, see the class docstring for the fields.
-
-    Raises:
-      IndexError: if index is out of range.
-      BadExampleError: for a bad example when skip_bad_examples is False, or
-        when every example is bad.
-    """
-    index = int(index)
-    n = len(self._records)
-    if not 0 <= index < n:
-      raise IndexError(f'index {index} out of range [0, {n}).')
-    if not self.skip_bad_examples:
-      return self._read(index)
-    # Lazy validation: try the example, then the following ones, so a single
-    # corrupt file does not stop a long training run.
-    for offset in range(n):
-      candidate = (index + offset) % n
-      if candidate in self.bad_indices:
-        self.num_skipped += 1
-        continue
-      try:
-        return self._read(candidate)
-      except BadExampleError as e:
-        self.bad_indices.add(candidate)
-        self.num_skipped += 1
-        logging.warning(
-            'Skipping bad example %d (%d skipped so far): %s',
-            candidate,
-            self.num_skipped,
-            e,
-        )
-    raise BadExampleError(
-        f'All {n} examples of {self.metadata.gt_json} are bad.'
-    )
+  def _where(self) -> str:
+    return self.metadata.gt_json
 
   def _read(self, index: int) -> dict[str, np.ndarray]:
     rec = self._records[index]

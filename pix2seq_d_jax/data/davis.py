@@ -37,9 +37,10 @@ from PIL import Image
 
 from pix2seq_d_jax.data import panoptic_format, register_source
 from pix2seq_d_jax.data.coco_panoptic import (
-    BadExampleError,
-    PanopticMetadata,
-    metadata_from_categories,
+  BadExampleError,
+  PanopticMetadata,
+  SkippingSource,
+  metadata_from_categories,
 )
 
 SPLITS = ('train', 'val')
@@ -143,67 +144,6 @@ def check_count(value: int | None, name: str) -> None:
   """Raises ValueError unless value is None or a non-negative int."""
   if value is not None and value < 0:
     raise ValueError(f'{name} must be >= 0 or None, got {value}.')
-
-
-class SkippingSource(abc.ABC):
-  """grain random-access source whose examples may be bad on disk.
-
-  Subclasses implement `__len__`, `_read(index)` (raising BadExampleError
-  for a bad example) and `_where()` (the dataset, for messages). With
-  `skip_bad_examples` examples are validated lazily when read: a bad one is
-  replaced by the next good one (cyclically), a warning is logged, and
-  `num_skipped` / `bad_indices` record it. Those counters are per process:
-  grain worker processes hold their own copy.
-  """
-
-  skip_bad_examples: bool = False
-
-  def _init_skipping(self, skip_bad_examples: bool) -> None:
-    self.skip_bad_examples = skip_bad_examples
-    self.num_skipped = 0
-    self.bad_indices: set[int] = set()
-
-  @abc.abstractmethod
-  def __len__(self) -> int:
-    """Number of examples."""
-
-  @abc.abstractmethod
-  def _read(self, index: int) -> dict[str, np.ndarray]:
-    """Reads example `index`; raises BadExampleError for a bad one."""
-
-  @abc.abstractmethod
-  def _where(self) -> str:
-    """Names the dataset (split file or folder) in messages."""
-
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    """Reads example `index`.
-
-    Raises:
-      IndexError: if index is out of range.
-      BadExampleError: for a bad example when skip_bad_examples is False, or
-        when every example is bad.
-    """
-    index = int(index)
-    n = len(self)
-    if not 0 <= index < n:
-      raise IndexError(f'index {index} out of range [0, {n}).')
-    if not self.skip_bad_examples:
-      return self._read(index)
-    for offset in range(n):
-      candidate = (index + offset) % n
-      if candidate in self.bad_indices:
-        self.num_skipped += 1
-        continue
-      try:
-        return self._read(candidate)
-      except BadExampleError as e:
-        self.bad_indices.add(candidate)
-        self.num_skipped += 1
-        logging.warning(
-            'Skipping bad example %d (%d skipped so far): %s',
-            candidate, self.num_skipped, e,
-        )
-    raise BadExampleError(f'All {n} examples of {self._where()} are bad.')
 
 
 # One decoded frame: image uint8 [h, w, 3], ids [h, w], and the names of the

@@ -27,15 +27,15 @@ import os
 from collections.abc import Iterator
 
 import numpy as np
-from absl import logging
 from PIL import Image
 
 from pix2seq_d_jax.data import register_source
 from pix2seq_d_jax.data.coco_panoptic import (
-    SPLITS,
-    BadExampleError,
-    PanopticMetadata,
-    metadata_from_categories,
+  SPLITS,
+  BadExampleError,
+  PanopticMetadata,
+  SkippingSource,
+  metadata_from_categories,
 )
 
 VOID_TRAIN_ID = 255
@@ -169,7 +169,7 @@ def _rank(file_name: str) -> int:
   return _IMAGE_EXTENSIONS.index(os.path.splitext(file_name)[1].lower())
 
 
-class KittiStepSource:
+class KittiStepSource(SkippingSource):
   """KITTI-STEP clip reader (grain RandomAccessDataSource protocol).
 
   Each `source[i]` returns a dict of numpy arrays for a clip of L =
@@ -272,9 +272,7 @@ class KittiStepSource:
     self.split = split
     self.clip_length = clip_length
     self.sequence_names = tuple(names)
-    self.skip_bad_examples = skip_bad_examples
-    self.num_skipped = 0
-    self.bad_indices: set[int] = set()
+    self._init_skipping(skip_bad_examples)
     self.metadata: PanopticMetadata = metadata_from_categories(
         categories(), gt_folder=gt_folder, image_folder=image_folder
     )
@@ -312,39 +310,10 @@ class KittiStepSource:
       )
     return name
 
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    """Reads clip `index`, see the class docstring for the fields.
+  def _where(self) -> str:
+    return f'KITTI-STEP {self.metadata.gt_folder}'
 
-    Raises:
-      IndexError: if index is out of range.
-      BadExampleError: for a bad clip when skip_bad_examples is False, or
-        when every clip is bad.
-    """
-    index = int(index)
-    n = len(self._clips)
-    if not 0 <= index < n:
-      raise IndexError(f'index {index} out of range [0, {n}).')
-    if not self.skip_bad_examples:
-      return self._read_clip(index)
-    for offset in range(n):
-      candidate = (index + offset) % n
-      if candidate in self.bad_indices:
-        self.num_skipped += 1
-        continue
-      try:
-        return self._read_clip(candidate)
-      except BadExampleError as e:
-        self.bad_indices.add(candidate)
-        self.num_skipped += 1
-        logging.warning(
-            'Skipping bad clip %d (%d skipped so far): %s',
-            candidate, self.num_skipped, e,
-        )
-    raise BadExampleError(
-        f'All {n} clips of KITTI-STEP {self.metadata.gt_folder} are bad.'
-    )
-
-  def _read_clip(self, index: int) -> dict[str, np.ndarray]:
+  def _read(self, index: int) -> dict[str, np.ndarray]:
     seq, start = (int(v) for v in self._clips[index])
     name = self.sequence_names[seq]
     stems = self._frames[name][start:start + self.clip_length]
