@@ -37,7 +37,6 @@ pix2seq_d_jax.evaluation.davis` is the command line with the official flags.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import sys
@@ -50,6 +49,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 from scipy import ndimage, optimize
+
+from pix2seq_d_jax.evaluation import cli
 
 TASKS = ("semi-supervised", "unsupervised")
 SUBSETS = ("train", "val", "test-dev", "test-challenge")
@@ -877,27 +878,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--output", default=None, help="write results JSON here")
   parser.add_argument("--num_workers", type=int, default=1)
   args = parser.parse_args(argv)
-  try:
-    start = time.time()
-    results = evaluate(
+  return cli.run_scorer(
+    lambda: evaluate(
       args.davis_path,
       args.results_path,
       args.task,
       args.subset,
       num_workers=args.num_workers,
-    )
-    if args.output:
-      out_dir = os.path.dirname(os.path.abspath(args.output))
-      os.makedirs(out_dir, exist_ok=True)
-      with open(args.output, "w") as f:
-        json.dump(results, f, indent=2)
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    message = f"{type(e).__name__}: {e}".replace("\n", " ")
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-  print(format_tables(results, args.subset))
-  print(f"Time elapsed: {time.time() - start:0.2f} seconds")
-  return 0
+    ),
+    args.output,
+    lambda results: format_tables(results, args.subset),
+  )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from PIL import Image
 # One RGB encoder for the whole package; decoding below stays panopticapi's
 # (single-channel PNGs pass through unchanged, as in its rgb2id).
 from pix2seq_d_jax.data.panoptic_format import id_to_rgb  # noqa: F401
+from pix2seq_d_jax.evaluation import cli
 
 VOID = 0
 # Ids are RGB-encoded in COCO PNGs, so they stay below 256**3; the in-memory API
@@ -586,28 +587,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     "(panopticapi's code)",
   )
   args = parser.parse_args(argv)
-  try:
-    start = time.time()
-    results = pq_compute(
+  return cli.run_scorer(
+    lambda: pq_compute(
       args.gt_json_file,
       args.pred_json_file,
       gt_folder=args.gt_folder,
       pred_folder=args.pred_folder,
       num_workers=args.num_workers,
       merge_crowd=args.crowd == "merge",
-    )
-    if args.output:
-      out_dir = os.path.dirname(os.path.abspath(args.output))
-      os.makedirs(out_dir, exist_ok=True)
-      with open(args.output, "w") as f:
-        json.dump(results, f, indent=2)
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    message = f"{type(e).__name__}: {e}".replace("\n", " ")
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-  print(format_table(results))
-  print(f"Time elapsed: {time.time() - start:0.2f} seconds")
-  return 0
+    ),
+    args.output,
+    format_table,
+  )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing
 import os
 import sys
@@ -51,6 +50,8 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+
+from pix2seq_d_jax.evaluation import cli
 
 # KITTI-STEP as deeplab2 evaluates it: 19 Cityscapes train ids, person (11)
 # and car (13) tracked, void 255, panoptic label divisor 1000.
@@ -493,32 +494,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                       default=KITTI_STEP_MAX_INSTANCES)
   parser.add_argument('--offset', type=int, default=KITTI_STEP_OFFSET)
   args = parser.parse_args(argv)
-  try:
+
+  def compute():
     try:
       things = tuple(int(t) for t in args.things.split(',') if t.strip())
     except ValueError as e:
       raise ValueError(
           f'--things={args.things!r}: expected comma-separated ints') from e
-    start = time.time()
-    results = stq_compute(
+    return stq_compute(
         args.gt_folder, args.pred_folder, num_workers=args.num_workers,
         num_classes=args.num_classes, things=things,
         ignore_label=args.ignore_label,
         max_instances_per_category=args.max_instances_per_category,
         offset=args.offset,
     )
-    if args.output:
-      out_dir = os.path.dirname(os.path.abspath(args.output))
-      os.makedirs(out_dir, exist_ok=True)
-      with open(args.output, 'w') as f:
-        json.dump(results, f, indent=2)
-  except (OSError, ValueError) as e:
-    message = f'{type(e).__name__}: {e}'.replace('\n', ' ')
-    print(f'error: {message}', file=sys.stderr)
-    return 2
-  print(format_table(results))
-  print(f'Time elapsed: {time.time() - start:0.2f} seconds')
-  return 0
+
+  return cli.run_scorer(compute, args.output, format_table)
 
 
 if __name__ == '__main__':
