@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,7 +26,7 @@ from PIL import Image
 from pix2seq_d_jax import sharding
 from pix2seq_d_jax.data import panoptic_format, pipeline
 from pix2seq_d_jax.evaluation import panoptic
-from pix2seq_d_jax.evaluators import postprocess, register, visualize
+from pix2seq_d_jax.evaluators import base, postprocess, register, visualize
 
 
 def _local_rows(x: jax.Array) -> np.ndarray:
@@ -48,41 +47,18 @@ def _local_rows(x: jax.Array) -> np.ndarray:
 
 
 @register("coco_panoptic")
-class CocoPanopticEvaluator:
+class CocoPanopticEvaluator(base.Evaluator):
   """PQ / SQ / RQ for all, things and stuff, plus written predictions."""
 
-  def __init__(
-      self,
-      *,
-      name: str,
-      config: Any,
-      predict_fn: Callable[..., Any],
-      source: Any,
-      preprocess_fn: Callable[[dict], dict],
-      mesh: jax.sharding.Mesh,
-      seed: int,
-      workdir: str,
-  ):
-    self.name = name
-    self.config = config
-    self.predict_fn = predict_fn
-    self.source = source
-    self.preprocess_fn = preprocess_fn
-    self.mesh = mesh
-    self.seed = seed
-    self.workdir = workdir
-    meta = source.metadata
+  def __init__(self, **kwargs: Any):
+    """See `base.Evaluator`; the source must have a panoptic JSON."""
+    super().__init__(**kwargs)
+    meta = self.source.metadata
     self.meta = meta
     self.gt = panoptic_format.load_panoptic_json(meta.gt_json)
     self.gt_by_id = {a["image_id"]: a for a in self.gt["annotations"]}
     self.images_by_id = {im["id"]: im for im in self.gt["images"]}
     self.categories = {c["id"]: c for c in self.gt["categories"]}
-    dp = sharding.data_parallel_size(mesh)
-    if config.batch_size % dp:
-      raise ValueError(
-          f"config.evals.{name}.batch_size={config.batch_size}: expected a "
-          f"multiple of the {dp} data-parallel devices"
-      )
 
   def _batches(self):
     local = self.config.batch_size // jax.process_count()

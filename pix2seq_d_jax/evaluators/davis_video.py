@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -32,7 +31,7 @@ from jax.experimental import multihost_utils
 from pix2seq_d_jax import sharding
 from pix2seq_d_jax.data import preprocess
 from pix2seq_d_jax.evaluation import davis as davis_eval
-from pix2seq_d_jax.evaluators import register
+from pix2seq_d_jax.evaluators import base, register
 from pix2seq_d_jax.evaluators.coco_panoptic import _local_rows
 
 # Per-object statistics, in the order of davis_eval.GLOBAL_MEASURES' parts.
@@ -105,43 +104,21 @@ def sequence_object_ids(
 
 
 @register("davis_video")
-class DavisVideoEvaluator:
+class DavisVideoEvaluator(base.Evaluator):
   """J&F-Mean, J/F Mean, Recall and Decay over a DAVIS-layout split."""
 
-  def __init__(
-      self,
-      *,
-      name: str,
-      config: Any,
-      predict_fn: Callable[..., Any],
-      source: Any,
-      preprocess_fn: Callable[[dict], dict],
-      mesh: jax.sharding.Mesh,
-      seed: int,
-      workdir: str,
-  ):
+  def __init__(self, *, name: str, source: Any, **kwargs: Any):
+    """See `base.Evaluator`; `source` must be a video source."""
     for attr in ("sequence_names", "read_sequence", "frame_names"):
       if not hasattr(source, attr):
         raise ValueError(
             f"config.evals.{name}.type='davis_video' needs a video source "
             f"(config.input.source such as 'davis' or 'synthetic_video'); "
             f"{type(source).__name__} has no {attr}")
-    self.name = name
-    self.config = config
-    self.predict_fn = predict_fn
-    self.source = source
-    self.preprocess_fn = preprocess_fn
-    self.mesh = mesh
-    self.seed = seed
-    self.workdir = workdir
+    super().__init__(name=name, source=source, **kwargs)
+    config = self.config
     self.task = config.get("task", "unsupervised")
     self.things = np.asarray(source.metadata.is_thing, bool)
-    dp = sharding.data_parallel_size(mesh)
-    if config.batch_size % dp or config.batch_size % jax.process_count():
-      raise ValueError(
-          f"config.evals.{name}.batch_size={config.batch_size}: expected a "
-          f"multiple of the {dp} data-parallel devices and "
-          f"{jax.process_count()} processes")
     names = list(source.sequence_names)
     if config.get("max_sequences"):
       names = names[:config.max_sequences]

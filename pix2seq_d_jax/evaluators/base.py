@@ -1,0 +1,59 @@
+"""What every in-training evaluator is built from.
+
+`from_config` constructs each evaluator with the same keyword arguments;
+`Evaluator` stores them and checks that the eval batch splits evenly over
+the data-parallel devices and the processes, so subclasses only add their
+own setup and `run(params, batch_stats, *, step) -> dict of metrics`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from pix2seq_d_jax import sharding
+
+
+class Evaluator(abc.ABC):
+  """Holds the shared inputs of an evaluator (see the module docstring)."""
+
+  def __init__(
+      self,
+      *,
+      name: str,
+      config: Any,
+      predict_fn: Callable[..., Any],
+      source: Any,
+      preprocess_fn: Callable[[dict], dict],
+      mesh: jax.sharding.Mesh,
+      seed: int,
+      workdir: str,
+  ):
+    """Stores the arguments.
+
+    Raises:
+      ValueError: if `config.batch_size` is not a multiple of the
+        data-parallel device count and of the process count.
+    """
+    self.name = name
+    self.config = config
+    self.predict_fn = predict_fn
+    self.source = source
+    self.preprocess_fn = preprocess_fn
+    self.mesh = mesh
+    self.seed = seed
+    self.workdir = workdir
+    dp = sharding.data_parallel_size(mesh)
+    if config.batch_size % dp or config.batch_size % jax.process_count():
+      raise ValueError(
+          f"config.evals.{name}.batch_size={config.batch_size}: expected a "
+          f"multiple of the {dp} data-parallel devices and the "
+          f"{jax.process_count()} processes"
+      )
+
+  @abc.abstractmethod
+  def run(self, params: Any, batch_stats: Any, *, step: int) -> dict:
+    """Evaluates the given weights; returns a flat dict of metrics."""
