@@ -1,7 +1,9 @@
 r"""Command-line entry point: flags, process setup, `--mode` dispatch.
 
   python -m pix2seq_d_jax.main --config=configs/synthetic.py --workdir=DIR \
-      [--mode=train|eval|train_eval] [--config.input.batch_size=8 ...]
+      [--mode=train|eval|train_eval] [--config.input.batch_size=8 ...] \
+      [--distributed [--coordinator_address=H:P --num_processes=N \
+      --process_id=I]]
 
 All logic lives in importable modules (`train.train_and_evaluate`), so the
 same run can be driven from a notebook. The config is locked: a misspelt
@@ -31,6 +33,18 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False,
     "Call jax.distributed.initialize() (multi-host launches set this).",
 )
+# Explicit peers (launch/local.py); unset values are auto-detected by jax
+# (TPU metadata, SLURM environment).
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0's coordinator (with --distributed).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes (with --distributed)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index (with --distributed)."
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -43,14 +57,41 @@ class _QuietLibraryInfo(py_logging.Filter):
     )
 
 
+def _distributed_kwargs() -> dict:
+  """initialize() arguments from the flags; a bad combination exits 2."""
+  given = {
+      "coordinator_address": _COORDINATOR.value,
+      "num_processes": _NUM_PROCESSES.value,
+      "process_id": _PROCESS_ID.value,
+  }
+  given = {k: v for k, v in given.items() if v is not None}
+  n, i = given.get("num_processes"), given.get("process_id")
+  address = given.get("coordinator_address")
+  host, _, port = (address or "").rpartition(":")
+  error = None
+  if given and not _DISTRIBUTED.value:
+    error = f"--{'/--'.join(given)} need --distributed"
+  elif n is not None and n < 1:
+    error = f"--num_processes={n}: expected >= 1"
+  elif i is not None and (i < 0 or (n is not None and i >= n)):
+    error = f"--process_id={i}: expected 0 <= process_id < --num_processes"
+  elif address is not None and not (host and port.isdigit()):
+    error = f"--coordinator_address={address!r}: expected host:port"
+  if error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+  return given
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraryInfo())
+  distributed_kwargs = _distributed_kwargs()
   import jax  # Imported here so --help stays fast.
 
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**distributed_kwargs)
   jax.config.update("jax_threefry_partitionable", True)
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     # Persistent compilation cache in the workdir: a rerun (resume, eval)

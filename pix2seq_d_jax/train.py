@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import parameter_overview
+from jax.experimental import multihost_utils
 
 from pix2seq_d_jax import (
     checkpointing,
@@ -131,6 +132,19 @@ class _StopSignal:
       except ValueError:  # Not the main thread (e.g. a notebook worker).
         pass
     return self
+
+  def agreed(self) -> bool:
+    """Whether to stop now, the same answer on every process.
+
+    A signal reaches each host at its own moment; stopping after different
+    steps would leave the others waiting in the next step's collectives, so
+    with several processes the flag is combined (any process) each step.
+    """
+    local = self.received is not None
+    if jax.process_count() == 1:
+      return local
+    flags = multihost_utils.process_allgather(np.int32(local))
+    return bool(np.asarray(flags).any())
 
   def _handle(self, signum, frame):
     del frame
@@ -355,7 +369,7 @@ def train_and_evaluate(
   step = start_step
   step_t0, steps_since_log = time.time(), 0
   with _StopSignal() as stop:
-    while step < total_steps and stop.received is None:
+    while step < total_steps and not stop.agreed():
       local, next_local = next_local, None
       if local is None:
         local = next(train_iter)
@@ -397,7 +411,7 @@ def train_and_evaluate(
           step, config.evals[name].every_steps, total_steps)]
       if due:
         results.update(run_evals(step, due))
-  if stop.received is not None:
+  if stop.agreed():
     if last_good_ckpt != step and step > start_step:
       checkpointing.save(manager, step, state, train_iter.get_state(),
                          force=True)

@@ -1,7 +1,18 @@
-"""The launch scripts' --dry_run output is the exact command they would run."""
+"""The launch scripts' --dry_run output is the exact command they would run.
 
+`launch/local.py` is also run for real on stand-in commands: one failing
+process stops the others (SIGKILL after the grace period if SIGTERM is
+ignored) and sets the exit status; logs land in `process_<i>.log`.
+"""
+
+import importlib.util
 import os
+import shlex
 import subprocess
+import sys
+import time
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,3 +55,115 @@ def test_slurm_script_one_task_per_gpu():
   assert ("srun --kill-on-bad-exit=1 python -m pix2seq_d_jax.main "
           "--distributed --config=configs/coco.py --workdir=/w") in text
   assert _dry("slurm.sh", "--bogus").returncode == 2
+
+
+def _local_module():
+  spec = importlib.util.spec_from_file_location(
+      "launch_local", os.path.join(REPO, "launch", "local.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_local_dry_run_prints_one_command_per_process():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "local.py"),
+       "--num_processes=3", "--port=12345", "--devices_per_process=4",
+       "--dry_run", "--", "--config=configs/synthetic.py:tiny",
+       "--workdir=/tmp/a b"],
+      capture_output=True, text=True, check=False, env=env)
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.strip().splitlines()
+  assert len(lines) == 3
+  for i, line in enumerate(lines):
+    words = shlex.split(line)
+    assert words[:3] == ["cd", REPO, "&&"]
+    assert words[3:5] == [
+        "JAX_PLATFORMS=cpu",
+        "XLA_FLAGS=--xla_force_host_platform_device_count=4"]
+    assert words[5:] == [
+        sys.executable, "-m", "pix2seq_d_jax.main", "--distributed",
+        "--coordinator_address=127.0.0.1:12345", "--num_processes=3",
+        f"--process_id={i}", "--config=configs/synthetic.py:tiny",
+        "--workdir=/tmp/a b"]
+
+
+def test_local_dry_run_one_device_sets_no_xla_flags():
+  out = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "local.py"),
+       "--num_processes=2", "--dry_run", "--", "--workdir=/w"],
+      capture_output=True, text=True, check=False)
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.strip().splitlines()
+  assert len(lines) == 2 and "XLA_FLAGS" not in out.stdout
+  # A free port was picked, the same for both processes.
+  ports = {w.split(":")[-1] for line in lines for w in shlex.split(line)
+           if w.startswith("--coordinator_address=")}
+  assert len(ports) == 1 and 0 < int(ports.pop()) < 65536
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--num_processes=0", "--", "--workdir=/w"], "--num_processes=0"),
+    (["--num_processes=2", "--devices_per_process=0", "--", "--workdir=/w"],
+     "--devices_per_process=0"),
+    (["--num_processes=2"], "flags after --"),
+    (["--num_processes=2", "--port=70000", "--", "--workdir=/w"],
+     "--port=70000"),
+])
+def test_local_bad_arguments_exit_2(args, message):
+  out = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "local.py"), *args],
+      capture_output=True, text=True, check=False)
+  assert out.returncode == 2
+  assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_local_failure_stops_the_others_and_returns_its_status(
+    tmp_path, monkeypatch):
+  local = _local_module()
+  # Process 0 ignores SIGTERM (as a process stuck in a collective may) and
+  # would run for a minute; process 1 fails at once.
+  stubborn = ("import signal, time; signal.signal(signal.SIGTERM, "
+              "signal.SIG_IGN); print('waiting', flush=True); time.sleep(60)")
+  failing = "import sys; print('failing'); sys.exit(3)"
+  monkeypatch.setattr(local, "commands", lambda n, port, main_args: [
+      [sys.executable, "-c", stubborn], [sys.executable, "-c", failing]])
+  t0 = time.time()
+  status = local.main(["--num_processes=2", f"--log_dir={tmp_path}",
+                       "--kill_grace_secs=1", "--", "--workdir=/w"])
+  assert status == 3
+  assert time.time() - t0 < 30  # Killed, not waited for.
+  assert (tmp_path / "process_0.log").read_text() == "waiting\n"
+  assert (tmp_path / "process_1.log").read_text() == "failing\n"
+
+
+def test_local_all_succeed_returns_0(tmp_path, monkeypatch):
+  local = _local_module()
+  monkeypatch.setattr(local, "commands", lambda n, port, main_args: [
+      [sys.executable, "-c", f"print('process {i}')"] for i in range(n)])
+  status = local.main(["--num_processes=3", f"--log_dir={tmp_path}", "--",
+                       "--workdir=/w"])
+  assert status == 0
+  for i in range(3):
+    assert (tmp_path / f"process_{i}.log").read_text() == f"process {i}\n"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--num_processes=2", "--process_id=0"],
+     "--num_processes/--process_id need --distributed"),
+    (["--distributed", "--num_processes=0"], "--num_processes=0"),
+    (["--distributed", "--num_processes=2", "--process_id=2"],
+     "--process_id=2"),
+    (["--distributed", "--coordinator_address=localhost"],
+     "--coordinator_address='localhost': expected host:port"),
+])
+def test_main_bad_distributed_flags_exit_2(tmp_path, args, message):
+  out = subprocess.run(
+      [sys.executable, "-m", "pix2seq_d_jax.main",
+       f"--workdir={tmp_path}", *args],
+      capture_output=True, text=True, check=False, cwd=REPO)
+  assert out.returncode == 2, out.stderr
+  lines = out.stderr.strip().splitlines()
+  assert lines[-1].startswith("error: ") and message in lines[-1]
+  assert "Traceback" not in out.stderr
