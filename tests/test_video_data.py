@@ -187,7 +187,8 @@ def test_davis_config_trains_one_step_on_a_davis_layout(video_root, tmp_path):
        "--config.diffusion.sample_steps=2",
        "--config.diffusion.sample_steps_later=1"],
       cwd=repo, capture_output=True, text=True, timeout=600,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+      env=dict(os.environ, JAX_PLATFORMS="cpu",
+               JAX_DISABLE_MOST_OPTIMIZATIONS="1"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     record = json.loads(f.readline())
