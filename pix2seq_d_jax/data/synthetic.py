@@ -9,6 +9,8 @@ earlier ones). Class is recoverable from colour family and shape, so a tiny
 model learns it in minutes on a CPU, yet the task keeps the real difficulties:
 occlusion, small instances, several instances of a class. Images are lossless
 PNGs; labels are COCO panoptic PNG + JSON, read back by `CocoPanopticSource`.
+`write_coco_layout` writes the same scenes cropped to COCO's image sizes,
+as JPEGs, for the input benchmark.
 Generation is deterministic per seed (each image has its own
 `np.random.default_rng([seed, split, index])`), atomic (written into
 `<root>.tmp-<pid>` and renamed), and `ensure_synthetic` caches datasets under a
@@ -204,6 +206,13 @@ def _render_scene(
     per_class_count[cls] += 1
     ids[inst_map == k + 1] = (cls + 1) * 1000 + per_class_count[cls]
 
+  segments = _segments_info(ids)
+  image = np.clip(np.round(image), 0, 255).astype(np.uint8)
+  return image, ids, segments
+
+
+def _segments_info(ids: np.ndarray) -> list[dict[str, Any]]:
+  """COCO segments_info of int [h, w] ids (category = id // 1000)."""
   segments = []
   for seg_id in np.unique(ids):
     ys, xs = np.nonzero(ids == seg_id)
@@ -222,8 +231,7 @@ def _render_scene(
             'iscrowd': 0,
         }
     )
-  image = np.clip(np.round(image), 0, 255).astype(np.uint8)
-  return image, ids, segments
+  return segments
 
 
 def _write_split(root: str, split: str, num: int, size: int, seed: int) -> None:
@@ -370,6 +378,71 @@ def generate(
       'num_train': num_train,
       'num_val': num_val,
       'image_size': image_size,
+      'seed': seed,
+      'version': GENERATOR_VERSION,
+  }
+  write_atomically(root, write, params)
+
+
+def write_coco_layout(
+    root: str, *, num_images: int, height: int, width: int, seed: int
+) -> None:
+  """Writes synthetic scenes as a COCO-sized train split in COCO's layout.
+
+  For benchmarks that need COCO's file formats and image sizes: each scene
+  is rendered as in `generate` (the train scene of the same index and seed at
+  `image_size=max(height, width)`) and cropped to its top-left height x
+  width. Images are JPEGs (`train2017/<id>.jpg`, as COCO ships them) and
+  labels panoptic PNGs plus `annotations/panoptic_train2017.json`, whose
+  areas and boxes are those of the cropped maps. Built in `<root>.tmp-<pid>`
+  and renamed, with `params.json`.
+
+  Args:
+    root: destination folder; must not exist yet.
+    num_images: number of images (>= 1); image ids are 1..num_images.
+    height: image height (>= 16).
+    width: image width (>= 16).
+    seed: base seed; equal arguments give identical files.
+
+  Raises:
+    ValueError: on invalid sizes or counts.
+    FileExistsError: if `root` already exists.
+  """
+  if num_images < 1:
+    raise ValueError(f'num_images must be >= 1, got {num_images}.')
+  if min(height, width) < 16:
+    raise ValueError(
+        f'height and width must be >= 16, got {height}, {width}.'
+    )
+
+  def write(tmp):
+    images, annotations = [], []
+    for i in range(num_images):
+      rng = np.random.default_rng([seed, _SPLIT_INDEX['train'], i])
+      image, ids, _ = _render_scene(rng, max(height, width))
+      image, ids = image[:height, :width], ids[:height, :width]
+      stem = f'{i + 1:012d}'
+      panoptic_format.write_rgb_image(
+          os.path.join(tmp, 'train2017', f'{stem}.jpg'), image
+      )
+      panoptic_format.write_panoptic_png(
+          os.path.join(tmp, 'annotations', 'panoptic_train2017',
+                       f'{stem}.png'),
+          ids,
+      )
+      images.append({'id': i + 1, 'file_name': f'{stem}.jpg',
+                     'height': height, 'width': width})
+      annotations.append({'image_id': i + 1, 'file_name': f'{stem}.png',
+                          'segments_info': _segments_info(ids)})
+    panoptic_format.write_panoptic_json(
+        os.path.join(tmp, 'annotations', 'panoptic_train2017.json'),
+        images, annotations, categories(),
+    )
+
+  params = {
+      'num_images': num_images,
+      'height': height,
+      'width': width,
       'seed': seed,
       'version': GENERATOR_VERSION,
   }
