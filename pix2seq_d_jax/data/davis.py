@@ -358,7 +358,10 @@ class DavisSource(ClipSource):
       raise ValueError(f'task must be one of {TASKS}, got {task!r}.')
     check_count(max_sequences, 'max_sequences')
     if not os.path.isdir(root):
-      raise FileNotFoundError(f'DAVIS root not found: {root}')
+      raise FileNotFoundError(
+          'DAVIS root not found: '
+          f'{repr(os.path.abspath(root)) if root else "an empty path"}; '
+          'set --config.input.data_dir=DIR to the DAVIS folder')
     image_set = os.path.join(root, 'ImageSets', '2017', f'{split}.txt')
     image_root = os.path.join(root, 'JPEGImages', resolution)
     label_root = os.path.join(root, _ANNOTATION_FOLDERS[task], resolution)

@@ -230,7 +230,10 @@ class KittiStepSource(SkippingSource):
       if value is not None and value < 0:
         raise ValueError(f'{name} must be >= 0, got {value}.')
     if not os.path.isdir(root):
-      raise FileNotFoundError(f'KITTI-STEP root not found: {root}')
+      raise FileNotFoundError(
+          'KITTI-STEP root not found: '
+          f'{repr(os.path.abspath(root)) if root else "an empty path"}; '
+          'set --config.input.data_dir=DIR to the KITTI-STEP folder')
     gt_folder = os.path.join(root, 'panoptic_maps', split)
     image_folder = os.path.join(root, 'images', split)
     for folder, what in ((gt_folder, 'panoptic map'), (image_folder, 'image')):
