@@ -11,6 +11,7 @@ anything is built so that a bad value fails with one line naming the field.
 from __future__ import annotations
 
 import ast
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -81,7 +82,7 @@ def _convert(key: str, value: str, default: Any) -> Any:
       return type(default)(ast.literal_eval(value))
     except (ValueError, SyntaxError) as e:
       raise ConfigError(
-          f"config argument {key}={value!r}: expected a "
+          f"config argument {key}={value!r}: expected a value of type "
           f"{type(default).__name__}"
       ) from e
   return value
@@ -320,18 +321,121 @@ def validate(config: ml_collections.ConfigDict) -> None:
   )
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing for the CLIs; bad flags and overrides fail in one line.
+# The folder holding `configs/` and `pix2seq_d_jax/` (the checkout, or
+# site-packages for a regular install, where `configs` is a package too).
+CHECKOUT_ROOT = os.path.dirname(
+    os.path.dirname(os.path.abspath(__file__))
+)
 
-  Used as `app.run(main, flags_parser=parse_flags)`: an unknown or mistyped
-  `--config.<field>` override of the locked config, or a bad flag value,
-  prints one `error: ...` line and exits with status 2 instead of a stack
-  trace.
+
+def resolve_config_path(path: str) -> str:
+  """Finds a config file given relative to the cwd or to the checkout.
+
+  The default `--config=configs/synthetic.py` is relative, so a run started
+  outside the repository root would otherwise fail to find it.
+
+  Args:
+    path: the part of `--config` before the colon.
+
+  Returns:
+    `path` itself if it exists, else the checkout's file of that name.
+
+  Raises:
+    ConfigError: if the path is empty or the file is in neither place.
+  """
+  if not path:
+    raise ConfigError(
+        "--config is empty; expected a config file such as "
+        "configs/synthetic.py"
+    )
+  expanded = os.path.expanduser(path)
+  if os.path.isfile(expanded):
+    return path
+  tried = [os.path.abspath(expanded)]
+  if not os.path.isabs(expanded):
+    candidate = os.path.join(CHECKOUT_ROOT, expanded)
+    if os.path.isfile(candidate):
+      return candidate
+    if candidate != tried[0]:
+      tried.append(candidate)
+  raise ConfigError(
+      f"--config={path}: config file not found (tried "
+      f"{' and '.join(tried)}); expected e.g. configs/synthetic.py"
+  )
+
+
+def _resolve_config_args(
+    argv: list[str], default_config: str | None
+) -> list[str]:
+  """`argv` with each `--config=FILE[:ARGS]` resolved by resolve_config_path.
+
+  Missing files are found here, before ml_collections defers the failure to
+  the first access of the config as a multi-line IOError. Without a
+  `--config`, `--config=<default_config>` is inserted first (before any
+  `--config.<field>` override, as ml_collections requires).
+  """
+  argv = list(argv)
+  given = any(a.partition("=")[0] in ("--config", "-config") for a in argv)
+  if default_config and not given:
+    argv.insert(1, f"--config={default_config}")
+  for i, arg in enumerate(argv):
+    name, eq, value = arg.partition("=")
+    if name not in ("--config", "-config"):
+      continue
+    if not eq:  # `--config FILE`: the value is the next argument.
+      if i + 1 >= len(argv):
+        continue
+      i, value = i + 1, argv[i + 1]
+    path, colon, rest = value.partition(":")
+    resolved = resolve_config_path(path)
+    argv[i] = (f"{name}=" if eq else "") + resolved + colon + rest
+  return argv
+
+
+def _flag_error_line(e: flags.Error) -> str:
+  """One line for an absl flag error.
+
+  ml_collections wraps an exception of `get_config` (a bad `:variant`) in a
+  message that holds the whole traceback; only its last line, the
+  exception's own message, says what is wrong.
+  """
+  text = str(e)
+  marker = "Error whilst parsing config file:"
+  if marker not in text:
+    return " ".join(text.split())
+  head = text.split(marker, 1)[0].strip().rstrip(":")
+  last = [ln for ln in text.splitlines() if ln.strip()][-1].strip()
+  # "package.module.ConfigError: message" -> "message".
+  kind, sep, message = last.partition(": ")
+  if sep and " " not in kind:
+    last = message
+  return f"{head}: {last}"
+
+
+def parse_flags(
+    argv: list[str], default_config: str | None = None
+) -> list[str]:
+  """absl flag parsing for the CLIs; bad flags and configs fail in one line.
+
+  Used as `app.run(main, flags_parser=parse_flags)`: a missing config file
+  (a relative one is also looked up in the checkout), a bad `:variant`, an
+  unknown or mistyped `--config.<field>` override of the locked config, or a
+  bad flag value prints one `error: ...` line and exits with status 2
+  instead of a stack trace.
+
+  Args:
+    argv: the command line.
+    default_config: `--config` value used when none is given.
+
+  Returns:
+    The remaining (non-flag) arguments.
   """
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
+    return flags.FLAGS(_resolve_config_args(argv, default_config))
+  except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
+  except flags.Error as e:
+    print(f"error: {_flag_error_line(e)}", file=sys.stderr)
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     # ml_collections raises these for an unknown or mistyped
     # --config.<field> override of the locked config.

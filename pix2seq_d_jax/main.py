@@ -12,17 +12,25 @@ before anything is built. Errors of the user's making (config, data paths)
 print one line and exit with status 2 instead of a stack trace.
 """
 
+import functools
 import logging as py_logging
 import os
 import sys
+import tempfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pix2seq_d_jax import config_lib
+from pix2seq_d_jax import config_lib, workdir_lock
 
+# The default is added to argv by the parser, not given to ml_collections:
+# it would load a default at import, where a bad --config.<field> override
+# raises outside any handler. A relative path is also looked up in the
+# checkout, so runs started outside the repository root find it.
+_DEFAULT_CONFIG = "configs/synthetic.py"
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/synthetic.py", "Config file (path[:args]).",
+    "config", None, f"Config file (path[:args]); default {_DEFAULT_CONFIG}. "
+    "A relative path is looked up in the cwd, then in the checkout.",
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
@@ -83,11 +91,41 @@ def _distributed_kwargs() -> dict:
   return given
 
 
+def _check_workdir(workdir: str) -> str | None:
+  """Why `workdir` cannot hold a run (None if it can); creates it.
+
+  Checked before jax is imported, so an empty `--workdir=` (an unset shell
+  variable) never trains into the cwd and an unusable folder fails at once.
+  """
+  if not workdir.strip():
+    return ("--workdir is empty (an unset shell variable?); expected the "
+            "run directory, e.g. --workdir=/tmp/p2sd")
+  if "://" in workdir:
+    return None  # Remote (gs://...): checked by the first write.
+  path = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(path) and not os.path.isdir(path):
+    return (f"--workdir={workdir}: {path} exists and is not a directory; "
+            "pass a new or existing run directory")
+  try:
+    os.makedirs(path, exist_ok=True)
+    # A real write: os.access says yes to root on a read-only mount.
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    return (f"--workdir={workdir}: {path} is not a writable directory "
+            f"({e.strerror or e}); pass a directory you can write")
+  return None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraryInfo())
   distributed_kwargs = _distributed_kwargs()
+  workdir_error = _check_workdir(_WORKDIR.value)
+  if workdir_error:
+    print(f"error: {workdir_error}", file=sys.stderr)
+    sys.exit(2)
   import jax  # Imported here so --help stays fast.
 
   if _DISTRIBUTED.value:
@@ -108,7 +146,8 @@ def main(argv):
   try:
     config_lib.validate(config)
     train.train_and_evaluate(config, _WORKDIR.value, _MODE.value)
-  except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
+  except (config_lib.ConfigError, FileNotFoundError, ValueError,
+          workdir_lock.WorkdirLockedError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except train.NonFiniteLossError as e:
@@ -122,4 +161,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=config_lib.parse_flags)
+  app.run(main, flags_parser=functools.partial(
+      config_lib.parse_flags, default_config=_DEFAULT_CONFIG))
