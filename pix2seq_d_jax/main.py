@@ -21,7 +21,7 @@ import tempfile
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pix2seq_d_jax import config_lib, workdir_lock
+from pix2seq_d_jax import config_lib, reporting, workdir_lock
 
 # The default is added to argv by the parser, not given to ml_collections:
 # it would load a default at import, where a bad --config.<field> override
@@ -118,6 +118,7 @@ def _check_workdir(workdir: str) -> str | None:
 
 
 def main(argv):
+  reporting.configure_terminal(flags.FLAGS.verbosity)
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraryInfo())
