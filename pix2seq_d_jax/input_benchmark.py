@@ -242,8 +242,7 @@ def profile_preprocessing(
   if num_examples < 1:
     raise ValueError(f'--profile_examples must be >= 1, got {num_examples}.')
   # SkippingSource.__getitem__ only dispatches to _read, the decode chain.
-  entries = {_location(type(source)._read): 'read',
-             _location(preprocess_fn): 'preprocess'}
+  entries = {_location(type(source)._read), _location(preprocess_fn)}
   profiler = cProfile.Profile(time.thread_time)
   for i in range(num_examples):
     rng = np.random.default_rng([seed, i])
