@@ -14,21 +14,41 @@ start. Saves are asynchronous; `wait_until_finished()` runs before exit.
 Resume order: this workdir's latest checkpoint, then `config.resume` (another
 workdir or checkpoint step folder, full state), then `config.model_init`
 (weights only), then scratch.
+
+The iterator state is saved as JSON by hand rather than with grain's own
+`grain.python.PyGrainCheckpointSave/Restore`, because grain's restore needs
+the live iterator (it calls `set_state` and starts prefetching) while the
+trainer restores the checkpoint before the input pipeline exists and builds
+the pipeline from the restored state.
+
+Restoring into a differently shaped target (another model config) is caught
+before orbax reads any array: the abstract target is compared with the
+checkpoint's stored tree metadata, and `CheckpointMismatchError` names the
+first differing parameter path, both shapes and the checkpoint's
+`config.json`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zipfile
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from pix2seq_d_jax import config_lib
+from pix2seq_d_jax.models import weight_import
+
 PyTree = Any
 STATE = "state"
 DATA = "data"
+
+
+class CheckpointMismatchError(config_lib.ConfigError):
+  """A checkpoint's parameters do not fit the config's model."""
 
 
 def make_manager(
@@ -106,6 +126,7 @@ def restore(
       `jax.eval_shape` plus the target shardings): the restored arrays take
       these shardings, whatever the device count at save time.
   """
+  check_compatible(manager, step, abstract_state)
   restored = manager.restore(
       step,
       args=ocp.args.Composite(
@@ -154,10 +175,141 @@ def restore_weights(path: str, abstract_state: PyTree) -> PyTree:
     state, _ = restore(manager, int(name), abstract_state)
     manager.close()
     return state
-  raise FileNotFoundError(
-      f"no finalized checkpoint under {path!r} (expected a workdir, its "
-      "checkpoints/ folder, or a step folder)"
-  )
+  raise _not_a_checkpoint(path)
+
+
+_EXPECTED = (
+    "expected a workdir, its checkpoints/ folder, a step folder, or (for "
+    "config.model_init) a ResNet-50 export "
+    f"{' or '.join(weight_import.SUFFIXES)}"
+)
+# Hints for formats people commonly point config.model_init at.
+_FORMAT_HINTS = {
+    ".pth": "a PyTorch pickle; save its state_dict with "
+    "safetensors.torch.save_file(state_dict, 'r50.safetensors')",
+    ".npy": "a single array; save the named arrays with np.savez",
+    ".h5": "a Keras HDF5 file; save the named arrays with np.savez",
+}
+_FORMAT_HINTS[".pt"] = _FORMAT_HINTS[".bin"] = _FORMAT_HINTS[".pth"]
+_FORMAT_HINTS[".keras"] = _FORMAT_HINTS[".h5"]
+
+
+def _not_a_checkpoint(path: str) -> Exception:
+  """The real reason `path` holds neither a checkpoint nor an export."""
+  if not os.path.exists(path):
+    return FileNotFoundError(f"{path!r} does not exist ({_EXPECTED})")
+  if not os.path.isfile(path):
+    return FileNotFoundError(
+        f"no finalized checkpoint under {path!r} ({_EXPECTED})"
+    )
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix not in weight_import.SUFFIXES:
+    hint = _FORMAT_HINTS.get(suffix, "")
+    return ValueError(
+        f"{path!r}: unsupported format {suffix or '(no suffix)'!r}"
+        f"{f' ({hint})' if hint else ''}; {_EXPECTED}"
+    )
+  with open(path, "rb") as f:
+    head = f.read(8)
+  # np.load(allow_pickle=False) refuses these with a generic message.
+  refused = "pickled content refused (loading a pickle can run code)"
+  if head.startswith(b"\x93NUMPY"):
+    reason = "a single .npy array, not an archive of named arrays"
+  elif head[:1] == b"\x80":
+    reason = f"a Python pickle: {refused}"
+  elif zipfile.is_zipfile(path) and any(
+      n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist()
+  ):
+    reason = f"a PyTorch torch.save archive: {refused}"
+  else:
+    try:
+      weight_import.detect_layout(list(weight_import.read_export(path)), path)
+      reason = "readable, yet not routed as an export"
+    except (OSError, ValueError) as e:
+      reason = f"not a ResNet-50 array file: {e}"
+  return ValueError(f"{path!r}: {reason}; {_EXPECTED}")
+
+
+def _path_str(path: tuple[Any, ...]) -> str:
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def _shapes(tree: PyTree) -> dict[str, tuple[int, ...] | None]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {
+      _path_str(p): tuple(leaf.shape) if hasattr(leaf, "shape") else None
+      for p, leaf in leaves
+  }
+
+
+def check_compatible(
+    manager: ocp.CheckpointManager, step: int, abstract_state: PyTree
+) -> None:
+  """Fails in one line if the checkpoint's arrays do not fit the target.
+
+  Compares the target's tree paths and shapes with the checkpoint's stored
+  metadata (no array is read). orbax's own error on a mismatch names no
+  parameter and advises `strict=False`, which would load a wrong model.
+
+  Args:
+    manager: the manager of the checkpoint folder.
+    step: a finalized step.
+    abstract_state: the restore target (`jax.ShapeDtypeStruct` leaves).
+
+  Raises:
+    CheckpointMismatchError: naming the first differing parameter path, both
+      shapes, and the checkpoint's `config.json`.
+  """
+  try:
+    # Read with a handler of our own: `manager.item_metadata` of a manager
+    # built with item names only (a fresh resume) has no handler yet, and
+    # warns for each item.
+    metadata = ocp.StandardCheckpointHandler().metadata(
+        ocp.step.build_step_path(
+            manager.directory, ocp.step.standard_name_format(), step
+        ) / STATE
+    )
+    stored = _shapes(getattr(metadata, "tree", metadata))
+  except Exception as e:  # Metadata missing or unreadable: orbax decides.
+    logging.info("No tree metadata for step %d (%s); not compared.", step, e)
+    return
+  if not stored:
+    return
+  target = _shapes(abstract_state)
+  problem = None
+  for path, shape in target.items():
+    if path not in stored:
+      problem = f"{path} {shape} is in the config's model but not in it"
+    elif stored[path] != shape:
+      problem = (
+          f"{path} has shape {stored[path]} in the checkpoint but {shape} "
+          "in this config"
+      )
+    if problem:
+      break
+  else:
+    extra = [p for p in stored if p not in target]
+    if extra:
+      problem = f"{extra[0]} {stored[extra[0]]} is in it but not in the model"
+  if problem:
+    directory = os.fspath(manager.directory)
+    workdir = (
+        os.path.dirname(directory)
+        if os.path.basename(directory) == "checkpoints" else directory
+    )
+    raise CheckpointMismatchError(
+        f"checkpoint {directory}/{step} was written with another model "
+        f"config: {problem}; use the config it was trained with (see "
+        f"{os.path.join(workdir, 'config.json')}) or another workdir"
+    )
 
 
 def abstract_with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:

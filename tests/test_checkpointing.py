@@ -1,0 +1,155 @@
+"""Checkpoint errors that tell the truth, on tiny pytrees (no model needed).
+
+A checkpoint restored into a differently shaped target fails before orbax
+reads an array, naming the first differing path, both shapes and the
+workdir's config.json; every bad `config.model_init` path says its real
+reason (missing, unsupported format, not an array file, pickle refused).
+"""
+
+import json
+import pickle
+import zipfile
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pix2seq_d_jax import checkpointing, config_lib
+
+
+@flax.struct.dataclass
+class _State:
+  step: jax.Array
+  params: dict
+  opt_state: object
+
+
+def _state(width):
+  params = {"enc": {"w": jnp.arange(4.0 * width).reshape(4, width)},
+            "b": jnp.zeros(3)}
+  return _State(step=jnp.array(7), params=params,
+                opt_state=optax.adam(1e-3).init(params))
+
+
+@pytest.fixture
+def workdir(tmp_path):
+  manager = checkpointing.make_manager(str(tmp_path), keep=2)
+  checkpointing.save(manager, 7, _state(64), b'{"pos": 3}')
+  manager.wait_until_finished()
+  manager.close()
+  return tmp_path
+
+
+def _abstract(width):
+  return jax.eval_shape(lambda: _state(width))
+
+
+def test_roundtrip_restores_values_and_data_state(workdir):
+  manager = checkpointing.make_manager(str(workdir), keep=2)
+  state, data = checkpointing.restore(manager, 7, _abstract(64))
+  np.testing.assert_array_equal(state.params["enc"]["w"],
+                                _state(64).params["enc"]["w"])
+  assert int(state.step) == 7 and data == b'{"pos": 3}'
+  # The iterator state stays readable JSON inside the checkpoint.
+  saved = json.loads((workdir / "checkpoints" / "7" / "data" /
+                      "metadata").read_text())
+  assert saved == {"kind": "bytes", "value": '{"pos": 3}'}
+
+
+def test_other_model_config_names_path_and_shapes(workdir):
+  manager = checkpointing.make_manager(str(workdir), keep=2)
+  with pytest.raises(checkpointing.CheckpointMismatchError) as info:
+    checkpointing.restore(manager, 7, _abstract(128))
+  message = str(info.value)
+  assert isinstance(info.value, config_lib.ConfigError)  # CLIs: exit 2.
+  assert "\n" not in message
+  # The first differing leaf in the target's order, both shapes.
+  assert ("params/enc/w has shape (4, 64) in the checkpoint but (4, 128) "
+          "in this config") in message
+  assert f"{workdir}/checkpoints/7" in message
+  assert str(workdir / "config.json") in message
+  assert "strict" not in message
+  # The same check guards config.resume / model_init from another run.
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"params/enc/w has shape \(4, 64\)"):
+    checkpointing.restore_weights(str(workdir), _abstract(128))
+
+
+def test_missing_and_extra_parameters_are_named(workdir):
+  manager = checkpointing.make_manager(str(workdir), keep=2)
+  bigger = _abstract(64).replace(
+      params={**_abstract(64).params,
+              "dec": jax.ShapeDtypeStruct((2,), jnp.float32)})
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"params/dec \(2,\) is in the config's model but "
+                     "not in it"):
+    checkpointing.check_compatible(manager, 7, bigger)
+  smaller = _abstract(64).replace(params={"enc": _abstract(64).params["enc"]})
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match="is in it but not in the model"):
+    checkpointing.check_compatible(manager, 7, smaller)
+
+
+def _write(path, content):
+  path.write_bytes(content)
+  return str(path)
+
+
+def _npy_bytes(tmp_path):
+  np.save(tmp_path / "one.npy", np.ones(3))
+  return (tmp_path / "one.npy").read_bytes()
+
+
+def _torch_like_zip(path):
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("archive/data.pkl", pickle.dumps({"conv1.weight": 1}))
+  return str(path)
+
+
+@pytest.mark.parametrize("case, exc, fragments", [
+    ("missing", FileNotFoundError, ["does not exist", "a step folder"]),
+    ("empty_dir", FileNotFoundError, ["no finalized checkpoint under"]),
+    ("pth", ValueError, ["unsupported format '.pth'", "PyTorch pickle",
+                         "safetensors.torch.save_file", ".npz or "
+                         ".safetensors"]),
+    ("npy", ValueError, ["unsupported format '.npy'", "a single array"]),
+    ("npy_as_npz", ValueError, ["a single .npy array"]),
+    ("garbage_npz", ValueError, ["not a ResNet-50 array file",
+                                 "not a readable .npz archive"]),
+    ("garbage_safetensors", ValueError, ["not a ResNet-50 array file",
+                                         "safetensors"]),
+    ("pickle_npz", ValueError, ["a Python pickle", "pickled content "
+                                "refused"]),
+    ("torch_zip", ValueError, ["a PyTorch torch.save archive",
+                               "pickled content refused"]),
+    ("wrong_keys", ValueError, ["cannot tell the ResNet-50 layout",
+                                "conv1.weight"]),
+])
+def test_bad_model_init_says_why(tmp_path, case, exc, fragments):
+  paths = {
+      "missing": lambda: str(tmp_path / "nope.npz"),
+      "empty_dir": lambda: str(tmp_path),
+      "pth": lambda: _write(tmp_path / "r50.pth", pickle.dumps({})),
+      "npy": lambda: _write(tmp_path / "w.npy", _npy_bytes(tmp_path)),
+      "npy_as_npz": lambda: _write(tmp_path / "w.npz", _npy_bytes(tmp_path)),
+      "garbage_npz": lambda: _write(tmp_path / "w.npz", b"garbage!" * 9),
+      "garbage_safetensors": lambda: _write(
+          tmp_path / "w.safetensors", b"\xff" * 64),
+      "pickle_npz": lambda: _write(tmp_path / "w.npz", pickle.dumps([1])),
+      "torch_zip": lambda: _torch_like_zip(tmp_path / "w.npz"),
+      "wrong_keys": lambda: (np.savez(tmp_path / "w.npz", a=np.ones(2)),
+                             str(tmp_path / "w.npz"))[1],
+  }
+  path = paths[case]()
+  with pytest.raises(exc) as info:
+    checkpointing.restore_weights(path, _abstract(64))
+  message = str(info.value)
+  assert repr(path) in message or path in message
+  assert "\n" not in message
+  for fragment in fragments:
+    assert fragment in message, (fragment, message)
+  if case != "empty_dir":
+    assert "no finalized checkpoint" not in message
