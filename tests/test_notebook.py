@@ -84,6 +84,19 @@ def test_notebook_file_is_clean():
     assert re.search(rf"^{name} = ", cells[0].source, re.M), name
 
 
+def test_no_placeholder_urls():
+  # What ships runs as is: no placeholder owner, no file outside the repo;
+  # the one setting Colab needs is empty until the user fills it.
+  with open(NOTEBOOK) as f:
+    text = f.read()
+  assert "OWNER" not in text and "../shared" not in text
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  params = _code_cells(nb)[0].source
+  assert 'REPO_URL = os.environ.get("P2SD_REPO_URL", "")' in params
+  install = _cell_with(nb, "find_spec")
+  assert "set REPO_URL in the Parameters cell" in install.source
+
+
 def test_no_error_outputs(executed):
   cells = _code_cells(executed["nb"])
   assert all(c.execution_count is not None for c in cells)
