@@ -12,7 +12,7 @@ from ml_collections import config_dict
 
 
 def paper_model() -> ml_collections.ConfigDict:
-  """Pix2Seq-D ResNet-50 model of the COCO recipe (PIX2SEQ_D.md section 3)."""
+  """Pix2Seq-D ResNet-50 model of the paper's COCO recipe (reference code)."""
   return ml_collections.ConfigDict(
       dict(
           name="pix2seq_d",
