@@ -8,7 +8,8 @@ import pytest
 
 from pix2seq_d_jax import data
 from pix2seq_d_jax.data import coco_panoptic
-from pix2seq_d_jax.data import panoptic_format as pf
+from pix2seq_d_jax.data.source_api import BadExampleError
+from pix2seq_d_jax.formats import coco_panoptic as pf
 
 # Categories in JSON order: two things and one stuff, with COCO-like ids.
 CATEGORIES = [
@@ -208,20 +209,20 @@ def test_bad_examples_raise_naming_the_file(fixture):
   # Undecodable PNG.
   with open(_png(root, 0), 'wb') as f:
     f.write(b'garbage')
-  with pytest.raises(coco_panoptic.BadExampleError, match='000000000100.png'):
+  with pytest.raises(BadExampleError, match='000000000100.png'):
     src[0]
   # A segment id in the PNG that segments_info does not list.
   ids = pf.read_panoptic_png(_png(root, 1))
   ids[0, 0] = 4242
   pf.write_panoptic_png(_png(root, 1), ids)
   with pytest.raises(
-      coco_panoptic.BadExampleError, match=r'000000000101.png.*\[4242\]'
+      BadExampleError, match=r'000000000101.png.*\[4242\]'
   ):
     src[1]
   # Image and label sizes differ.
   pf.write_panoptic_png(_png(root, 2), np.zeros((3, 3), np.int32))
   with pytest.raises(
-      coco_panoptic.BadExampleError,
+      BadExampleError,
       match='000000000102.jpg.*000000000102.png',
   ):
     src[2]
@@ -244,5 +245,5 @@ def test_skip_mode_substitutes_and_counts(fixture):
   for i in (0, 2):
     with open(_png(root, i), 'wb') as f:
       f.write(b'garbage')
-  with pytest.raises(coco_panoptic.BadExampleError, match='All 3 examples'):
+  with pytest.raises(BadExampleError, match='All 3 examples'):
     src[0]

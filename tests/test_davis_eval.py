@@ -11,6 +11,7 @@ from PIL import Image
 from scipy import ndimage
 
 from pix2seq_d_jax.evaluation import davis
+from pix2seq_d_jax.formats import davis as davis_format
 
 SEMI, UNSUP = "semi-supervised", "unsupervised"
 
@@ -26,7 +27,7 @@ def write_davis(root, sequences, task=SEMI, subset="val", images=True):
   folder = "Annotations" if task == SEMI else "Annotations_unsupervised"
   for name, ids in sequences.items():
     for t, frame in enumerate(ids):
-      davis.write_palette_png(
+      davis_format.write_palette_png(
         root / folder / "480p" / name / f"{t:05d}.png", frame
       )
       if images:
@@ -42,48 +43,7 @@ def write_results(root, sequences, frames=None):
   for name, ids in sequences.items():
     for t, frame in enumerate(ids):
       if frames is None or t in frames:
-        davis.write_palette_png(root / name / f"{t:05d}.png", frame)
-
-
-# --------------------------------------------------------------------------
-# Palette PNGs.
-# --------------------------------------------------------------------------
-
-
-def test_palette_is_pascal_voc_and_png_round_trips(tmp_path):
-  palette = davis.davis_palette()
-  assert palette.shape == (256, 3) and palette.dtype == np.uint8
-  np.testing.assert_array_equal(
-    palette[[0, 1, 2, 3, 4, 5, 255]],
-    [
-      [0, 0, 0],
-      [128, 0, 0],
-      [0, 128, 0],
-      [128, 128, 0],
-      [0, 0, 128],
-      [128, 0, 128],
-      [224, 224, 192],
-    ],
-  )
-  ids = np.array([[0, 1, 2], [255, 7, 0]], np.uint8)
-  path = tmp_path / "sub" / "00000.png"
-  davis.write_palette_png(path, ids)
-  with Image.open(path) as im:
-    assert im.mode == "P"
-    assert im.getpalette()[3:9] == [128, 0, 0, 0, 128, 0]
-  np.testing.assert_array_equal(davis.read_palette_png(path), ids)
-  assert os.listdir(tmp_path / "sub") == ["00000.png"]  # no temporary left
-
-
-def test_palette_png_errors_name_the_file(tmp_path):
-  with pytest.raises(ValueError, match=r"\[0, 255\].*256"):
-    davis.write_palette_png(tmp_path / "a.png", np.array([[0, 256]]))
-  with pytest.raises(FileNotFoundError, match="missing.png"):
-    davis.read_palette_png(tmp_path / "missing.png")
-  rgb = tmp_path / "rgb.png"
-  Image.fromarray(np.zeros((2, 3, 3), np.uint8)).save(rgb)
-  with pytest.raises(ValueError, match="rgb.png.*single-channel"):
-    davis.read_palette_png(rgb)
+        davis_format.write_palette_png(root / name / f"{t:05d}.png", frame)
 
 
 # --------------------------------------------------------------------------

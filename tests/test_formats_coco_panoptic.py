@@ -1,12 +1,14 @@
 """Tests of the COCO panoptic RGB<->id encoding and file helpers."""
 
+import io
 import json
 import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from pix2seq_d_jax.data import panoptic_format as pf
+from pix2seq_d_jax.formats import coco_panoptic as pf
 
 
 def test_rgb_to_id_hand_computed():
@@ -15,6 +17,49 @@ def test_rgb_to_id_hand_computed():
       pf.rgb_to_id(rgb.astype(np.uint8)),
       [[1 + 2 * 256 + 3 * 65536, 0], [256**3 - 1, 256]],
   )
+
+
+def _panopticapi_rgb2id(color):
+  # panopticapi/utils.py rgb2id, verbatim but for the name.
+  if isinstance(color, np.ndarray) and len(color.shape) == 3:
+    if color.dtype == np.uint8:
+      color = color.astype(np.int32)
+    return color[:, :, 0] + 256 * color[:, :, 1] + 256 * 256 * color[:, :, 2]
+  return int(color[0] + 256 * color[1] + 256 * 256 * color[2])
+
+
+def test_rgb_to_id_equals_panopticapi(tmp_path):
+  rng = np.random.default_rng(1)
+  rgba = rng.integers(0, 256, size=(5, 6, 4)).astype(np.uint8)
+  rgba[0, 0] = [255, 255, 255, 0]
+  # uint8 (panopticapi's rgb2id on decoded pixels), uint32 (its pq_compute
+  # reads np.array(Image.open(png), dtype=np.uint32)); alpha is ignored.
+  for pixels in (rgba[..., :3], rgba[..., :3].astype(np.uint32), rgba):
+    ids = pf.rgb_to_id(pixels)
+    assert ids.dtype == np.int32
+    np.testing.assert_array_equal(ids, _panopticapi_rgb2id(pixels))
+  # The file reader decodes like pq_compute, for RGB and RGBA PNGs alike.
+  for mode, pixels in (('RGB', rgba[..., :3]), ('RGBA', rgba)):
+    path = tmp_path / f'{mode}.png'
+    Image.fromarray(pixels, mode).save(path)
+    expected = _panopticapi_rgb2id(
+        np.array(Image.open(path), dtype=np.uint32)
+    )
+    np.testing.assert_array_equal(pf.read_panoptic_png(str(path)), expected)
+    data = io.BytesIO(path.read_bytes())
+    np.testing.assert_array_equal(pf.read_panoptic_png(data), expected)
+
+
+def test_non_rgb_panoptic_pngs_are_rejected(tmp_path):
+  # A palette or grayscale PNG is not in the id encoding; converting it to
+  # RGB would invent ids that panopticapi never computes.
+  for mode in ('P', 'L'):
+    path = tmp_path / f'{mode}.png'
+    Image.fromarray(np.ones((2, 2), np.uint8), mode).save(path)
+    with pytest.raises(ValueError, match=f'{mode}.png.*rgb_to_id'):
+      pf.read_panoptic_png(str(path))
+  with pytest.raises(ValueError, match=r'\[h, w, 3\]'):
+    pf.rgb_to_id(np.zeros((2, 2), np.uint8))
 
 
 def test_id_rgb_round_trip_including_large_ids():

@@ -13,6 +13,7 @@ from PIL import Image
 from pix2seq_d_jax import config_lib, data
 from pix2seq_d_jax.data import kitti_step as ks
 from pix2seq_d_jax.evaluation import stq
+from pix2seq_d_jax.formats import kitti_step as step_format
 
 H, W = 12, 40
 ROAD, SKY, PERSON, RIDER, CAR, VOID = 0, 10, 11, 12, 13, 255
@@ -172,8 +173,8 @@ def test_step_png_round_trip_and_train_ids(tmp_path):
   sem = np.array([[0, 13, 255], [11, 18, 5]])
   inst = np.array([[0, 70000 - 4465, 0], [256, 0, 1]])
   path = str(tmp_path / 'x.png')
-  ks.write_step_png(path, sem, inst)
-  got_sem, got_inst = ks.read_step_png(path)
+  step_format.write_step_png(path, sem, inst)
+  got_sem, got_inst = step_format.read_step_png(path)
   np.testing.assert_array_equal(got_sem, sem)
   np.testing.assert_array_equal(got_inst, inst)
   rgb = np.asarray(Image.open(path))
@@ -181,7 +182,7 @@ def test_step_png_round_trip_and_train_ids(tmp_path):
   np.testing.assert_array_equal(
       ks.class_to_train_id(np.array([0, 1, 14, 19])), [255, 0, 13, 18])
   with pytest.raises(ValueError, match=r'track_ids must be in \[0, 65535\]'):
-    ks.write_step_png(path, sem, inst + 70000)
+    step_format.write_step_png(path, sem, inst + 70000)
 
 
 def test_perfect_prediction_of_a_loaded_sequence_scores_one(root):

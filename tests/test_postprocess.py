@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from pix2seq_d_jax.evaluators import postprocess
 
@@ -80,31 +79,17 @@ def test_bad_class_raises():
     )
 
 
-def test_resize_nearest_hand_cases():
-  labels = np.array([[1, 2, 3], [4, 5, 6]])
-  np.testing.assert_array_equal(
-    postprocess.resize_nearest(labels, (4, 6)),
-    np.repeat(np.repeat(labels, 2, axis=0), 2, axis=1),
-  )
-  big = np.arange(16).reshape(4, 4)
-  # Pixel-centre sampling takes rows/cols 1 and 3.
-  np.testing.assert_array_equal(
-    postprocess.resize_nearest(big, (2, 2)), [[5, 7], [13, 15]]
-  )
-  stacked = np.stack([labels, labels * 10], -1)
-  out = postprocess.resize_nearest(stacked, (3, 5))
-  np.testing.assert_array_equal(out[..., 1], out[..., 0] * 10)
-
-
-@pytest.mark.parametrize(("src", "dst"), [((5, 7), (3, 11)), ((6, 4), (13, 9))])
-def test_resize_nearest_matches_pil(src, dst):
-  labels = np.arange(src[0] * src[1], dtype=np.int32).reshape(src)
-  pil = Image.fromarray(labels).resize(
-    (dst[1], dst[0]), Image.Resampling.NEAREST
-  )
-  np.testing.assert_array_equal(
-    postprocess.resize_nearest(labels, dst), np.asarray(pil)
-  )
+def test_valid_mask_size_hand_cases():
+  # Stride 4: 10 content pixels touch ceil(10 / 4) = 3 mask pixels.
+  assert postprocess.valid_mask_size((10, 64), 64, 16) == (3, 16)
+  # Stride 640 / 160 = 4 exactly; 427 -> ceil(106.75) = 107.
+  assert postprocess.valid_mask_size((480, 427), 640, 160) == (120, 107)
+  # A non-integer stride (96 / 40 = 2.4): 12 / 2.4 = 5 exactly, no rounding
+  # up to 6; 13 / 2.4 = 5.42 -> 6; empty content still keeps one pixel.
+  assert postprocess.valid_mask_size((12, 13), 96, 40) == (5, 6)
+  assert postprocess.valid_mask_size((0, 96), 96, 40) == (1, 40)
+  with pytest.raises(ValueError, match="positive"):
+    postprocess.valid_mask_size((1, 1), 0, 4)
 
 
 def test_crop_and_resize_to_original():

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pix2seq_d_jax.data import preprocess as pp
 
@@ -63,6 +64,29 @@ def test_resize_labels_nearest():
   out = pp.resize_labels(z, (37, 29))
   assert out.dtype == z.dtype
   assert set(np.unique(out)) == set(np.unique(z))
+
+
+@pytest.mark.parametrize(
+    ('src', 'dst'), [((5, 7), (3, 11)), ((6, 4), (13, 9)), ((2, 3), (49, 103))]
+)
+def test_resize_labels_matches_pil_nearest(src, dst):
+  # (2, 49): the float product (i + 0.5) * (2 / 49) lands just below an
+  # integer at i = 24 (0.999...), where exact arithmetic gives 1.
+  labels = np.arange(src[0] * src[1], dtype=np.int32).reshape(src)
+  pil = Image.fromarray(labels).resize(
+      (dst[1], dst[0]), Image.Resampling.NEAREST
+  )
+  np.testing.assert_array_equal(pp.resize_labels(labels, dst), np.asarray(pil))
+
+
+def test_resize_labels_channels_and_errors():
+  labels = np.array([[1, 2, 3], [4, 5, 6]])
+  out = pp.resize_labels(np.stack([labels, labels * 10], -1), (3, 5))
+  np.testing.assert_array_equal(out[..., 1], out[..., 0] * 10)
+  with pytest.raises(ValueError, match='positive'):
+    pp.resize_labels(labels, (0, 4))
+  with pytest.raises(ValueError, match=r'\[h, w\]'):
+    pp.resize_labels(np.zeros(3, np.int32), 2)
 
 
 def test_resize_image_bilinear():

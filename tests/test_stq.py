@@ -7,8 +7,8 @@ import pickle
 import numpy as np
 import pytest
 
-from pix2seq_d_jax.data import kitti_step
 from pix2seq_d_jax.evaluation import stq
+from pix2seq_d_jax.formats import kitti_step
 
 # A 3-class toy set: 0 road, 1 sky (stuff), 2 car (thing); void 255.
 ROAD, SKY, CAR, VOID = 0, 1, 2, 255

@@ -8,7 +8,7 @@ import pytest
 
 from pix2seq_d_jax import data
 from pix2seq_d_jax.data import coco_panoptic, synthetic
-from pix2seq_d_jax.data import panoptic_format as pf
+from pix2seq_d_jax.formats import coco_panoptic as pf
 
 PARAMS = dict(num_train=6, num_val=3, image_size=32, seed=3)
 

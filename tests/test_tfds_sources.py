@@ -23,7 +23,7 @@ from PIL import Image
 
 from pix2seq_d_jax import data
 from pix2seq_d_jax.data import coco_panoptic, davis, tfds_sources
-from pix2seq_d_jax.data import panoptic_format as pf
+from pix2seq_d_jax.formats import coco_panoptic as pf
 from tests import test_davis_source as davis_fixture
 
 # Contiguous classes (JSON position + 1) of the categories drawn below.

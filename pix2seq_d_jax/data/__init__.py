@@ -13,11 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 from pix2seq_d_jax.data import synthetic
-from pix2seq_d_jax.data.coco_panoptic import (
-    BadExampleError,
-    CocoPanopticSource,
-    PanopticMetadata,
-)
+from pix2seq_d_jax.data.coco_panoptic import CocoPanopticSource
+from pix2seq_d_jax.data.source_api import BadExampleError, PanopticMetadata
 
 __all__ = [
     'SOURCES',

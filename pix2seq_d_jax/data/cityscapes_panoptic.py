@@ -33,12 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from pix2seq_d_jax.data import panoptic_format, register_source
-from pix2seq_d_jax.data.coco_panoptic import (
-    BadExampleError,
-    CocoPanopticSource,
-    open_layout,
-)
+from pix2seq_d_jax.data import register_source
+from pix2seq_d_jax.data.coco_panoptic import CocoPanopticSource, open_layout
+from pix2seq_d_jax.data.source_api import BadExampleError
+from pix2seq_d_jax.formats import coco_panoptic as coco_format
 
 _DEFAULT_CACHE_DIR = os.path.join(
     tempfile.gettempdir(), 'pix2seq_d_jax', 'cityscapes_panoptic'
@@ -224,7 +222,7 @@ def _write_cached_json(
     os.makedirs(os.path.dirname(path), exist_ok=True)
     # Atomic write: concurrent hosts writing the same content cannot leave a
     # truncated file for one another.
-    panoptic_format.write_panoptic_json(
+    coco_format.write_panoptic_json(
         path,
         normalised['images'],
         normalised['annotations'],

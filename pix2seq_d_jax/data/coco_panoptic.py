@@ -14,17 +14,19 @@ The synthetic dataset is written in the same layout and read by this class.
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 import os
 from typing import Any
 
 import numpy as np
-from absl import logging
 
-from pix2seq_d_jax.data import panoptic_format
-
-SPLITS = ('train', 'val')
+from pix2seq_d_jax.data.source_api import (
+  SPLITS,
+  BadExampleError,
+  SkippingSource,
+  metadata_from_categories,
+)
+from pix2seq_d_jax.formats import coco_panoptic as coco_format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +62,7 @@ def open_layout(
         f'{root_what} not found: '
         f'{repr(os.path.abspath(root)) if root else "an empty path"}; set '
         '--config.input.data_dir=DIR to the dataset folder')
-  content = panoptic_format.load_panoptic_json(gt_json)
+  content = coco_format.load_panoptic_json(gt_json)
   for folder, what in (
       (gt_folder, 'panoptic PNG'),
       (image_folder, 'image'),
@@ -273,8 +275,8 @@ class CocoPanopticSource(SkippingSource):
     image_path = os.path.join(self.metadata.image_folder, rec.image_file)
     png_path = os.path.join(self.metadata.gt_folder, rec.png_file)
     try:
-      image = panoptic_format.read_rgb_image(image_path)
-      ids = panoptic_format.read_panoptic_png(png_path)
+      image = coco_format.read_rgb_image(image_path)
+      ids = coco_format.read_panoptic_png(png_path)
     except (FileNotFoundError, ValueError) as e:
       raise BadExampleError(str(e)) from e
     if image.shape[:2] != ids.shape:

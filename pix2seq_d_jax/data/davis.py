@@ -29,21 +29,22 @@ from __future__ import annotations
 import abc
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from absl import logging
-from PIL import Image
 
-from pix2seq_d_jax.data import panoptic_format, register_source
-from pix2seq_d_jax.data.coco_panoptic import (
+from pix2seq_d_jax.data import register_source
+from pix2seq_d_jax.data.source_api import (
+  SPLITS,
   BadExampleError,
   PanopticMetadata,
   SkippingSource,
+  check_count,
   metadata_from_categories,
 )
+from pix2seq_d_jax.formats import coco_panoptic as coco_format
+from pix2seq_d_jax.formats import davis as davis_format
 
-SPLITS = ('train', 'val')
 TASKS = ('unsupervised', 'semi-supervised')
 VOID_ID = 255
 # image_id of a clip = sequence_index * CLIP_ID_STRIDE + first frame index;
@@ -99,51 +100,6 @@ def labels_from_ids(ids: np.ndarray) -> dict[str, np.ndarray]:
       'instance': instance,
       'crowd': np.zeros(ids.shape, np.bool_),
   }
-
-
-def decode_label_png(data: Any, what: str) -> np.ndarray:
-  """Decodes a DAVIS annotation (palette or grayscale PNG) into object ids.
-
-  Args:
-    data: a path or a binary file object.
-    what: the file's name in error messages.
-
-  Returns:
-    uint8 [h, w], the palette indices (= object ids).
-
-  Raises:
-    ValueError: if the data cannot be decoded or is not a single-channel
-      (palette 'P' or grayscale 'L') image.
-  """
-  try:
-    with Image.open(data) as im:
-      if im.mode not in ('P', 'L'):
-        raise ValueError(
-            f'DAVIS annotation {what}: expected a palette (P) or grayscale '
-            f'(L) PNG of object ids, got mode {im.mode!r}.'
-        )
-      # np.array forces the full decode, so truncated files fail here.
-      return np.array(im, dtype=np.uint8)
-  except (OSError, SyntaxError) as e:
-    raise ValueError(f'Cannot decode DAVIS annotation {what}: {e}') from e
-
-
-def read_label_png(path: str) -> np.ndarray:
-  """Reads a DAVIS annotation PNG; see `decode_label_png`.
-
-  Raises:
-    FileNotFoundError: if the file does not exist.
-    ValueError: if it cannot be decoded as a palette or grayscale PNG.
-  """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'DAVIS annotation not found: {path}')
-  return decode_label_png(path, path)
-
-
-def check_count(value: int | None, name: str) -> None:
-  """Raises ValueError unless value is None or a non-negative int."""
-  if value is not None and value < 0:
-    raise ValueError(f'{name} must be >= 0 or None, got {value}.')
 
 
 # One decoded frame: image uint8 [h, w, 3], ids [h, w], and the names of the
@@ -426,8 +382,8 @@ class DavisSource(ClipSource):
       )
       label_path = os.path.join(self.metadata.gt_folder, name, f'{stem}.png')
       try:
-        image = panoptic_format.read_rgb_image(image_path)
-        ids = read_label_png(label_path)
+        image = coco_format.read_rgb_image(image_path)
+        ids = davis_format.read_palette_png(label_path)
       except (FileNotFoundError, ValueError) as e:
         raise BadExampleError(str(e)) from e
       frames.append((image, ids, image_path, label_path))

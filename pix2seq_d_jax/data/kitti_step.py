@@ -27,16 +27,17 @@ import os
 from collections.abc import Iterator
 
 import numpy as np
-from PIL import Image
 
 from pix2seq_d_jax.data import register_source
-from pix2seq_d_jax.data.coco_panoptic import (
+from pix2seq_d_jax.data.source_api import (
   SPLITS,
   BadExampleError,
   PanopticMetadata,
   SkippingSource,
   metadata_from_categories,
 )
+from pix2seq_d_jax.formats import coco_panoptic as coco_format
+from pix2seq_d_jax.formats import kitti_step as step_format
 
 VOID_TRAIN_ID = 255
 THING_TRAIN_IDS = (11, 13)  # person, car: the classes STEP tracks.
@@ -61,80 +62,6 @@ def categories() -> list[dict]:
       {'id': cid, 'name': name, 'isthing': int(i in THING_TRAIN_IDS)}
       for i, (cid, name) in enumerate(_CLASSES)
   ]
-
-
-def decode_step_panoptic(
-    rgb: np.ndarray, path: str = 'panoptic map'
-) -> tuple[np.ndarray, np.ndarray]:
-  """Splits a STEP panoptic PNG's pixels into train ids and track ids.
-
-  Args:
-    rgb: uint8 [h, w, 3] (or [h, w, 4], alpha ignored) pixels.
-    path: named in errors.
-
-  Returns:
-    `(train_ids, track_ids)`, int32 [h, w] each: R and G * 256 + B.
-
-  Raises:
-    ValueError: if the pixels are not RGB(A).
-  """
-  rgb = np.asarray(rgb)
-  if rgb.ndim != 3 or rgb.shape[-1] not in (3, 4):
-    raise ValueError(
-        f'{path}: expected an RGB panoptic map [h, w, 3], got shape '
-        f'{rgb.shape}.'
-    )
-  rgb = rgb[..., :3].astype(np.int32)
-  return rgb[..., 0], rgb[..., 1] * 256 + rgb[..., 2]
-
-
-def read_step_png(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """Reads a STEP panoptic PNG as `(train_ids, track_ids)`, int32 [h, w].
-
-  Raises:
-    FileNotFoundError: if the file does not exist.
-    ValueError: if it cannot be decoded or is not RGB.
-  """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'Panoptic map not found: {path}')
-  try:
-    with Image.open(path) as im:
-      pixels = np.asarray(im)
-  except (OSError, ValueError, SyntaxError) as e:
-    raise ValueError(f'Cannot decode panoptic map {path}: {e}') from e
-  return decode_step_panoptic(pixels, path)
-
-
-def write_step_png(
-    path: str, train_ids: np.ndarray, track_ids: np.ndarray
-) -> None:
-  """Writes a STEP panoptic PNG (the format of ground truth and submissions).
-
-  Args:
-    path: output file; written to a temporary name, then renamed.
-    train_ids: integer [h, w] in [0, 255] (255 = void).
-    track_ids: integer [h, w] in [0, 65535].
-
-  Raises:
-    ValueError: on a shape mismatch or values out of range.
-  """
-  train_ids, track_ids = np.asarray(train_ids), np.asarray(track_ids)
-  if train_ids.ndim != 2 or train_ids.shape != track_ids.shape:
-    raise ValueError(
-        f'{path}: expected train_ids and track_ids of one [h, w] shape, got '
-        f'{train_ids.shape} and {track_ids.shape}.'
-    )
-  for name, x, top in (('train_ids', train_ids, 255),
-                       ('track_ids', track_ids, 65535)):
-    if x.size and (x.min() < 0 or x.max() > top):
-      raise ValueError(
-          f'{path}: {name} must be in [0, {top}], got [{x.min()}, {x.max()}].'
-      )
-  track_ids = track_ids.astype(np.int64)
-  rgb = np.stack([train_ids, track_ids // 256, track_ids % 256], -1)
-  tmp = f'{path}.tmp{os.getpid()}'
-  Image.fromarray(rgb.astype(np.uint8), 'RGB').save(tmp, format='PNG')
-  os.replace(tmp, path)
 
 
 def class_to_train_id(semantic: np.ndarray) -> np.ndarray:
@@ -367,12 +294,8 @@ class KittiStepSource(SkippingSource):
     if image_file is None:
       raise BadExampleError(f'Image file not found: {image_path}')
     try:
-      with Image.open(image_path) as im:
-        image = np.asarray(im.convert('RGB'), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as e:
-      raise BadExampleError(f'Cannot decode image {image_path}: {e}') from e
-    try:
-      train_ids, track_ids = read_step_png(png_path)
+      image = coco_format.read_rgb_image(image_path)
+      train_ids, track_ids = step_format.read_step_png(png_path)
     except (FileNotFoundError, ValueError) as e:
       raise BadExampleError(str(e)) from e
     if image.shape[:2] != train_ids.shape:

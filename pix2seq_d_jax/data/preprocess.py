@@ -79,23 +79,40 @@ def resize_image(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
 
 
 def _nearest_index(in_len: int, out_len: int) -> np.ndarray:
-  # Pixel-centre mapping (the one PIL's bilinear uses): output pixel i covers
-  # input coordinate (i + 0.5) * in / out.
-  idx = np.floor((np.arange(out_len) + 0.5) * (in_len / out_len))
-  return np.clip(idx.astype(np.int64), 0, in_len - 1)
+  # Pixel-centre mapping (the one PIL's bilinear uses): output pixel i samples
+  # input pixel floor((i + 0.5) * in / out), the rule of PIL's NEAREST and
+  # tf.image.resize(method='nearest'). Integer arithmetic keeps it exact where
+  # the float product would round across an integer.
+  return ((2 * np.arange(out_len) + 1) * in_len) // (2 * out_len)
 
 
 def resize_labels(x: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
   """Nearest-neighbour resize of a label map; never invents label values.
 
+  The one label resize of the package: training preprocessing, the
+  evaluators and predict all map label maps between sizes with it.
+
   Args:
     x: [h, w] or [h, w, c] of any dtype (ids, classes, bool masks).
-    size: output (height, width), or an int for a square.
+    size: output (height, width), or an int for a square; positive.
 
   Returns:
     [height, width(, c)] of the input dtype.
+
+  Raises:
+    ValueError: on a bad rank, an empty input or a non-positive size.
   """
+  x = np.asarray(x)
   out_h, out_w = _size_hw(size)
+  if x.ndim not in (2, 3):
+    raise ValueError(
+        f'resize_labels: expected [h, w] or [h, w, c], got shape {x.shape}.'
+    )
+  if out_h <= 0 or out_w <= 0 or x.shape[0] == 0 or x.shape[1] == 0:
+    raise ValueError(
+        f'resize_labels: expected a positive size and a non-empty input, got '
+        f'size {(out_h, out_w)} for labels of shape {x.shape}.'
+    )
   rows = _nearest_index(x.shape[0], out_h)
   cols = _nearest_index(x.shape[1], out_w)
   return x[rows[:, None], cols[None, :]]

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from pix2seq_d_jax.data import panoptic_format
+from pix2seq_d_jax.formats import coco_panoptic as coco_format
 
 # Bump when the generator's output changes, so cached datasets are rebuilt.
 GENERATOR_VERSION = 1
@@ -242,10 +242,10 @@ def _write_split(root: str, split: str, num: int, size: int, seed: int) -> None:
     image, ids, segments = _render_scene(rng, size)
     image_id = base_id + i + 1
     name = f'{image_id:012d}.png'
-    panoptic_format.write_rgb_image(
+    coco_format.write_rgb_image(
         os.path.join(root, f'{split}2017', name), image
     )
-    panoptic_format.write_panoptic_png(
+    coco_format.write_panoptic_png(
         os.path.join(root, 'annotations', f'panoptic_{split}2017', name),
         ids,
     )
@@ -255,7 +255,7 @@ def _write_split(root: str, split: str, num: int, size: int, seed: int) -> None:
     annotations.append(
         {'image_id': image_id, 'file_name': name, 'segments_info': segments}
     )
-  panoptic_format.write_panoptic_json(
+  coco_format.write_panoptic_json(
       os.path.join(root, 'annotations', f'panoptic_{split}2017.json'),
       images,
       annotations,
@@ -422,10 +422,10 @@ def write_coco_layout(
       image, ids, _ = _render_scene(rng, max(height, width))
       image, ids = image[:height, :width], ids[:height, :width]
       stem = f'{i + 1:012d}'
-      panoptic_format.write_rgb_image(
+      coco_format.write_rgb_image(
           os.path.join(tmp, 'train2017', f'{stem}.jpg'), image
       )
-      panoptic_format.write_panoptic_png(
+      coco_format.write_panoptic_png(
           os.path.join(tmp, 'annotations', 'panoptic_train2017',
                        f'{stem}.png'),
           ids,
@@ -434,7 +434,7 @@ def write_coco_layout(
                      'height': height, 'width': width})
       annotations.append({'image_id': i + 1, 'file_name': f'{stem}.png',
                           'segments_info': _segments_info(ids)})
-    panoptic_format.write_panoptic_json(
+    coco_format.write_panoptic_json(
         os.path.join(tmp, 'annotations', 'panoptic_train2017.json'),
         images, annotations, categories(),
     )

@@ -24,7 +24,7 @@ from PIL import Image
 
 from pix2seq_d_jax.data import register_source, synthetic
 from pix2seq_d_jax.data.davis import DavisSource
-from pix2seq_d_jax.evaluation import davis as davis_eval
+from pix2seq_d_jax.formats import davis as davis_format
 
 GENERATOR_VERSION = 1
 RESOLUTION = '480p'
@@ -125,7 +125,7 @@ def _write_split(root: str, split: str, num: int, num_frames: int,
       Image.fromarray(frames[t]).save(
           os.path.join(image_dir, f'{t:05d}.jpg'), quality=95)
       for folder in ('Annotations', 'Annotations_unsupervised'):
-        davis_eval.write_palette_png(
+        davis_format.write_palette_png(
             os.path.join(root, folder, RESOLUTION, name, f'{t:05d}.png'),
             ids[t])
   sets = os.path.join(root, 'ImageSets', '2017')

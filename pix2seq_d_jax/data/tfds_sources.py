@@ -31,22 +31,18 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
-from PIL import Image
 
-from pix2seq_d_jax.data import panoptic_format, register_source
-from pix2seq_d_jax.data.coco_panoptic import (
+from pix2seq_d_jax.data import register_source
+from pix2seq_d_jax.data.coco_panoptic import segments_to_maps
+from pix2seq_d_jax.data.davis import ClipSource, Frame, davis_metadata
+from pix2seq_d_jax.data.source_api import (
     BadExampleError,
-    metadata_from_categories,
-    segments_to_maps,
-)
-from pix2seq_d_jax.data.davis import (
-    ClipSource,
-    Frame,
     SkippingSource,
     check_count,
-    davis_metadata,
-    decode_label_png,
+    metadata_from_categories,
 )
+from pix2seq_d_jax.formats import coco_panoptic as coco_format
+from pix2seq_d_jax.formats import davis as davis_format
 
 # The 133 COCO panoptic categories (id, name) in the order of
 # panoptic_{train,val}2017.json, which is the order of tfds'
@@ -225,19 +221,6 @@ class TfdsRecords:
     return f'TFDS {self.builder_dir} split {self.split!r}{record}'
 
 
-def decode_rgb(data: bytes, what: str) -> np.ndarray:
-  """Decodes encoded image bytes to uint8 [h, w, 3], as `read_rgb_image`.
-
-  Raises:
-    ValueError: if the bytes cannot be decoded (names `what`).
-  """
-  try:
-    with Image.open(io.BytesIO(data)) as im:
-      return np.asarray(im.convert('RGB'), dtype=np.uint8)
-  except (OSError, ValueError, SyntaxError) as e:
-    raise ValueError(f'Cannot decode image {what}: {e}') from e
-
-
 def _text(value: Any) -> str:
   return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
@@ -331,9 +314,11 @@ class CocoPanopticTfdsSource(SkippingSource):
         f'({_text(ex["image/filename"])})'
     )
     try:
-      image = decode_rgb(ex['image'], f'image of {where}')
-      ids = panoptic_format.rgb_to_id(
-          decode_rgb(ex['panoptic_image'], f'panoptic_image of {where}')
+      image = coco_format.read_rgb_image(
+          io.BytesIO(ex['image']), f"'image' of {where}"
+      )
+      ids = coco_format.read_panoptic_png(
+          io.BytesIO(ex['panoptic_image']), f"'panoptic_image' of {where}"
       )
     except ValueError as e:
       raise BadExampleError(str(e)) from e
@@ -492,9 +477,12 @@ class DavisTfdsSource(ClipSource):
       image_name = f'video/frames[{t}] of {where}'
       label_name = f'video/segmentations[{t}] of {where}'
       try:
-        image = decode_rgb(video['frames'][t], image_name)
-        ids = decode_label_png(io.BytesIO(video['segmentations'][t]),
-                               label_name)
+        image = coco_format.read_rgb_image(
+            io.BytesIO(video['frames'][t]), image_name
+        )
+        ids = davis_format.read_palette_png(
+            io.BytesIO(video['segmentations'][t]), label_name
+        )
       except ValueError as e:
         raise BadExampleError(str(e)) from e
       frames.append((image, ids, image_name, label_name))

@@ -12,11 +12,8 @@ _EXPORTS = (
   "PQStat",
   "PQStatCat",
   "format_table",
-  "id_to_rgb",
   "pq_compute",
   "pq_single_image",
-  "read_panoptic_png",
-  "rgb_to_id",
   "summarize",
 )
 

@@ -9,12 +9,12 @@ run leaves no half-written file) and printed as the scorer's table.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+from pix2seq_d_jax.formats import atomic
 
 USER_ERRORS = (OSError, ValueError, KeyError, TypeError)
 
@@ -30,11 +30,7 @@ def run_scorer(compute: Callable[[], dict[str, Any]], output: str | None,
   try:
     results = compute()
     if output:
-      path = os.path.abspath(output)
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path + '.tmp', 'w') as f:
-        json.dump(results, f, indent=2)
-      os.replace(path + '.tmp', path)
+      atomic.write_json(output, results, indent=2)
   except USER_ERRORS as e:
     message = f'{type(e).__name__}: {e}'.replace('\n', ' ')
     print(f'error: {message}', file=sys.stderr)

@@ -47,10 +47,10 @@ from typing import Any
 
 import numpy as np
 from absl import logging
-from PIL import Image
 from scipy import ndimage, optimize
 
 from pix2seq_d_jax.evaluation import cli
+from pix2seq_d_jax.formats import davis as davis_format
 
 TASKS = ("semi-supervised", "unsupervised")
 SUBSETS = ("train", "val", "test-dev", "test-challenge")
@@ -67,90 +67,6 @@ GLOBAL_MEASURES = (
   "F-Decay",
 )
 _RESOLUTION = "480p"
-
-
-def _pascal_voc_palette() -> np.ndarray:
-  # Bit i of each of r, g, b comes from bits 3k, 3k+1, 3k+2 of the index,
-  # most significant first (the PASCAL VOC devkit's labelcolormap).
-  index = np.arange(256)
-  cmap = np.zeros((256, 3), np.int64)
-  for j in range(8):
-    for channel in range(3):
-      cmap[:, channel] |= ((index >> (3 * j + channel)) & 1) << (7 - j)
-  return cmap.astype(np.uint8)
-
-
-_PALETTE = _pascal_voc_palette()
-
-
-def davis_palette() -> np.ndarray:
-  """The DAVIS PNG palette (PASCAL VOC colour map), uint8 [256, 3]."""
-  return _PALETTE.copy()
-
-
-def read_palette_png(path: str | os.PathLike) -> np.ndarray:
-  """Reads a DAVIS annotation or result PNG as its id map.
-
-  Args:
-    path: a palette (or grayscale) PNG; pixel values are object ids, 255 is
-      void in annotations.
-
-  Returns:
-    [h, w] ids as stored (uint8 for palette/8-bit PNGs), not colours.
-
-  Raises:
-    FileNotFoundError: the file does not exist.
-    ValueError: the file is not a decodable single-channel integer image.
-  """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"DAVIS PNG not found: {path}")
-  try:
-    with Image.open(path) as im:
-      mode = im.mode
-      ids = np.array(im)
-  except (OSError, ValueError, SyntaxError) as e:
-    raise ValueError(f"Cannot decode PNG {path}: {e}") from e
-  if ids.dtype == bool:
-    ids = ids.astype(np.uint8)
-  if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-    raise ValueError(
-      f"{path}: expected a single-channel palette or grayscale PNG of ids, "
-      f"got mode {mode} ({ids.dtype} {ids.shape})"
-    )
-  return ids
-
-
-def write_palette_png(path: str | os.PathLike, ids: np.ndarray) -> None:
-  """Writes an id map as a DAVIS palette PNG, atomically.
-
-  Args:
-    path: destination PNG; missing parent folders are created.
-    ids: integer [h, w] ids in [0, 255] (0 background, 1..n objects).
-
-  Raises:
-    ValueError: `ids` is not an integer [h, w] map within [0, 255].
-  """
-  path = os.fspath(path)
-  ids = np.asarray(ids)
-  if ids.ndim != 2 or not (
-    np.issubdtype(ids.dtype, np.integer) or ids.dtype == bool
-  ):
-    raise ValueError(
-      f"write_palette_png({path}): expected integer ids [h, w], got "
-      f"{ids.dtype} {ids.shape}"
-    )
-  if ids.size and (ids.min() < 0 or ids.max() > 255):
-    raise ValueError(
-      f"write_palette_png({path}): ids must lie in [0, 255], got range "
-      f"[{ids.min()}, {ids.max()}]"
-    )
-  img = Image.fromarray(ids.astype(np.uint8))
-  img.putpalette(_PALETTE.ravel().tolist())
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  img.save(tmp, format="PNG")
-  os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------
@@ -712,7 +628,7 @@ def _list_sequences(
 def _read_frames(paths: Sequence[str], shape=None) -> np.ndarray:
   frames = []
   for path in paths:
-    ids = read_palette_png(path)
+    ids = davis_format.read_palette_png(path)
     if shape is None:
       shape = ids.shape
     if ids.shape != shape:

@@ -32,47 +32,15 @@ from typing import Any
 
 import numpy as np
 from absl import logging
-from PIL import Image
 
-# One RGB encoder for the whole package; decoding below stays panopticapi's
-# (single-channel PNGs pass through unchanged, as in its rgb2id).
-from pix2seq_d_jax.data.panoptic_format import id_to_rgb  # noqa: F401
 from pix2seq_d_jax.evaluation import cli
+from pix2seq_d_jax.formats import coco_panoptic as coco_format
 
 VOID = 0
 # Ids are RGB-encoded in COCO PNGs, so they stay below 256**3; the in-memory API
 # accepts anything below 2**31 so the pair code gt * (max_pred + 1) + pred fits
 # in int64.
 _MAX_ID = 2**31 - 1
-
-
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-  """Decodes COCO panoptic RGB colours to segment ids.
-
-  Args:
-    rgb: uint8 [h, w, 3] (or [h, w, 4]; alpha ignored) PNG pixels, or an
-      integer [h, w] map, which is returned as int64 unchanged (panopticapi
-      does the same for single-channel PNGs).
-
-  Returns:
-    int64 [h, w] ids, R + 256 * G + 256**2 * B.
-  """
-  rgb = np.asarray(rgb)
-  if rgb.ndim == 2:
-    return rgb.astype(np.int64)
-  if rgb.ndim != 3 or rgb.shape[-1] < 3:
-    raise ValueError(
-      f"rgb: expected [h, w, 3] colours or an [h, w] id map, got shape "
-      f"{rgb.shape}"
-    )
-  rgb = rgb[..., :3].astype(np.int64)
-  return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-
-
-def read_panoptic_png(path: str | os.PathLike) -> np.ndarray:
-  """Reads a COCO panoptic PNG as int64 [h, w] segment ids (0 = void)."""
-  with Image.open(path) as img:
-    return rgb_to_id(np.array(img, dtype=np.uint32))
 
 
 @dataclasses.dataclass
@@ -436,9 +404,9 @@ def _evaluate_chunk(
     pred_path = os.path.join(pred_folder, pred_ann["file_name"])
     stats.append(
       pq_single_image(
-        read_panoptic_png(gt_path),
+        coco_format.read_panoptic_png(gt_path),
         gt_ann["segments_info"],
-        read_panoptic_png(pred_path),
+        coco_format.read_panoptic_png(pred_path),
         pred_ann["segments_info"],
         categories,
         image_name=f"image_id {gt_ann['image_id']} ({pred_path})",

@@ -52,6 +52,7 @@ import numpy as np
 from absl import logging
 
 from pix2seq_d_jax.evaluation import cli
+from pix2seq_d_jax.formats import kitti_step as step_format
 
 # KITTI-STEP as deeplab2 evaluates it: 19 Cityscapes train ids, person (11)
 # and car (13) tracked, void 255, panoptic label divisor 1000.
@@ -359,9 +360,6 @@ def _evaluate_sequence(
     settings: tuple[int, tuple[int, ...], int, int, int],
 ) -> StqAccumulator:
   """Scores one sequence folder; every ground-truth frame needs a PNG."""
-  # Imported here: the data package is only needed by the file-based path.
-  from pix2seq_d_jax.data import kitti_step
-
   acc = StqAccumulator(*settings)
   gt_dir = os.path.join(gt_folder, sequence)
   pred_dir = os.path.join(pred_folder, sequence)
@@ -373,8 +371,8 @@ def _evaluate_sequence(
     pred_path = os.path.join(pred_dir, name)
     if not os.path.isfile(pred_path):
       raise FileNotFoundError(f'pred_folder: prediction missing: {pred_path}')
-    gt_sem, gt_inst = kitti_step.read_step_png(os.path.join(gt_dir, name))
-    pred_sem, pred_inst = kitti_step.read_step_png(pred_path)
+    gt_sem, gt_inst = step_format.read_step_png(os.path.join(gt_dir, name))
+    pred_sem, pred_inst = step_format.read_step_png(pred_path)
     if gt_sem.shape != pred_sem.shape:
       raise ValueError(
           f'{pred_path}: size {pred_sem.shape}, ground truth {gt_sem.shape}.'

@@ -4,6 +4,7 @@
 `Evaluator` stores them and checks that the eval batch splits evenly over
 the data-parallel devices and the processes, so subclasses only add their
 own setup and `run(params, batch_stats, *, step) -> dict of metrics`.
+`local_rows` brings this process's rows of a sharded prediction to host.
 """
 
 from __future__ import annotations
@@ -13,8 +14,34 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 from pix2seq_d_jax import sharding
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in order.
+
+  Args:
+    x: [global_batch, ...] array sharded over its leading axis.
+
+  Returns:
+    [local_batch, ...] numpy rows held by this process's devices, each row
+    once even when the array is replicated over a non-batch mesh axis.
+  """
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  shards = sorted(
+      x.addressable_shards, key=lambda s: s.index[0].start or 0
+  )
+  rows, seen = [], set()
+  for s in shards:
+    key = s.index[0].start
+    if key in seen:  # Replicated over a non-batch axis.
+      continue
+    seen.add(key)
+    rows.append(np.asarray(s.data))
+  return np.concatenate(rows)
 
 
 class Evaluator(abc.ABC):

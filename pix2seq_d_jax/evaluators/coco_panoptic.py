@@ -12,8 +12,6 @@ first images as overlay PNGs (image | ground truth | prediction).
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from typing import Any
 
@@ -21,29 +19,13 @@ import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from PIL import Image
 
 from pix2seq_d_jax import sharding
-from pix2seq_d_jax.data import panoptic_format, pipeline
+from pix2seq_d_jax.data import pipeline, preprocess
 from pix2seq_d_jax.evaluation import panoptic
 from pix2seq_d_jax.evaluators import base, postprocess, register, visualize
-
-
-def _local_rows(x: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in order."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  shards = sorted(
-      x.addressable_shards, key=lambda s: s.index[0].start or 0
-  )
-  rows, seen = [], set()
-  for s in shards:
-    key = s.index[0].start
-    if key in seen:  # Replicated over a non-batch axis.
-      continue
-    seen.add(key)
-    rows.append(np.asarray(s.data))
-  return np.concatenate(rows)
+from pix2seq_d_jax.formats import atomic
+from pix2seq_d_jax.formats import coco_panoptic as coco_format
 
 
 @register("coco_panoptic")
@@ -55,7 +37,7 @@ class CocoPanopticEvaluator(base.Evaluator):
     super().__init__(**kwargs)
     meta = self.source.metadata
     self.meta = meta
-    self.gt = panoptic_format.load_panoptic_json(meta.gt_json)
+    self.gt = coco_format.load_panoptic_json(meta.gt_json)
     self.gt_by_id = {a["image_id"]: a for a in self.gt["annotations"]}
     self.images_by_id = {im["id"]: im for im in self.gt["images"]}
     self.categories = {c["id"]: c for c in self.gt["categories"]}
@@ -90,7 +72,7 @@ class CocoPanopticEvaluator(base.Evaluator):
       semantic, instance = self.predict_fn(
           params, batch_stats, arrays["image"], jax.random.fold_in(rng, i)
       )
-      semantic, instance = _local_rows(semantic), _local_rows(instance)
+      semantic, instance = base.local_rows(semantic), base.local_rows(instance)
       for j in np.flatnonzero(mask):
         ann, ids, segments = self._score_one(
             semantic[j], instance[j], host, j, png_dir, stat
@@ -115,20 +97,15 @@ class CocoPanopticEvaluator(base.Evaluator):
     image_id = int(host["image_id"][j])
     orig_h, orig_w = (int(v) for v in host["orig_size"][j])
     valid_h, valid_w = (int(v) for v in host["valid_size"][j])
-    image_size = host["image"].shape[1]
-    mask_size = semantic.shape[0]
-    stride = image_size / mask_size
-    valid = (
-        max(1, math.ceil(valid_h / stride)),
-        max(1, math.ceil(valid_w / stride)),
-    )
+    valid = postprocess.valid_mask_size(
+        (valid_h, valid_w), host["image"].shape[1], semantic.shape[0])
     ids, segments = postprocess.masks_to_panoptic(
         semantic[: valid[0], : valid[1]],
         instance[: valid[0], : valid[1]],
         is_thing=self.meta.is_thing,
         min_pixels=self.config.min_pixels,
     )
-    ids = postprocess.resize_nearest(ids, (orig_h, orig_w))
+    ids = preprocess.resize_labels(ids, (orig_h, orig_w))
     segments = [
         {k: v for k, v in seg.items() if k != "isthing"}
         for seg in postprocess.recount_segments(
@@ -136,8 +113,8 @@ class CocoPanopticEvaluator(base.Evaluator):
     ]
     gt_ann = self.gt_by_id[image_id]
     png_name = gt_ann["file_name"]
-    panoptic_format.write_panoptic_png(os.path.join(png_dir, png_name), ids)
-    gt_ids = panoptic_format.read_panoptic_png(
+    coco_format.write_panoptic_png(os.path.join(png_dir, png_name), ids)
+    gt_ids = coco_format.read_panoptic_png(
         os.path.join(self.meta.gt_folder, png_name)
     )
     stat += panoptic.pq_single_image(
@@ -149,13 +126,10 @@ class CocoPanopticEvaluator(base.Evaluator):
 
   def _write_overlay(self, image_id, ids, segments, overlay_dir):
     info = self.images_by_id[image_id]
-    image = np.asarray(
-        Image.open(
-            os.path.join(self.meta.image_folder, info["file_name"])
-        ).convert("RGB")
-    )
+    image = coco_format.read_rgb_image(
+        os.path.join(self.meta.image_folder, info["file_name"]))
     gt_ann = self.gt_by_id[image_id]
-    gt_ids = panoptic_format.read_panoptic_png(
+    gt_ids = coco_format.read_panoptic_png(
         os.path.join(self.meta.gt_folder, gt_ann["file_name"])
     )
     # Stuff takes its class's colour in both panels, so they compare.
@@ -184,11 +158,9 @@ class CocoPanopticEvaluator(base.Evaluator):
 
   def _write_json(self, out_dir, annotations, results):
     path = os.path.join(out_dir, "panoptic.json")
-    panoptic_format.write_panoptic_json(
+    coco_format.write_panoptic_json(
         path, [self.images_by_id[a["image_id"]] for a in annotations],
         annotations, self.gt["categories"]
     )
-    tmp = os.path.join(out_dir, "metrics.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(results, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "metrics.json"))
+    atomic.write_json(
+        os.path.join(out_dir, "metrics.json"), results, indent=2)

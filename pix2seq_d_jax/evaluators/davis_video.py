@@ -29,10 +29,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from pix2seq_d_jax import sharding
-from pix2seq_d_jax.data import preprocess
 from pix2seq_d_jax.evaluation import davis as davis_eval
-from pix2seq_d_jax.evaluators import base, register
-from pix2seq_d_jax.evaluators.coco_panoptic import _local_rows
+from pix2seq_d_jax.evaluators import base, postprocess, register
+from pix2seq_d_jax.formats import davis as davis_format
 
 # Per-object statistics, in the order of davis_eval.GLOBAL_MEASURES' parts.
 _STATS = ("J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
@@ -93,14 +92,15 @@ def sequence_object_ids(
   Returns:
     uint8 [T, H, W].
   """
-  m = semantic.shape[-1]
-  vh, vw = (max(1, -(-int(v) * m // image_size)) for v in valid_size)
+  valid = postprocess.valid_mask_size(
+      valid_size, image_size, semantic.shape[-1])
   size = tuple(int(v) for v in orig_size)
-  sem = np.stack([preprocess.resize_labels(x[:vh, :vw], size)
-                  for x in semantic])
-  inst = np.stack([preprocess.resize_labels(x[:vh, :vw], size)
-                   for x in instance])
-  return result_ids(sem, inst, np.asarray(is_thing, bool))
+  # Semantic and instance stacked on a channel axis: one resize per frame.
+  both = np.stack([
+      postprocess.crop_and_resize_to_original(np.stack(pair, -1), valid, size)
+      for pair in zip(semantic, instance, strict=True)
+  ])
+  return result_ids(both[..., 0], both[..., 1], np.asarray(is_thing, bool))
 
 
 @register("davis_video")
@@ -168,7 +168,7 @@ class DavisVideoEvaluator(base.Evaluator):
       arrays = sharding.global_batch({"image": images}, self.mesh)
       semantic, instance = self.predict_fn(
           params, batch_stats, arrays["image"], jax.random.fold_in(rng, i))
-      semantic, instance = _local_rows(semantic), _local_rows(instance)
+      semantic, instance = base.local_rows(semantic), base.local_rows(instance)
       for row, (j, (frames, gt)) in enumerate(zip(mine, loaded, strict=True)):
         if j < 0:
           continue
@@ -200,7 +200,7 @@ class DavisVideoEvaluator(base.Evaluator):
   def _write(self, out_dir: str, name: str, ids: np.ndarray) -> None:
     for frame_name, frame_ids in zip(self.source.frame_names(name), ids,
                                      strict=True):
-      davis_eval.write_palette_png(
+      davis_format.write_palette_png(
           os.path.join(out_dir, name, f"{frame_name}.png"), frame_ids)
 
   def _gather(self, stats: np.ndarray) -> np.ndarray:

@@ -6,8 +6,9 @@ classes, stuff pixels carry arbitrary instance ids and tiny fragments are
 noise. Following the reference post-processing, every instance takes the
 majority thing class of its pixels, stuff classes form one segment each, and
 segments smaller than `min_pixels` become void. The result is a COCO-style id
-map plus `segments_info`. The resize helpers map mask-resolution predictions
-(with padding) back to the original image size for evaluation. numpy only.
+map plus `segments_info`. `valid_mask_size` and
+`crop_and_resize_to_original` map mask-resolution predictions (with padding)
+back to the original image size for evaluation. numpy only.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from pix2seq_d_jax.data import preprocess
 
 
 def _check_labels(array: np.ndarray, name: str) -> np.ndarray:
@@ -142,38 +145,38 @@ def masks_to_panoptic(
   return segment_ids, segments_info
 
 
-def resize_nearest(labels: np.ndarray, size: Sequence[int]) -> np.ndarray:
-  """Nearest-neighbour resize of a label map with pixel-centre sampling.
+def valid_mask_size(
+  valid_size: Sequence[int], image_size: int, mask_size: int
+) -> tuple[int, int]:
+  """The mask pixels that cover an image's unpadded content.
 
-  Output pixel i samples input pixel floor((i + 0.5) * h / H), the rule of
-  PIL's NEAREST and TF2's `tf.image.resize(method='nearest')`; integer
-  arithmetic keeps it exact.
+  Images are resized into the top-left (h, w) = `valid_size` of an
+  `image_size` square and masks are predicted at `mask_size`, so the stride
+  is image_size / mask_size and the valid mask region is
+  ceil(valid / stride) = ceil(valid * mask_size / image_size) pixels (at
+  least one), computed in integers so no rounding can drop a row.
 
   Args:
-    labels: any dtype [h, w] or [h, w, c] (e.g. stacked semantic/instance).
-    size: (H, W) output size, positive.
+    valid_size: (h, w) of the content inside the padded input image.
+    image_size: S, the side of the padded input image.
+    mask_size: m, the side of the predicted masks.
 
   Returns:
-    [H, W] or [H, W, c] array of labels' dtype.
+    (h, w) in mask pixels, each in [1, mask_size].
 
   Raises:
-    ValueError: on a bad rank or non-positive size.
+    ValueError: on non-positive sizes.
   """
-  labels = np.asarray(labels)
-  if labels.ndim not in (2, 3):
+  if image_size <= 0 or mask_size <= 0:
     raise ValueError(
-      f"labels: expected [h, w] or [h, w, c], got shape {labels.shape}"
+      f"image_size and mask_size: expected positive, got {image_size} and "
+      f"{mask_size}"
     )
-  out_h, out_w = (int(s) for s in size)
-  h, w = labels.shape[:2]
-  if out_h <= 0 or out_w <= 0 or h == 0 or w == 0:
-    raise ValueError(
-      f"size: expected positive (H, W) and a non-empty input, got size "
-      f"{tuple(size)} for labels of shape {labels.shape}"
-    )
-  rows = ((2 * np.arange(out_h) + 1) * h) // (2 * out_h)
-  cols = ((2 * np.arange(out_w) + 1) * w) // (2 * out_w)
-  return labels[rows[:, None], cols[None, :]]
+  h, w = (
+    min(mask_size, max(1, -(-int(v) * mask_size // image_size)))
+    for v in valid_size
+  )
+  return h, w
 
 
 def crop_and_resize_to_original(
@@ -205,7 +208,7 @@ def crop_and_resize_to_original(
       f"valid_size_in_mask: expected 0 < (h, w) <= {labels.shape[:2]}, got "
       f"{tuple(valid_size_in_mask)}"
     )
-  return resize_nearest(labels[:h, :w], orig_size)
+  return preprocess.resize_labels(labels[:h, :w], orig_size)
 
 
 def recount_segments(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import colorsys
 import functools
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from pix2seq_d_jax.formats import atomic
+from pix2seq_d_jax.formats import coco_panoptic as coco_format
 
 _GOLDEN = 0.6180339887498949
 # Smallest max-channel difference between two thing colours (or a thing and a
@@ -215,7 +219,7 @@ def overlay_strip(
 
 
 def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
-  """Writes uint8 [h, w], [h, w, 3] or [h, w, 4] pixels as a PNG.
+  """Writes uint8 [h, w], [h, w, 3] or [h, w, 4] pixels as a PNG, atomically.
 
   Parent folders are created.
 
@@ -230,10 +234,7 @@ def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
       f"array: expected uint8 [h, w], [h, w, 3] or [h, w, 4] for {path}, got "
       f"{array.dtype} {array.shape}"
     )
-  parent = os.path.dirname(os.fspath(path))
-  if parent:
-    os.makedirs(parent, exist_ok=True)
-  Image.fromarray(array).save(path, format="PNG")
+  atomic.write_bytes(path, coco_format.encode_image(array))
 
 
 
@@ -346,8 +347,7 @@ def save_trajectory(frames: np.ndarray, png_path: str, gif_path: str) -> None:
     frame[k * h :, : round((s + 1) * k * w / steps)] = 255
     images.append(Image.fromarray(frame))
   durations = [_GIF_FRAME_MS] * (steps - 1) + [_GIF_LAST_FRAME_MS]
-  os.makedirs(os.path.dirname(os.path.abspath(gif_path)), exist_ok=True)
-  tmp = f"{gif_path}.tmp-{os.getpid()}"
-  images[0].save(tmp, format="GIF", save_all=True,
+  buffer = io.BytesIO()
+  images[0].save(buffer, format="GIF", save_all=True,
                  append_images=images[1:], duration=durations, loop=0)
-  os.replace(tmp, gif_path)
+  atomic.write_bytes(gif_path, buffer.getvalue())

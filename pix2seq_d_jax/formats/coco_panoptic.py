@@ -2,22 +2,31 @@
 
 COCO panoptic stores one PNG per image whose RGB colour encodes the segment id
 (`id = R + 256 * G + 256**2 * B`, 0 = void) and one JSON per split that lists
-images, per-image `segments_info` and categories. These helpers read and write
-exactly that format, so the COCO reader, the synthetic generator and the
-evaluator share one implementation; every reading error names the file and what
-was expected, and every writer is atomic (temporary file + rename) so a crash
-never leaves a truncated file behind.
+images, per-image `segments_info` and categories. This is the package's only
+codec of that format: the COCO reader, the synthetic generator, the
+in-training evaluator, the PQ command line and predict all decode ground truth
+the same way, exactly as panopticapi does (`rgb_to_id` equals its `rgb2id`;
+`read_panoptic_png` decodes the stored pixels like its `pq_compute`, without
+colour conversion). Every reading error names the file and what was expected;
+every writer is atomic (`formats.atomic`), so a crash never leaves a truncated
+file behind. Paths may be local or any URL `etils.epath` understands.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
+from etils import epath
 from PIL import Image
+
+from pix2seq_d_jax.formats import atomic
+
+PathLike = atomic.PathLike
 
 # Largest id an RGB triple can encode.
 MAX_SEGMENT_ID = 256**3 - 1
@@ -29,24 +38,39 @@ _REQUIRED_ENTRY_KEYS = {
     'categories': ('id', 'name', 'isthing'),
 }
 _REQUIRED_SEGMENT_KEYS = ('id', 'category_id')
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError)
 
 
 def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-  """Decodes a COCO panoptic RGB map into segment ids.
+  """Decodes COCO panoptic colours into segment ids, as panopticapi's rgb2id.
+
+  panopticapi's `rgb2id` reads channels 0, 1 and 2 of an [h, w, c] array
+  (so an alpha channel is ignored) and, for uint8 input, computes in int32;
+  the ids are below 256**3, so int32 holds every one of them and the values
+  equal panopticapi's for any integer input dtype (its `pq_compute` passes
+  uint32 pixels).
 
   Args:
-    rgb: uint8 [h, w, 3] panoptic colours.
+    rgb: integer [h, w, c] pixels with c >= 3 (RGB, or RGBA from a PNG).
 
   Returns:
     int32 [h, w] segment ids, `R + 256 * G + 256**2 * B` (0 = void).
 
   Raises:
-    ValueError: if `rgb` is not [h, w, 3].
+    ValueError: if `rgb` is not an integer [h, w, c >= 3] array (panopticapi
+      has no meaning for other shapes either).
   """
   rgb = np.asarray(rgb)
-  if rgb.ndim != 3 or rgb.shape[-1] != 3:
-    raise ValueError(f'rgb_to_id: expected rgb [h, w, 3], got {rgb.shape}.')
-  rgb = rgb.astype(np.int32)
+  if (
+      rgb.ndim != 3
+      or rgb.shape[-1] < 3
+      or not np.issubdtype(rgb.dtype, np.integer)
+  ):
+    raise ValueError(
+        'rgb_to_id: expected integer colours [h, w, 3] (or [h, w, 4]), got '
+        f'{rgb.dtype} {rgb.shape}.'
+    )
+  rgb = rgb[..., :3].astype(np.int32)
   return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
 
@@ -77,14 +101,47 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
   return rgb.astype(np.uint8)
 
 
-def read_rgb_image(path: str) -> np.ndarray:
+def _decode(f: IO[bytes], what: str, name: str, mode: str | None):
+  try:
+    with Image.open(f) as im:
+      # np.asarray forces the full decode, so truncated files fail here.
+      return np.asarray(im.convert(mode) if mode else im)
+  except _DECODE_ERRORS as e:
+    raise ValueError(f'Cannot decode {what} {name}: {e}') from e
+
+
+def _read_pixels(
+    source: PathLike | IO[bytes],
+    name: str | None,
+    *,
+    missing: str,
+    what: str,
+    mode: str | None,
+) -> tuple[np.ndarray, str]:
+  """Decodes a file or file object fully; returns pixels and its name."""
+  if not isinstance(source, str | os.PathLike):
+    name = name or what
+    return _decode(source, what, name, mode), name
+  name = name or os.fspath(source)
+  path = epath.Path(source)
+  if not path.is_file():
+    raise FileNotFoundError(f'{missing} not found: {name}')
+  with path.open('rb') as f:
+    return _decode(f, what, name, mode), name
+
+
+def read_rgb_image(
+    source: PathLike | IO[bytes], name: str | None = None
+) -> np.ndarray:
   """Reads an image file (JPEG, PNG, ...) as RGB.
 
   Grayscale, palette and RGBA images are converted to RGB, as COCO contains a
   few grayscale JPEGs.
 
   Args:
-    path: image file.
+    source: image file, or a binary file object (e.g. encoded bytes from a
+      TFDS record in `io.BytesIO`).
+    name: how errors name the image; defaults to the path.
 
   Returns:
     uint8 [h, w, 3].
@@ -93,48 +150,50 @@ def read_rgb_image(path: str) -> np.ndarray:
     FileNotFoundError: if the file does not exist.
     ValueError: if the file cannot be decoded.
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'Image file not found: {path}')
-  try:
-    with Image.open(path) as im:
-      return np.asarray(im.convert('RGB'), dtype=np.uint8)
-  except (OSError, ValueError, SyntaxError) as e:
-    raise ValueError(f'Cannot decode image {path}: {e}') from e
+  pixels, _ = _read_pixels(
+      source, name, missing='Image file', what='image', mode='RGB'
+  )
+  return pixels
 
 
-def read_panoptic_png(path: str) -> np.ndarray:
-  """Reads a COCO panoptic PNG into segment ids.
+def read_panoptic_png(
+    source: PathLike | IO[bytes], name: str | None = None
+) -> np.ndarray:
+  """Reads a COCO panoptic PNG into segment ids, as panopticapi does.
+
+  The stored pixels are decoded without colour conversion (panopticapi's
+  `np.array(Image.open(path), dtype=np.uint32)`) and passed to `rgb_to_id`;
+  an alpha channel is ignored.
 
   Args:
-    path: PNG file written in the RGB id encoding.
+    source: PNG file written in the RGB id encoding, or a binary file object.
+    name: how errors name the PNG; defaults to the path.
 
   Returns:
     int32 [h, w] segment ids.
 
   Raises:
     FileNotFoundError: if the file does not exist.
-    ValueError: if the file cannot be decoded as an image.
+    ValueError: if the file cannot be decoded, or is not an RGB(A) image
+      (e.g. a palette or grayscale PNG, which panopticapi cannot score).
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'Panoptic PNG not found: {path}')
+  pixels, name = _read_pixels(
+      source, name, missing='Panoptic PNG', what='panoptic PNG', mode=None
+  )
   try:
-    with Image.open(path) as im:
-      # convert() forces the full decode, so truncated files fail here.
-      rgb = np.asarray(im.convert('RGB'), dtype=np.uint8)
-  except (OSError, ValueError, SyntaxError) as e:
-    raise ValueError(f'Cannot decode panoptic PNG {path}: {e}') from e
-  return rgb_to_id(rgb)
+    return rgb_to_id(pixels)
+  except ValueError as e:
+    raise ValueError(f'Panoptic PNG {name}: {e}') from e
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
+def encode_image(image: np.ndarray, fmt: str = 'PNG') -> bytes:
+  """Encodes uint8 [h, w] or [h, w, 3] pixels as PNG or JPEG bytes."""
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format=fmt)
+  return buffer.getvalue()
 
 
-def write_rgb_image(path: str, image: np.ndarray) -> None:
+def write_rgb_image(path: PathLike, image: np.ndarray) -> None:
   """Writes an RGB image atomically; the format follows the file extension.
 
   Args:
@@ -150,15 +209,12 @@ def write_rgb_image(path: str, image: np.ndarray) -> None:
         f'write_rgb_image({path}): expected uint8 [h, w, 3], got '
         f'{image.dtype} {image.shape}.'
     )
-  ext = os.path.splitext(path)[1].lower()
+  ext = epath.Path(path).suffix.lower()
   fmt = {'.jpg': 'JPEG', '.jpeg': 'JPEG'}.get(ext, 'PNG')
-  tmp = f'{path}.tmp-{os.getpid()}'
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(image, 'RGB').save(tmp, format=fmt)
-  os.replace(tmp, path)
+  atomic.write_bytes(path, encode_image(image, fmt))
 
 
-def write_panoptic_png(path: str, ids: np.ndarray) -> None:
+def write_panoptic_png(path: PathLike, ids: np.ndarray) -> None:
   """Writes segment ids as a COCO panoptic PNG, atomically.
 
   Args:
@@ -169,7 +225,7 @@ def write_panoptic_png(path: str, ids: np.ndarray) -> None:
 
 
 def write_panoptic_json(
-    path: str,
+    path: PathLike,
     images: Sequence[dict[str, Any]],
     annotations: Sequence[dict[str, Any]],
     categories: Sequence[dict[str, Any]],
@@ -188,10 +244,10 @@ def write_panoptic_json(
       'annotations': list(annotations),
       'categories': list(categories),
   }
-  _atomic_write_bytes(path, json.dumps(content).encode('utf-8'))
+  atomic.write_json(path, content)
 
 
-def load_panoptic_json(path: str) -> dict[str, Any]:
+def load_panoptic_json(path: PathLike) -> dict[str, Any]:
   """Loads and validates a COCO panoptic JSON.
 
   Args:
@@ -205,11 +261,10 @@ def load_panoptic_json(path: str) -> dict[str, Any]:
     ValueError: if it is not valid JSON or lacks a required key (the message
       names the file, the field and, for list entries, their position).
   """
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise FileNotFoundError(f'Panoptic JSON not found: {path}')
   try:
-    with open(path, encoding='utf-8') as f:
-      content = json.load(f)
+    content = json.loads(epath.Path(path).read_bytes())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f'Panoptic JSON {path} is not valid JSON: {e}') from e
   if not isinstance(content, dict):
