@@ -178,7 +178,9 @@ class EventWriter:
         summary=summary_pb2.Summary(value=values),
     ))
 
-  def write_hparams(self, hparams: Mapping[str, bool | int | float | str]):
+  def write_hparams(
+      self, hparams: Mapping[str, bool | int | float | str]
+  ) -> None:
     """Writes hyperparameters for TensorBoard's HParams dashboard."""
     from tensorboard.plugins.hparams import summary_v2
 
@@ -186,10 +188,12 @@ class EventWriter:
     self._write(self._event_pb2.Event(wall_time=time.time(), summary=summary))
 
   def flush(self) -> None:
+    """Flushes the file (every write already does)."""
     if not self._file.closed:
       self._file.flush()
 
   def close(self) -> None:
+    """Closes the file; later calls are no-ops."""
     if not self._file.closed:
       self._file.close()
 
@@ -388,10 +392,12 @@ class Reporter:
     logging.info("%s", "  ".join(parts))
 
   def flush(self) -> None:
+    """Flushes the events file."""
     if self.writer is not None:
       self.writer.flush()
 
   def close(self) -> None:
+    """Closes the events file."""
     if self.writer is not None:
       self.writer.close()
 
