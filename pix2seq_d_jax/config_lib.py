@@ -19,8 +19,6 @@ from typing import Any
 import ml_collections
 from absl import flags
 
-from pix2seq_d_jax.diffusion import analog_bits, losses, sampler, schedules
-
 
 class ConfigError(ValueError):
   """A config field has a value the framework cannot use."""
@@ -164,6 +162,28 @@ def _check_choice(field: str, value: Any, choices: Sequence[Any]) -> None:
   _require(value in choices, field, value, f"one of {list(choices)}")
 
 
+def _diffusion_choices() -> dict[str, tuple[str, ...]]:
+  """The names each `config.diffusion` field may take, from their modules.
+
+  Imported here, not at module level: parsing a config (main's flag parsing,
+  before `jax.distributed.initialize`) then loads neither jax nor the
+  diffusion package, which only validation needs.
+  """
+  from pix2seq_d_jax.diffusion import (
+      analog_bits,
+      losses,
+      sampler,
+      schedules,
+  )
+
+  return {
+      "bit_code": analog_bits.BIT_CODES,
+      "schedule": schedules.SCHEDULES,
+      "loss_type": losses.LOSS_TYPES,
+      "sampler": sampler.SAMPLERS,
+  }
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the whole config before anything is built.
 
@@ -251,10 +271,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(
       diff.bit_scale > 0, "diffusion.bit_scale", diff.bit_scale, "> 0"
   )
-  _check_choice("diffusion.bit_code", diff.bit_code, analog_bits.BIT_CODES)
-  _check_choice("diffusion.schedule", diff.schedule, schedules.SCHEDULES)
-  _check_choice("diffusion.loss_type", diff.loss_type, losses.LOSS_TYPES)
-  _check_choice("diffusion.sampler", diff.sampler, sampler.SAMPLERS)
+  for field, choices in _diffusion_choices().items():
+    _check_choice(f"diffusion.{field}", diff[field], choices)
   num_bits = 2 * bits
   _require(
       diff.softmax_groups >= 1 and num_bits % diff.softmax_groups == 0,
