@@ -454,6 +454,7 @@ def log_parameters(params: Any, workdir: str | None) -> int:
   logging.debug("Parameters:\n%s", table)
   path = None
   if workdir and jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "parameters.txt")
     with open(path, "w") as f:
       f.write(table + "\n")

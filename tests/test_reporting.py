@@ -172,15 +172,15 @@ def test_log_parameters_writes_table_and_totals(tmp_path, caplog):
       "head": {"b": np.zeros(5, np.float32),
                "k": jax.ShapeDtypeStruct((2, 2, 2), jnp.float32)},
   }}
-  assert reporting.log_parameters(params, str(tmp_path)) == 1_200_013
-  table = (tmp_path / "parameters.txt").read_text()
+  assert reporting.log_parameters(params, str(tmp_path / "w")) == 1_200_013
+  table = (tmp_path / "w" / "parameters.txt").read_text()
   assert "params/encoder/w | (300, 4000)" in table
   assert "Total: 1,200,013" in table
   info = [r.getMessage() for r in caplog.records
           if r.levelno == logging.INFO]
   assert info == [
       "Parameters: 1,200,013 total (1.2M): encoder 1.2M, head 13; table in "
-      f"{tmp_path}/parameters.txt"
+      f"{tmp_path}/w/parameters.txt"
   ]
 
 
