@@ -13,6 +13,10 @@ _INSTALL_REQUIRES = [
     "grain>=0.2.18,<0.3",
     "pycocotools>=2.0.11,<3",
     "pillow>=10.0,<14",
+    # formats/: paths and atomic writes that work on buckets as on disk.
+    "etils[epath]>=1.7,<2",
+    # models/weight_import.py reads ImageNet exports in .safetensors.
+    "safetensors>=0.8,<1",
     "numpy>=2.0,<3",
     "scipy>=1.13,<2",
     # clu's metric writers import TensorFlow and tensorboard.

@@ -4,9 +4,9 @@
 kernels, batch-norm scales/biases and running averages into the `backbone`
 subtree of a Pix2SeqD variable tree (`params['backbone']`,
 `batch_stats['backbone']`); every other leaf is left as it is. No torch or
-TensorFlow is needed: exports are `.npz` files or `.safetensors` files, whose
-simple format (8-byte little-endian header length, JSON header, raw buffer) is
-parsed here with json + numpy. The layout is detected from the keys:
+TensorFlow is needed: exports are `.npz` files or `.safetensors` files (read
+with the `safetensors` package's numpy backend, tensor by tensor). The layout
+is detected from the keys:
 
 - torchvision (`conv1.weight` [64, 3, 7, 7] OIHW, `bn1.*`,
   `layer{g}.{i}.conv{1,2,3}.weight`, `layer{g}.{i}.bn{1,2,3}.*`,
@@ -40,7 +40,6 @@ reference, uses 'SAME' (0, 1) padding: a one-pixel shift after the stem.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import zipfile
@@ -49,7 +48,9 @@ from typing import Any, NamedTuple
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
+import safetensors
 from absl import logging
 from flax import traverse_util
 from flax.core import meta
@@ -66,11 +67,6 @@ _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 # Our input normalisation (models/pix2seq_d.py): RGB, [0, 1], mean/std.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
-
-_SAFETENSORS_DTYPES = {
-    "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
-    "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?", "BF16": "<u2",
-}
 
 _TORCH_BN = {"weight": ("params", "scale"), "bias": ("params", "bias"),
              "running_mean": ("batch_stats", "mean"),
@@ -113,55 +109,26 @@ def _strip(key: str) -> str:
 # ------------------------------------------------------------------ readers
 
 
-def _safetensors_header(path: str) -> tuple[dict, int]:
-  """Returns (header dict without __metadata__, byte offset of the data)."""
-  with open(path, "rb") as f:
-    raw = f.read(8)
-    if len(raw) != 8:
-      raise ValueError(f"{path}: not a safetensors file (shorter than the "
-                       "8-byte header length).")
-    size = int.from_bytes(raw, "little")
-    file_size = os.fstat(f.fileno()).st_size
-    if size > file_size - 8:
-      raise ValueError(f"{path}: safetensors header length {size} exceeds "
-                       f"the file size {file_size}.")
+def _open_safetensors(
+    path: str,
+) -> tuple[list[str], Callable[[str], np.ndarray]]:
+  """Lists a safetensors file's keys; the reader maps single tensors lazily."""
+  try:
+    handle = safetensors.safe_open(path, framework="numpy")
+  except (safetensors.SafetensorError, OSError) as e:
+    raise ValueError(f"{path}: not a readable safetensors file: {e}") from e
+
+  def get(key: str) -> np.ndarray:
     try:
-      header = json.loads(f.read(size))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise ValueError(f"{path}: safetensors header is not JSON: {e}") from e
-  if not isinstance(header, dict):
-    raise ValueError(f"{path}: safetensors header is a "
-                     f"{type(header).__name__}; expected a JSON object.")
-  header.pop("__metadata__", None)
-  return header, 8 + size
+      array = handle.get_tensor(key)
+    except (safetensors.SafetensorError, TypeError) as e:
+      raise ValueError(f"{path}: cannot read tensor {key!r}: {e}") from e
+    # numpy has no bfloat16 of its own; the weights are used as float32.
+    if array.dtype == jnp.bfloat16:
+      array = array.astype(np.float32)
+    return array
 
-
-def _safetensors_array(path: str, buffer: np.ndarray, data_start: int,
-                       key: str, info: Any) -> np.ndarray:
-  """Decodes tensor `key` of a safetensors file from its memory map."""
-  if not isinstance(info, dict) or not {"dtype", "shape",
-                                        "data_offsets"} <= set(info):
-    raise ValueError(f"{path}: safetensors entry {key!r} is {info!r}; "
-                     "expected dtype, shape and data_offsets.")
-  dtype_name = info["dtype"]
-  if dtype_name not in _SAFETENSORS_DTYPES:
-    raise ValueError(f"{path}: tensor {key!r} has dtype {dtype_name!r}; "
-                     f"supported: {sorted(_SAFETENSORS_DTYPES)}.")
-  dtype = np.dtype(_SAFETENSORS_DTYPES[dtype_name])
-  shape = tuple(int(s) for s in info["shape"])
-  begin, end = (int(o) for o in info["data_offsets"])
-  expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-  if end - begin != expected or begin < 0 or data_start + end > buffer.size:
-    raise ValueError(
-        f"{path}: tensor {key!r} data_offsets [{begin}, {end}] hold "
-        f"{end - begin} bytes; expected {expected} for {dtype_name} "
-        f"{list(shape)} within {buffer.size - data_start} data bytes.")
-  raw = buffer[data_start + begin:data_start + end]
-  array = np.frombuffer(raw.tobytes(), dtype=dtype).reshape(shape)
-  if dtype_name == "BF16":
-    # bfloat16 is the upper half of a float32: shift the bits into place.
-    array = (array.astype(np.uint32) << 16).view(np.float32)
-  return array
+  return list(handle.keys()), get
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -209,10 +176,7 @@ def _open_export(
     npz.close()
     return list(npz.files), lambda k: _npz_array(path, k)
   if suffix == ".safetensors":
-    header, data_start = _safetensors_header(path)
-    buffer = np.memmap(path, dtype=np.uint8, mode="r")
-    return list(header), lambda k: _safetensors_array(
-        path, buffer, data_start, k, header[k])
+    return _open_safetensors(path)
   raise ValueError(f"backbone export {path!r} has suffix {suffix!r}; "
                    f"expected one of {SUFFIXES}.")
 
