@@ -42,21 +42,6 @@ def test_num_output_channels():
     losses.num_output_channels('l1', 16)
 
 
-def test_pixel_weights_hand_case():
-  id_map = np.array([[1, 1, 1], [1, 2, 2], [0, 0, 0]])
-  # Segment sizes 4, 2, 3 -> raw weights 5**-0.2, 3**-0.2, 4**-0.2.
-  w4, w2, w3 = 5**-0.2, 3**-0.2, 4**-0.2
-  total = 4 * w4 + 2 * w2 + 3 * w3
-  expected = np.array([[w4, w4, w4], [w4, w2, w2], [w3, w3, w3]]) * 9 / total
-  out = losses.pixel_weights(id_map, 0.2)
-  assert out.dtype == np.float32
-  np.testing.assert_allclose(out, expected, rtol=1e-6)
-  np.testing.assert_allclose(out.sum(), 9.0, rtol=1e-6)
-  assert out[1, 1] > out[2, 0] > out[0, 0]  # Smaller segments weigh more.
-  np.testing.assert_array_equal(losses.pixel_weights(id_map, 0.0),
-                                np.ones((3, 3)))
-
-
 def test_softmax_xent_matches_numpy():
   output, bits, eps, weights = _random_case(8, num_bits=4)  # 2 groups x 4.
   loss, per_example = _loss(output, bits, eps, weights, 'x_softmax_xent')

@@ -20,7 +20,6 @@ from pix2seq_d_jax.diffusion.losses import (
     bits_from_mask,
     diffusion_loss,
     num_output_channels,
-    pixel_weights,
     predict_x0,
 )
 from pix2seq_d_jax.diffusion.sampler import SAMPLERS, sample
@@ -41,7 +40,6 @@ __all__ = [
     'int_to_bits',
     'mask_to_analog_bits',
     'num_output_channels',
-    'pixel_weights',
     'predict_x0',
     'sample',
 ]

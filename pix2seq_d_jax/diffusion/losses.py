@@ -60,41 +60,6 @@ def num_output_channels(loss_type: str, num_bits: int = 16,
   return softmax_groups * 2**group_bits
 
 
-def pixel_weights(id_map: np.ndarray, power: float) -> np.ndarray:
-  """Per-pixel loss weights that favour small segments (numpy, per example).
-
-  Every pixel of a segment with c pixels gets (1 / (c + 1))**power; the
-  weights are then scaled to sum to h * w (mean 1), so `power` changes the
-  balance between segments and not the loss scale.
-
-  Args:
-    id_map: int [h, w], one integer per segment (e.g. semantic * 65536 +
-      instance). Void pixels (id 0) form a segment like any other.
-    power: the exponent p (0.2 in the paper); 0 gives all ones.
-
-  Returns:
-    float32 [h, w] with mean 1.
-
-  Raises:
-    ValueError: id_map is not a non-empty 2-D integer array, or power < 0.
-  """
-  id_map = np.asarray(id_map)
-  if id_map.ndim != 2 or id_map.size == 0:
-    raise ValueError(f'pixel_weights: id_map must be a non-empty [h, w] '
-                     f'array, got shape {id_map.shape}.')
-  if not np.issubdtype(id_map.dtype, np.integer):
-    raise ValueError(f'pixel_weights: id_map must hold integers, got dtype '
-                     f'{id_map.dtype}.')
-  if power < 0:
-    raise ValueError(f'pixel_weights: power={power} must be >= 0.')
-  _, inverse, counts = np.unique(id_map, return_inverse=True,
-                                 return_counts=True)
-  per_segment = (1.0 / (counts.astype(np.float64) + 1.0))**power
-  weights = per_segment[inverse.reshape(id_map.shape)]
-  weights *= id_map.size / weights.sum()
-  return weights.astype(np.float32)
-
-
 def bits_from_mask(semantic: jax.typing.ArrayLike,
                    instance: jax.typing.ArrayLike, *,
                    bits_per_channel: int = 8,
