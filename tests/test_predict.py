@@ -37,9 +37,10 @@ from pix2seq_d_jax import (
     predict_video,
     train_state,
 )
-from pix2seq_d_jax.data import panoptic_format, preprocess
-from pix2seq_d_jax.evaluation import davis as davis_eval
+from pix2seq_d_jax.data import preprocess
 from pix2seq_d_jax.evaluators import davis_video, visualize
+from pix2seq_d_jax.formats import coco_panoptic as coco_format
+from pix2seq_d_jax.formats import davis as davis_format
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (file name, height, width, PIL mode) of the inputs.
@@ -139,7 +140,7 @@ def test_panoptic_pngs_and_json(run):
       INPUTS, written["images"], written["annotations"], strict=True):
     assert (image["height"], image["width"]) == (h, w)
     assert ann["image_id"] == image["id"]
-    ids = panoptic_format.read_panoptic_png(
+    ids = coco_format.read_panoptic_png(
         os.path.join(out, "panoptic", ann["file_name"]))
     assert ids.shape == (h, w)
     segments = {s["id"]: s for s in ann["segments_info"]}
@@ -200,8 +201,8 @@ def test_same_seed_same_result_in_any_batch(run):
   for ann in result["annotations"]:
     png = ann["file_name"]
     np.testing.assert_array_equal(
-        panoptic_format.read_panoptic_png(os.path.join(out, "panoptic", png)),
-        panoptic_format.read_panoptic_png(
+        coco_format.read_panoptic_png(os.path.join(out, "panoptic", png)),
+        coco_format.read_panoptic_png(
             os.path.join(run["out"], "panoptic", png)))
     assert ann["segments_info"] == first[png]["segments_info"]
 
@@ -267,7 +268,7 @@ def video(run):
   as_images = str(root / "as_images")
   result = predict.write_predictions(predictor, frames, as_images)
   preds = predictor.predict(
-      [panoptic_format.read_rgb_image(p) for p in frames])
+      [coco_format.read_rgb_image(p) for p in frames])
   return dict(davis=davis, sequences=sequences, out=out, written=written,
               as_images=as_images, result=result, preds=preds,
               meta=predictor.meta, min_pixels=predictor.min_pixels)
@@ -299,7 +300,7 @@ def test_video_palette_pngs(video):
   assert video["written"] == {
       seq: [f"{k:05d}.png" for k in range(n)]
       for seq, (n, _, _) in SEQUENCES.items()}
-  palette = davis_eval.davis_palette()
+  palette = davis_format.davis_palette()
   for seq, (n, h, w) in SEQUENCES.items():
     for k in range(n):
       image = Image.open(os.path.join(video["out"], seq, f"{k:05d}.png"))
@@ -323,7 +324,7 @@ def test_video_values_are_instance_ids_of_thing_segments(video):
                                      strict=True):
     objects = np.asarray(Image.open(os.path.join(
         video["out"], seq, frame.replace(".jpg", ".png"))))
-    panoptic = panoptic_format.read_panoptic_png(
+    panoptic = coco_format.read_panoptic_png(
         os.path.join(video["as_images"], "panoptic", ann["file_name"]))
     assert objects.shape == panoptic.shape
     things = sorted(s["id"] for s in ann["segments_info"]
@@ -423,7 +424,7 @@ def video_run(tmp_path_factory):
 
 
 def _read_ids(folder, seq, n):
-  return np.stack([davis_eval.read_palette_png(
+  return np.stack([davis_format.read_palette_png(
       os.path.join(folder, seq, f"{k:05d}.png")) for k in range(n)])
 
 
@@ -438,7 +439,7 @@ def test_video_model_writes_palette_pngs_at_frame_size(video_run):
         assert image.mode == "P" and image.size == (w, h)
         np.testing.assert_array_equal(
             np.asarray(image.getpalette(), np.uint8).reshape(-1, 3),
-            davis_eval.davis_palette())
+            davis_format.davis_palette())
       with Image.open(os.path.join(video_run["out"], "overlays", seq,
                                    name)) as overlay:
         assert overlay.size == (2 * w + 4, h)
@@ -457,7 +458,7 @@ def test_video_model_ids_are_result_ids_of_the_video_sampler(video_run):
            for k in range(n)]
   zeros = np.zeros((h, w), np.int32)
   frames = np.stack([preprocess.preprocess_eval(
-      {"image": panoptic_format.read_rgb_image(p), "semantic": zeros,
+      {"image": coco_format.read_rgb_image(p), "semantic": zeros,
        "instance": zeros, "crowd": zeros.astype(bool), "image_id": 0},
       image_size=size, mask_size=m)["image"] for p in paths])
   sample = jax.jit(train_state.make_video_predict_fn(
@@ -497,9 +498,9 @@ def test_video_model_single_image_is_a_one_frame_sequence(video_run):
   out = str(video_run["root"] / "single")
   predict.predict_images(config, video_run["workdir"], first, out)
   (clip,) = video_run["predictor"].predict_clips(
-      [[panoptic_format.read_rgb_image(first)]])
+      [[coco_format.read_rgb_image(first)]])
   np.testing.assert_array_equal(
-      panoptic_format.read_panoptic_png(
+      coco_format.read_panoptic_png(
           os.path.join(out, "panoptic", "00000.png")),
       clip.frames[0].segment_ids)
   np.testing.assert_array_equal(
