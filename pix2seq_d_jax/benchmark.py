@@ -33,6 +33,7 @@ is the sampler's own overhead (noise, schedule, bit decoding).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import resource
@@ -42,7 +43,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -50,12 +50,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pix2seq_d_jax import config_lib, reporting, sharding, train_state
-
-# Schedule length used when the config's duration needs the dataset size:
-# learning-rate values do not change what a step costs.
-_NOMINAL_TOTAL_STEPS = 10_000
-
+from pix2seq_d_jax import config_lib, experiment, reporting
 
 # ------------------------------------------------------------- measuring
 
@@ -168,33 +163,34 @@ def measure_ceilings(
 # ------------------------------------------------------------- benchmark
 
 
-def _random_batch(
-    config: ml_collections.ConfigDict, batch_size: int, num_classes: int
+def random_batch(
+    spec: dict[str, jax.ShapeDtypeStruct], *, num_classes: int,
+    max_instances: int, seed: int = 0,
 ) -> dict[str, np.ndarray]:
-  s, m = config.input.image_size, config.input.mask_size
-  rs = np.random.RandomState(config.seed)
-  shape = (batch_size, m, m)
-  return {
-      "image": rs.uniform(size=(batch_size, s, s, 3)).astype(np.float32),
-      "semantic": rs.randint(0, num_classes, shape).astype(np.int32),
-      "instance": rs.randint(0, config.input.max_instances, shape).astype(
-          np.int32),
-      "loss_weight": np.ones(shape, np.float32),
-  }
+  """A random batch with the fields and shapes of the train step's `spec`.
 
+  Images are uniform in [0, 1], class and instance maps (and those of the
+  conditioning frames of a video model) uniform over their ranges, loss
+  weights 1.
 
-def _schedule_steps(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  batch_size = config.input.batch_size
-  try:
-    total = config_lib.steps("total", config, batch_size=batch_size)
-  except config_lib.ConfigError:
-    total = _NOMINAL_TOTAL_STEPS
-  try:
-    warmup = config_lib.steps("warmup", config.optax, batch_size=batch_size,
-                              total_steps=total, default=0)
-  except config_lib.ConfigError:
-    warmup = 0
-  return total, warmup
+  Raises:
+    ValueError: `spec` has a field this function does not know.
+  """
+  rs = np.random.RandomState(seed)
+  batch = {}
+  for name, s in spec.items():
+    if name == "image":
+      value = rs.uniform(size=s.shape)
+    elif name.endswith("semantic"):
+      value = rs.randint(0, num_classes, s.shape)
+    elif name.endswith("instance"):
+      value = rs.randint(0, max_instances, s.shape)
+    elif name == "loss_weight":
+      value = np.ones(s.shape)
+    else:
+      raise ValueError(f"random_batch: unknown train batch field {name!r}")
+    batch[name] = value.astype(s.dtype)
+  return batch
 
 
 def run_benchmark(
@@ -246,27 +242,12 @@ def run_benchmark(
       conv_channels=conv_channels, repeats=ceiling_repeats,
   )
 
-  # ------------------------------------------- model and state (train.py)
-  mesh = sharding.make_mesh(config.mesh)
-  model = train_state.build_model(config)
-  total_steps, warmup_steps = _schedule_steps(config)
-  tx, lr_schedule = train_state.make_optimizer(
-      config.optax, total_steps=total_steps, warmup_steps=warmup_steps
-  )
-  init_fn = train_state.make_init_fn(
-      model, tx, image_size=inp.image_size, mask_size=inp.mask_size,
-      num_bits=num_bits,
-  )
+  # ------------------------------ model, state and step (as train.py)
+  exp = experiment.create(config)
+  mesh, model = exp.mesh, exp.model
   init_rng, train_rng, sample_rng = jax.random.split(
       jax.random.key(config.seed), 3)
-  with jax.set_mesh(mesh):
-    abstract_boxed = jax.eval_shape(init_fn, init_rng)
-  state_shardings = sharding.state_shardings(
-      abstract_boxed, mesh, config.sharding_rules
-  )
-  init = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=state_shardings)
-  with jax.set_mesh(mesh):
-    state = init(init_rng)
+  state = exp.init_state(init_rng)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   results["setup"] = {
       "model": config.model.name,
@@ -275,6 +256,9 @@ def run_benchmark(
       "image_size": inp.image_size,
       "mask_size": inp.mask_size,
       "dtype": config.model.dtype,
+      "remat": config.remat,
+      "grad_accum_steps": config.grad_accum_steps,
+      "video": exp.is_video,
       "device": jax.devices()[0].device_kind,
       "platform": jax.devices()[0].platform,
       "num_devices": jax.device_count(),
@@ -282,26 +266,17 @@ def run_benchmark(
   }
 
   # ----------------------------------------------------------- train step
-  batch_sharding = sharding.batch_sharding(mesh)
-  host_batch = _random_batch(config, batch_size, num_classes)
-  batch = {k: jax.device_put(v, batch_sharding) for k, v in host_batch.items()}
-  step_fn = train_state.make_train_step(
-      model, tx, lr_schedule, d, ema_decay=config.ema_decay
-  )
-  train_step = jax.jit(
-      step_fn,
-      in_shardings=(state_shardings, {k: batch_sharding for k in batch},
-                    sharding.replicated(mesh)),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=0,
-  )
+  host_batch = random_batch(
+      exp.batch_spec(), num_classes=num_classes,
+      max_instances=inp.max_instances, seed=config.seed)
+  batch = exp.global_batch(host_batch)
   logging.info("Compiling the train step.")
+  t0 = time.perf_counter()
+  lowered = exp.lower_train_step()
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
   with jax.set_mesh(mesh):
-    t0 = time.perf_counter()
-    lowered = train_step.lower(state, batch, train_rng)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
     # The state is donated: each call consumes it and returns the next one.
     state, metrics = compiled(state, batch, train_rng)
     jax.block_until_ready((state, metrics))
@@ -328,6 +303,10 @@ def run_benchmark(
       "memory": reporting.compiled_memory(compiled),
       "final_loss": float(metrics["loss"]),
       "peak_rss_bytes": peak_rss_bytes(),
+      # Identifies the program: equal to the training loop's step for the
+      # same config (both are `Experiment.lower_train_step`).
+      "program_sha256": hashlib.sha256(
+          lowered.as_text().encode()).hexdigest(),
   }
 
   # ------------------------------------------------------------- sampling
@@ -339,10 +318,16 @@ def run_benchmark(
                        train=False, method="encode")
 
   def decode(params, batch_stats, x_t, gamma, encoded):
+    # One decoder pass with the inputs the sampler gives it: the
+    # self-conditioning estimate and, for a video model, the earlier
+    # frames' conditioning map.
     x0_sc = jnp.zeros_like(x_t) if model.self_cond else None
+    cond_map = None
+    if model.cond_channels:
+      cond_map = jnp.zeros(x_t.shape[:3] + (model.cond_channels,), x_t.dtype)
     return model.apply({"params": params, "batch_stats": batch_stats}, x_t,
-                       gamma, encoded, self_cond_x0=x0_sc, train=False,
-                       method="decode")
+                       gamma, encoded, self_cond_x0=x0_sc, cond_map=cond_map,
+                       train=False, method="decode")
 
   with jax.set_mesh(mesh):
     encode_jit = jax.jit(encode)
@@ -356,15 +341,12 @@ def run_benchmark(
                                gamma, encoded, repeats=sample_repeats)
     predict_times, predict_compile = {}, {}
     for steps in steps_list:
-      predict = train_state.make_predict_fn(
-          model, d, num_classes=num_classes,
-          max_instances=inp.max_instances, num_steps=steps,
-      )
       predict_jit = jax.jit(
-          predict,
-          in_shardings=(state_shardings.params, state_shardings.batch_stats,
-                        batch_sharding, sharding.replicated(mesh)),
-          out_shardings=batch_sharding,
+          exp.predict_fn(num_classes, num_steps=steps),
+          in_shardings=(exp.state_shardings.params,
+                        exp.state_shardings.batch_stats,
+                        exp.batch_sharding, exp.replicated),
+          out_shardings=exp.batch_sharding,
       )
       t0 = time.perf_counter()
       compiled_predict = predict_jit.lower(

@@ -1,15 +1,15 @@
 """`train_and_evaluate(config, workdir)`: the training loop, top to bottom.
 
-Sections: mesh, model, data, state and shardings, checkpoint (resume),
-step, evaluators, loop. Every process runs the same code; only process 0
-writes summaries, predictions and overlays (orbax coordinates checkpoints).
+Sections: mesh, data, model/state/step (all from `experiment.create`),
+checkpoint (resume), evaluators, loop. Every process runs the same code;
+only process 0 writes summaries, predictions and overlays (orbax
+coordinates checkpoints).
 SIGTERM or SIGINT (preemption, Ctrl-C) saves a checkpoint at the current step
 and returns normally; rerunning the same command resumes from it.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -17,9 +17,7 @@ import signal
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -30,13 +28,11 @@ from pix2seq_d_jax import (
     checkpointing,
     config_lib,
     evaluators,
+    experiment,
     reporting,
     sharding,
-    train_state,
 )
-from pix2seq_d_jax import data as data_lib
-from pix2seq_d_jax.data import pipeline, preprocess
-from pix2seq_d_jax.diffusion import video_conditioning
+from pix2seq_d_jax.data import pipeline
 from pix2seq_d_jax.models import weight_import
 
 MODES = ("train", "eval", "train_eval")
@@ -44,78 +40,6 @@ MODES = ("train", "eval", "train_eval")
 
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN or infinite loss."""
-
-
-def is_video(config: ml_collections.ConfigDict) -> bool:
-  """Whether the model conditions on earlier frames (a video config)."""
-  return bool(config.input.get("proceeding_frames"))
-
-
-def make_source(config: ml_collections.ConfigDict, split: str) -> Any:
-  """The configured data source for `split` (`input.source` by name)."""
-  inp = config.input
-  kwargs: dict[str, Any] = dict(
-      split=split, skip_bad_examples=inp.skip_bad_examples
-  )
-  if split == inp.train_split and inp.max_train_examples:
-    kwargs["max_examples"] = inp.max_train_examples
-  if inp.source == "synthetic":
-    kwargs.update(dict(inp.synthetic))
-  if inp.source == "synthetic_video":
-    kwargs.update(dict(inp.synthetic_video))
-  if is_video(config):
-    # Training reads clips: the conditioning frames, then the target.
-    kwargs["clip_length"] = (
-        video_conditioning.history_length(inp.proceeding_frames) + 1
-        if split == inp.train_split else 1)
-  return data_lib.get_source(
-      inp.source, data_dir=os.path.expanduser(inp.data_dir), **kwargs
-  )
-
-
-def check_metadata(config: ml_collections.ConfigDict, meta: Any) -> None:
-  """Checks that the dataset's classes fit the config's bit budget."""
-  bits = config.diffusion.bits_per_channel
-  if meta.num_classes > 2**bits:
-    raise config_lib.ConfigError(
-        f"dataset {config.input.source!r} has {meta.num_classes} classes "
-        f"(incl. void), more than config.diffusion.bits_per_channel={bits} "
-        f"bits can hold ({2**bits})"
-    )
-  declared = config.input.get("num_classes")
-  if declared is not None and declared != meta.num_classes:
-    raise config_lib.ConfigError(
-        f"config.input.num_classes={declared}, but dataset "
-        f"{config.input.source!r} has {meta.num_classes} classes incl. void"
-    )
-
-
-def train_preprocess_fn(config: ml_collections.ConfigDict):
-  inp = config.input
-  if is_video(config):
-    fn = functools.partial(
-        preprocess.preprocess_train_clip,
-        proceeding_frames=tuple(inp.proceeding_frames))
-  else:
-    fn = preprocess.preprocess_train
-  return functools.partial(
-      fn,
-      image_size=inp.image_size,
-      mask_size=inp.mask_size,
-      max_instances=inp.max_instances,
-      scale_range=tuple(inp.scale_range),
-      flip=inp.flip,
-      color_jitter_strength=inp.color_jitter,
-      loss_weight_power=config.diffusion.loss_weight_power,
-  )
-
-
-def eval_preprocess_fn(config: ml_collections.ConfigDict):
-  return functools.partial(
-      preprocess.preprocess_eval,
-      image_size=config.input.image_size,
-      mask_size=config.input.mask_size,
-  )
 
 
 class _StopSignal:
@@ -158,21 +82,6 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
-def _batch_spec(config: ml_collections.ConfigDict, batch_size: int) -> dict:
-  s, m = config.input.image_size, config.input.mask_size
-  spec = {
-      "image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.float32),
-      "semantic": jax.ShapeDtypeStruct((batch_size, m, m), jnp.int32),
-      "instance": jax.ShapeDtypeStruct((batch_size, m, m), jnp.int32),
-      "loss_weight": jax.ShapeDtypeStruct((batch_size, m, m), jnp.float32),
-  }
-  if is_video(config):
-    frames = (batch_size, len(config.input.proceeding_frames), m, m)
-    spec["cond_semantic"] = jax.ShapeDtypeStruct(frames, jnp.int32)
-    spec["cond_instance"] = jax.ShapeDtypeStruct(frames, jnp.int32)
-  return spec
-
-
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, mode: str = "train_eval"
 ) -> dict[str, Any]:
@@ -206,40 +115,16 @@ def train_and_evaluate(
     )
   local_batch_size = batch_size // jax.process_count()
 
-  # ---------------------------------------------------------------- model
-  model = train_state.build_model(config)
-
   # ----------------------------------------------------------------- data
-  train_source = make_source(config, config.input.train_split)
+  train_source = experiment.make_source(config, config.input.train_split)
   meta = train_source.metadata
-  check_metadata(config, meta)
-  total_steps = config_lib.steps(
-      "total", config, data_size=len(train_source), batch_size=batch_size
-  )
-  warmup_steps = config_lib.steps(
-      "warmup", config.optax, data_size=len(train_source),
-      batch_size=batch_size, total_steps=total_steps, default=0,
-  )
+  experiment.check_metadata(config, meta)
 
-  # ---------------------------------------------------- state and shardings
-  tx, lr_schedule = train_state.make_optimizer(
-      config.optax, total_steps=total_steps, warmup_steps=warmup_steps
-  )
-  init_fn = train_state.make_init_fn(
-      model, tx, image_size=config.input.image_size,
-      mask_size=config.input.mask_size,
-      num_bits=2 * config.diffusion.bits_per_channel,
-  )
-  rng = jax.random.key(config.seed)
-  init_rng, train_rng = jax.random.split(rng)
-  with jax.set_mesh(mesh):
-    abstract_boxed = jax.eval_shape(init_fn, init_rng)
-  state_shardings = sharding.state_shardings(
-      abstract_boxed, mesh, config.sharding_rules
-  )
-  abstract_state = checkpointing.abstract_with_shardings(
-      nn.unbox(abstract_boxed), state_shardings
-  )
+  # ------------------------------------- model, state and shardings, step
+  exp = experiment.create(config, mesh, data_size=len(train_source))
+  total_steps = exp.total_steps
+  abstract_state = exp.abstract_state
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   num_params = parameter_overview.count_parameters(abstract_state.params)
   logging.info(
       "Model %s: %s parameters.\n%s", config.model.name, f"{num_params:,}",
@@ -261,12 +146,9 @@ def train_and_evaluate(
           f"--mode=eval: no checkpoint in {workdir}/checkpoints and neither "
           "config.resume nor config.model_init is set"
       )
-    init = jax.jit(
-        lambda r: nn.unbox(init_fn(r)), out_shardings=state_shardings
-    )
-    state = init(init_rng)
+    state = exp.init_state(init_rng)
     if config.resume:
-      state = checkpointing.restore_weights(config.resume, abstract_state)
+      state = exp.restore_weights(config.resume)
     elif config.model_init:
       state = _init_weights(state, config.model_init, abstract_state)
   start_step = int(state.step)
@@ -275,29 +157,13 @@ def train_and_evaluate(
   reporter.write_config(config.to_dict())
 
   # ----------------------------------------------------------- evaluators
-  if is_video(config):
-    predict = train_state.make_video_predict_fn(
-        model, config.diffusion, num_classes=meta.num_classes,
-        max_instances=config.input.max_instances,
-        proceeding_frames=tuple(config.input.proceeding_frames),
-    )
-  else:
-    predict = train_state.make_predict_fn(
-        model, config.diffusion, num_classes=meta.num_classes,
-        max_instances=config.input.max_instances,
-    )
-  predict_jit = jax.jit(
-      predict,
-      in_shardings=(state_shardings.params, state_shardings.batch_stats,
-                    sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-      out_shardings=sharding.batch_sharding(mesh),
-  )
+  predict_jit = exp.jit_eval_predict(meta.num_classes)
   evals = {}
   if mode in ("eval", "train_eval") and len(config.evals):
-    eval_source = make_source(config, config.input.eval_split)
+    eval_source = exp.source(config.input.eval_split)
     evals = evaluators.from_config(
         config.evals, predict_fn=predict_jit, source=eval_source,
-        preprocess_fn=eval_preprocess_fn(config), mesh=mesh,
+        preprocess_fn=experiment.eval_preprocess_fn(config), mesh=mesh,
         seed=config.seed, workdir=workdir,
     )
 
@@ -330,7 +196,7 @@ def train_and_evaluate(
       train_source,
       batch_size=local_batch_size,
       seed=config.seed,
-      preprocess_fn=train_preprocess_fn(config),
+      preprocess_fn=experiment.train_preprocess_fn(config),
       shard_index=jax.process_index(),
       shard_count=jax.process_count(),
       num_workers=config.input.num_workers,
@@ -340,26 +206,8 @@ def train_and_evaluate(
   # The first batch is read before compiling, so bad data fails in seconds
   # rather than after a long compile.
   next_local = next(train_iter) if start_step < total_steps else None
-  step_fn = train_state.make_train_step(
-      model, tx, lr_schedule, config.diffusion, ema_decay=config.ema_decay,
-      skip_nonfinite=config.skip_nonfinite_updates,
-      grad_accum_steps=config.grad_accum_steps, remat=config.remat,
-      frames_dropout=config.input.frames_dropout,
-  )
-  batch_shardings = {k: sharding.batch_sharding(mesh)
-                     for k in _batch_spec(config, batch_size)}
-  train_step = jax.jit(
-      step_fn,
-      in_shardings=(state_shardings, batch_shardings,
-                    sharding.replicated(mesh)),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=0,
-  )
   t0 = time.time()
-  with jax.set_mesh(mesh):
-    compiled = train_step.lower(
-        abstract_state, _batch_spec(config, batch_size), train_rng
-    ).compile()
+  compiled = exp.compile_train_step()
   logging.info("Compiled the train step in %.1fs.", time.time() - t0)
   _log_memory(compiled)
 
@@ -373,9 +221,7 @@ def train_and_evaluate(
       local, next_local = next_local, None
       if local is None:
         local = next(train_iter)
-      batch = sharding.global_batch(
-          {k: local[k] for k in batch_shardings}, mesh
-      )
+      batch = exp.global_batch(local)
       state, metrics = compiled(state, batch, train_rng)
       step += 1
       steps_since_log += 1

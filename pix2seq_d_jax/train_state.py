@@ -1,5 +1,8 @@
 """Train state, optimizer, and the pure diffusion train step.
 
+The model is built and the step jitted with its shardings by
+`experiment.create`; samplers live in `inference.sampling`.
+
 `TrainState` holds arrays only (step, params, batch statistics, optimizer
 state, EMA params); the model, optimizer and diffusion settings are bound
 into `make_train_step` by closure, so the jitted step is
@@ -13,7 +16,6 @@ and take the weighted loss of `diffusion.losses`.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -24,46 +26,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from pix2seq_d_jax import models
-from pix2seq_d_jax.diffusion import (
-    analog_bits,
-    losses,
-    sampler,
-    schedules,
-    video_conditioning,
-)
+from pix2seq_d_jax.diffusion import losses, schedules, video_conditioning
 
 PyTree = Any
 REMAT_CHOICES = ("none", "encoder", "decoder", "both")
 # fold_in constant of the frame-dropout random stream of video models.
 _FRAMES_DROPOUT_STREAM = 0x7F1D
-
-
-def build_model(config: ml_collections.ConfigDict) -> nn.Module:
-  """Builds the configured model; sizes that follow from data are derived.
-
-  The bit count, output channels, self-conditioning input and the video
-  conditioning channels come from `config.input` and `config.diffusion`, so
-  `config.model` carries only architecture choices.
-  """
-  d = config.diffusion
-  num_bits = 2 * d.bits_per_channel
-  kwargs = dict(config.model)
-  name = kwargs.pop("name")
-  for key in ("backbone_depths", "dec_dim_mults"):
-    kwargs[key] = tuple(kwargs[key])
-  frames = config.input.get("proceeding_frames") or ()
-  return models.get_model(
-      name,
-      mask_size=(config.input.mask_size, config.input.mask_size),
-      num_bits=num_bits,
-      num_outputs=losses.num_output_channels(
-          d.loss_type, num_bits, d.softmax_groups
-      ),
-      self_cond=bool(d.self_cond),
-      cond_channels=num_bits * len(frames),
-      **kwargs,
-  )
 
 
 @flax.struct.dataclass
@@ -399,185 +367,3 @@ def make_train_step(
     return new_state, metrics
 
   return train_step
-
-
-def _masks_sampler(
-    model: nn.Module,
-    d: ml_collections.ConfigDict,
-    *,
-    num_classes: int,
-    max_instances: int,
-    return_trajectory: bool = False,
-) -> Callable[..., Any]:
-  """Returns a sampler of masks from encoder features.
-
-  `sample_masks(variables, encoded, rng, steps, cond_map=None)` samples the
-  analog bits of the images whose encoder output is `encoded` (only the
-  decoder runs in the sampler's scan) and decodes them into int32 [b, m, m]
-  (semantic, instance) maps, plus the trajectory when asked.
-  """
-  num_bits = 2 * d.bits_per_channel
-
-  def sample_masks(variables, encoded, rng, steps, cond_map=None):
-    m = model.mask_size
-
-    def decode_fn(x_t, gamma_t, x0_sc):
-      return model.apply(
-          variables,
-          x_t,
-          gamma_t,
-          encoded,
-          self_cond_x0=x0_sc if d.self_cond else None,
-          cond_map=cond_map,
-          train=False,
-          method="decode",
-      )
-
-    batch = jax.tree.leaves(encoded)[0].shape[0]
-    result = sampler.sample(
-        decode_fn,
-        rng,
-        (batch, m[0], m[1], num_bits),
-        num_steps=steps,
-        td=d.td,
-        schedule=d.schedule,
-        loss_type=d.loss_type,
-        scale=d.bit_scale,
-        softmax_groups=d.softmax_groups,
-        self_cond=d.self_cond,
-        sampler=d.sampler,
-        return_trajectory=return_trajectory,
-    )
-    x0, trajectory = result if return_trajectory else (result, None)
-    semantic, instance = analog_bits.analog_bits_to_mask(
-        x0,
-        bits_per_channel=d.bits_per_channel,
-        num_classes=num_classes,
-        max_instances=max_instances,
-        code=d.bit_code,
-    )
-    if return_trajectory:
-      return semantic, instance, trajectory
-    return semantic, instance
-
-  return sample_masks
-
-
-def make_predict_fn(
-    model: nn.Module,
-    diff_config: ml_collections.ConfigDict,
-    *,
-    num_classes: int,
-    max_instances: int,
-    num_steps: int | None = None,
-    return_trajectory: bool = False,
-) -> Callable[..., Any]:
-  """Returns `predict(params, batch_stats, image, rng) -> (semantic, instance)`.
-
-  The image encoder runs once; only the decoder runs inside the sampler's
-  `jax.lax.scan` over steps. Outputs are int32 [b, m, m] at mask resolution.
-  Video models (`model.cond_channels > 0`) get the conditioning of a first
-  frame (zero maps for every earlier frame); use `make_video_predict_fn` to
-  walk a sequence.
-  """
-  steps = num_steps or diff_config.sample_steps
-  sample_masks = _masks_sampler(
-      model, diff_config, num_classes=num_classes,
-      max_instances=max_instances, return_trajectory=return_trajectory)
-
-  def predict(params, batch_stats, image, rng):
-    variables = {"params": params, "batch_stats": batch_stats}
-    encoded = model.apply(variables, image, train=False, method="encode")
-    cond_map = None
-    if model.cond_channels:
-      m = model.mask_size
-      frames = model.cond_channels // (2 * diff_config.bits_per_channel)
-      zeros = jnp.zeros((image.shape[0], frames, m[0], m[1]), jnp.int32)
-      cond_map = video_conditioning.conditioning_map(
-          zeros, zeros, bits_per_channel=diff_config.bits_per_channel,
-          scale=diff_config.bit_scale, code=diff_config.bit_code)
-    return sample_masks(variables, encoded, rng, steps, cond_map)
-
-  return predict
-
-
-def make_video_predict_fn(
-    model: nn.Module,
-    diff_config: ml_collections.ConfigDict,
-    *,
-    num_classes: int,
-    max_instances: int,
-    proceeding_frames: tuple[int, ...],
-    first_frame_steps: int | None = None,
-    later_frame_steps: int | None = None,
-) -> Callable[..., Any]:
-  """Returns `predict(params, batch_stats, frames, rng)` for whole clips.
-
-  It segments whole clips frame by frame, conditioning each frame on the
-  model's own predictions for the frames `proceeding_frames` before it (zero
-  maps before the first frame), so instance ids carry over. The encoder runs
-  once over all frames of the batch; the first frame is sampled with
-  `first_frame_steps` (`diffusion.sample_steps`) and the later ones with
-  `later_frame_steps` (`diffusion.sample_steps_later`, fewer: the
-  conditioning already says most of the answer) in a `jax.lax.scan` over
-  frames that carries the last K predicted masks, so a clip is one compiled
-  call per (batch, frame count) shape.
-
-  Args on the returned function: frames float32 [b, T, H, W, 3] (T >= 1);
-  rng a PRNG key; frame t uses key fold_in(rng, t).
-
-  Returns:
-    (semantic, instance), int32 [b, T, m, m].
-  """
-  d = diff_config
-  k = video_conditioning.history_length(proceeding_frames)
-  if not model.cond_channels or k == 0:
-    raise ValueError(
-        "make_video_predict_fn needs a model conditioned on earlier frames "
-        "(config.input.proceeding_frames non-empty).")
-  first = first_frame_steps or d.sample_steps
-  later = later_frame_steps or d.get("sample_steps_later") or first
-  sample_masks = _masks_sampler(
-      model, d, num_classes=num_classes, max_instances=max_instances)
-
-  def predict(params, batch_stats, frames, rng):
-    variables = {"params": params, "batch_stats": batch_stats}
-    b, t = frames.shape[:2]
-    encoded = model.apply(
-        variables, frames.reshape((b * t,) + frames.shape[2:]), train=False,
-        method="encode")
-    # [b * T, ...] -> [T, b, ...]: the scan walks the leading axis.
-    encoded = jax.tree.map(
-        lambda x: x.reshape((b, t) + x.shape[1:]).swapaxes(0, 1), encoded)
-    m = model.mask_size
-    empty = jnp.zeros((k, b, m[0], m[1]), jnp.int32)
-
-    def frame(history, inputs, steps):
-      enc_t, index = inputs
-      sem_hist, inst_hist = history
-      cond_map = video_conditioning.conditioning_map(
-          video_conditioning.select_history(
-              sem_hist, proceeding_frames).swapaxes(0, 1),
-          video_conditioning.select_history(
-              inst_hist, proceeding_frames).swapaxes(0, 1),
-          bits_per_channel=d.bits_per_channel, scale=d.bit_scale,
-          code=d.bit_code)
-      semantic, instance = sample_masks(
-          variables, enc_t, jax.random.fold_in(rng, index), steps, cond_map)
-      history = (
-          jnp.concatenate([sem_hist[1:], semantic[None]]),
-          jnp.concatenate([inst_hist[1:], instance[None]]),
-      )
-      return history, (semantic, instance)
-
-    first_enc = jax.tree.map(lambda x: x[0], encoded)
-    history, (sem0, inst0) = frame((empty, empty), (first_enc, 0), first)
-    rest_enc = jax.tree.map(lambda x: x[1:], encoded)
-    _, (sems, insts) = jax.lax.scan(
-        functools.partial(frame, steps=later), history,
-        (rest_enc, jnp.arange(1, t, dtype=jnp.int32)))
-    semantic = jnp.concatenate([sem0[None], sems]).swapaxes(0, 1)
-    instance = jnp.concatenate([inst0[None], insts]).swapaxes(0, 1)
-    return semantic, instance
-
-  return predict

@@ -14,7 +14,6 @@ import sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 
 # Plumbing, not XLA's code quality, is under test: compile faster.
@@ -22,7 +21,11 @@ jax.config.update("jax_disable_most_optimizations", True)
 import numpy as np  # noqa: E402
 
 from configs import common  # noqa: E402
-from pix2seq_d_jax import checkpointing, sharding, train_state  # noqa: E402
+from pix2seq_d_jax import (  # noqa: E402
+    checkpointing,
+    experiment,
+    sharding,
+)
 
 IMAGE, MASK, BATCH = 32, 16, 8
 FSDP_RULES = [("batch", ("data", "fsdp")), ("embed", "fsdp"),
@@ -59,23 +62,11 @@ def _batch():
 
 def run(mesh_config, rules, num_devices, workdir=None):
   config = _config()
+  config.sharding_rules = rules
   mesh = sharding.make_mesh(mesh_config, jax.devices()[:num_devices])
-  model = train_state.build_model(config)
-  tx, sched = train_state.make_optimizer(config.optax, total_steps=10,
-                                         warmup_steps=0)
-  init = train_state.make_init_fn(model, tx, image_size=IMAGE,
-                                  mask_size=MASK, num_bits=16)
-  boxed = jax.eval_shape(init, jax.random.key(0))
-  shardings = sharding.state_shardings(boxed, mesh, rules)
-  state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(
-      jax.random.key(0))
-  step = jax.jit(
-      train_state.make_train_step(model, tx, sched, config.diffusion,
-                                  ema_decay=0.9),
-      in_shardings=(shardings, sharding.batch_sharding(mesh),
-                    sharding.replicated(mesh)),
-      out_shardings=(shardings, sharding.replicated(mesh)),
-      donate_argnums=0)
+  exp = experiment.create(config, mesh, total_steps=10)
+  state = exp.init_state(jax.random.key(0))
+  step = exp.train_step
   batch = sharding.global_batch(_batch(), mesh)
   state, metrics = step(state, batch, jax.random.key(1))
   jax.block_until_ready(metrics)
@@ -111,16 +102,9 @@ def main():
                          leaf.addressable_shards[0].data.shape),
                      conv_out_shape=list(leaf.shape))
   # A checkpoint written with params sharded over 8 devices restores on 1.
-  config = _config()
-  model = train_state.build_model(config)
-  tx, _ = train_state.make_optimizer(config.optax, total_steps=10,
-                                     warmup_steps=0)
-  init = train_state.make_init_fn(model, tx, image_size=IMAGE,
-                                  mask_size=MASK, num_bits=16)
   mesh1 = sharding.make_mesh([("data", 1)], jax.devices()[:1])
-  boxed = jax.eval_shape(init, jax.random.key(0))
-  abstract = checkpointing.abstract_with_shardings(
-      nn.unbox(boxed), sharding.state_shardings(boxed, mesh1, []))
+  exp1 = experiment.create(_config(), mesh1, total_steps=10)
+  abstract = exp1.abstract_state
   restored = checkpointing.restore_weights(workdir, abstract)
   diff = max(jax.tree.leaves(jax.tree.map(
       lambda a, b: float(np.abs(np.asarray(a) - b).max()),

@@ -5,7 +5,7 @@
 
 With the last three arguments the process joins a `jax.distributed` job on
 loopback (one CPU device per process); without them it runs alone. Either
-way it builds the tiny model's sharded state with our own functions, trains
+way it builds the tiny model's sharded state with `experiment.create`, trains
 3 steps on FIXED seeded global batches of which this process feeds only its
 rows (through `sharding.global_batch`), blocking every step (STACK.md
 pitfall 2), then reads one epoch of its training data shard. It writes
@@ -16,21 +16,18 @@ Run with JAX_PLATFORMS=cpu and the repository root on PYTHONPATH.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 from typing import TYPE_CHECKING
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 
 from configs import synthetic
-from pix2seq_d_jax import data as data_lib
-from pix2seq_d_jax import sharding, train_state
-from pix2seq_d_jax.data import pipeline, preprocess
+from pix2seq_d_jax import experiment
+from pix2seq_d_jax.data import pipeline
 
 if TYPE_CHECKING:
   import pytest
@@ -93,42 +90,18 @@ def train_steps(
     config: ml_collections.ConfigDict,
 ) -> tuple[list[float], dict[str, np.ndarray]]:
   """STEPS steps on fixed batches; returns losses and local params."""
-  mesh = sharding.make_mesh(config.mesh)
-  model = train_state.build_model(config)
-  tx, schedule = train_state.make_optimizer(
-      config.optax, total_steps=config.total_steps,
-      warmup_steps=config.optax.warmup_steps,
-  )
-  init = train_state.make_init_fn(
-      model, tx, image_size=config.input.image_size,
-      mask_size=config.input.mask_size,
-      num_bits=2 * config.diffusion.bits_per_channel,
-  )
-  with jax.set_mesh(mesh):
-    boxed = jax.eval_shape(init, jax.random.key(0))
-  shardings = sharding.state_shardings(boxed, mesh, config.sharding_rules)
-  state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(
-      jax.random.key(0))
-  # Jitted as train.py jits it, so the persistent cache can share the
-  # compiled program with the entry point's runs of the same config.
-  batch_shardings = {k: sharding.batch_sharding(mesh)
-                     for k in ("image", "semantic", "instance", "loss_weight")}
-  step_fn = jax.jit(
-      train_state.make_train_step(
-          model, tx, schedule, config.diffusion, ema_decay=config.ema_decay,
-          frames_dropout=config.input.frames_dropout,
-      ),
-      in_shardings=(shardings, batch_shardings, sharding.replicated(mesh)),
-      out_shardings=(shardings, sharding.replicated(mesh)),
-      donate_argnums=0,
-  )
+  exp = experiment.create(config)
+  mesh = exp.mesh
+  state = exp.init_state(jax.random.key(0))
+  # The training loop's own jitted step, so the persistent cache can share
+  # the compiled program with the entry point's runs of the same config.
+  step_fn = exp.train_step
   local = BATCH // jax.process_count()
   rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
   losses = []
   for step in range(STEPS):
     whole = global_batch_rows(step, config)
-    batch = sharding.global_batch({k: v[rows] for k, v in whole.items()},
-                                  mesh)
+    batch = exp.global_batch({k: v[rows] for k, v in whole.items()})
     with jax.set_mesh(mesh):
       state, metrics = step_fn(state, batch, jax.random.key(1))
     losses.append(float(jax.device_get(metrics["loss"])))
@@ -143,17 +116,13 @@ def epoch_image_ids(
 ) -> list[int]:
   """Image ids of one epoch of this process's training shard.
 
-  The source and preprocessing are built as `train.make_source` and
-  `train.train_preprocess_fn` build them (`train` itself is not imported:
-  its metric writers pull in TensorFlow, seconds per process).
+  The source and preprocessing are the training loop's
+  (`experiment.make_source`, `experiment.train_preprocess_fn`).
   """
-  inp = config.input
-  source = data_lib.get_source("synthetic", data_dir=data_dir,
-                               split=inp.train_split, **inp.synthetic)
-  preprocess_fn = functools.partial(
-      preprocess.preprocess_train, image_size=inp.image_size,
-      mask_size=inp.mask_size, max_instances=inp.max_instances,
-  )
+  config = config.copy_and_resolve_references()
+  config.input.data_dir = data_dir
+  source = experiment.make_source(config, config.input.train_split)
+  preprocess_fn = experiment.train_preprocess_fn(config)
   local = BATCH // jax.process_count()
   # Shard index and count default to this process's, as in training.
   loader = pipeline.make_train_loader(

@@ -1,15 +1,15 @@
 """Tests of the benchmark: the fit, the timer, and one tiny end-to-end run."""
 
+import hashlib
 import json
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from configs import synthetic
-from pix2seq_d_jax import benchmark, train_state
+from pix2seq_d_jax import benchmark, experiment
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -93,28 +93,48 @@ def test_results_have_every_field_and_consistent_values(results):
 
 def test_flops_match_an_independently_lowered_step(results):
   # XLA's count for the benchmark's compiled step, checked against the count
-  # of a separately built and lowered (unoptimised) step. Compiling it again
-  # would double the test's run time; compilation rewrites a few ops, which
-  # moves the count by about 1.4% on this model, hence the tolerance. A
-  # different program (e.g. the forward pass alone) is off by far more.
-  config = _tiny_config()
-  model = train_state.build_model(config)
-  tx, schedule = train_state.make_optimizer(
-      config.optax, total_steps=config.total_steps, warmup_steps=1)
-  init_fn = train_state.make_init_fn(
-      model, tx, image_size=32, mask_size=16,
-      num_bits=2 * config.diffusion.bits_per_channel)
-  state = jax.eval_shape(lambda r: nn.unbox(init_fn(r)), jax.random.key(0))
-  batch = {
-      "image": jax.ShapeDtypeStruct((2, 32, 32, 3), np.float32),
-      "semantic": jax.ShapeDtypeStruct((2, 16, 16), np.int32),
-      "instance": jax.ShapeDtypeStruct((2, 16, 16), np.int32),
-      "loss_weight": jax.ShapeDtypeStruct((2, 16, 16), np.float32),
-  }
-  step = train_state.make_train_step(
-      model, tx, schedule, config.diffusion, ema_decay=config.ema_decay)
-  lowered = jax.jit(step, donate_argnums=0).lower(
-      state, batch, jax.random.key(1))
+  # of a separately lowered (unoptimised) step. Compiling it again would
+  # double the test's run time; compilation rewrites a few ops, which moves
+  # the count by about 1.4% on this model, hence the tolerance. A different
+  # program (e.g. the forward pass alone) is off by far more.
+  lowered = experiment.create(_tiny_config()).lower_train_step()
   np.testing.assert_allclose(
       results["train"]["flops_per_step"],
       lowered.cost_analysis()["flops"], rtol=0.05)
+
+
+def _video_levers_config(**overrides):
+  config = synthetic.get_config("tiny,video")
+  config.input.batch_size = 2
+  config.input.image_size = 32
+  config.input.mask_size = 16
+  config.remat = "both"
+  config.grad_accum_steps = 2
+  config.skip_nonfinite_updates = True
+  config.input.frames_dropout = 0.5
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def test_benchmark_step_is_the_training_step_with_every_lever():
+  # The benchmark times the program the training loop compiles: same
+  # config -> same lowered program, remat, gradient accumulation,
+  # non-finite skipping and video conditioning included; dropping a lever
+  # changes the program, so the levers are really in it.
+  config = _video_levers_config()
+  results = benchmark.run_benchmark(
+      config, steps_list=(1, 2), train_iters=1, sample_repeats=1,
+      matmul_size=32, conv_spatial=8, conv_channels=8, ceiling_repeats=1,
+  )
+  assert results["setup"]["video"] and results["setup"]["remat"] == "both"
+  assert np.isfinite(results["train"]["final_loss"])
+
+  def program(config):
+    text = experiment.create(config).lower_train_step().as_text()
+    return hashlib.sha256(text.encode()).hexdigest()
+
+  assert results["train"]["program_sha256"] == program(config)
+  for lever in (dict(remat="none"), dict(grad_accum_steps=1),
+                dict(skip_nonfinite_updates=False)):
+    assert program(_video_levers_config(**lever)) != program(config), lever

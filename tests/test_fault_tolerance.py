@@ -18,13 +18,12 @@ import subprocess
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from configs import synthetic
-from pix2seq_d_jax import checkpointing, sharding, train_state
+from pix2seq_d_jax import checkpointing, experiment, sharding
 from pix2seq_d_jax.data import synthetic as synthetic_data
 from tests.multiprocess_worker import (
     NARROW_MODEL,
@@ -72,18 +71,8 @@ def _steps(workdir):
 
 def _restore(workdir, step):
   config = _config()
-  model = train_state.build_model(config)
-  tx, _ = train_state.make_optimizer(config.optax, total_steps=TOTAL,
-                                     warmup_steps=config.optax.warmup_steps)
-  init = train_state.make_init_fn(
-      model, tx, image_size=config.input.image_size,
-      mask_size=config.input.mask_size,
-      num_bits=2 * config.diffusion.bits_per_channel)
   mesh = sharding.make_mesh([("data", 1)], jax.devices()[:1])
-  boxed = jax.eval_shape(init, jax.random.key(0))
-  abstract = checkpointing.abstract_with_shardings(
-      nn.unbox(boxed),
-      sharding.state_shardings(boxed, mesh, config.sharding_rules))
+  abstract = experiment.create(config, mesh, total_steps=TOTAL).abstract_state
   manager = checkpointing.make_manager(workdir, keep=config.keep_ckpt)
   try:
     assert manager.latest_step() == step

@@ -249,11 +249,9 @@ def test_bad_frames_raise_or_are_skipped(root):
 
 
 def test_config_validates_and_builds_the_video_model():
-  import flax.linen as nn
-  import jax
   from clu import parameter_overview
 
-  from pix2seq_d_jax import train_state
+  from pix2seq_d_jax import experiment
 
   config = importlib.import_module('configs.kitti_step').get_config()
   config_lib.validate(config)
@@ -261,14 +259,7 @@ def test_config_validates_and_builds_the_video_model():
   assert config.input.num_classes == 20 and config.input.max_instances == 256
   assert tuple(config.input.proceeding_frames) == (-2, -1)
   assert config.input.frames_dropout == 0.2 and not config.evals
-  model = train_state.build_model(config)
-  tx, _ = train_state.make_optimizer(config.optax, total_steps=10,
-                                     warmup_steps=0)
-  init = train_state.make_init_fn(
-      model, tx, image_size=config.input.image_size,
-      mask_size=config.input.mask_size,
-      num_bits=2 * config.diffusion.bits_per_channel)
-  abstract = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
+  abstract = experiment.create(config, total_steps=10).abstract_state
   count = parameter_overview.count_parameters(abstract.params)
   assert abs(count - 94.5e6) / 94.5e6 < 0.02, count
   # Noisy bits (16) + image features (256) + 2 earlier frames x 16 bits.

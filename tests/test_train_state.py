@@ -1,6 +1,5 @@
 """Tests of the optimizer, schedule, train step and predict function."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -9,7 +8,7 @@ import optax
 import pytest
 
 from configs import common
-from pix2seq_d_jax import train_state
+from pix2seq_d_jax import experiment, train_state
 
 IMAGE, MASK = 32, 16
 
@@ -82,17 +81,19 @@ def _batch(b=2, seed=0):
 
 
 def _setup(config, ema_decay=0.5, lr=3e-3, skip_nonfinite=False,
-           grad_accum_steps=1):
-  model = train_state.build_model(config)
-  tx, sched = train_state.make_optimizer(
-      _opt(lr=lr, weight_decay=0.0), total_steps=100, warmup_steps=0)
-  init = train_state.make_init_fn(model, tx, image_size=IMAGE,
-                                  mask_size=MASK, num_bits=16)
-  state = jax.jit(lambda r: nn.unbox(init(r)))(jax.random.key(0))
-  step = jax.jit(train_state.make_train_step(
-      model, tx, sched, config.diffusion, ema_decay=ema_decay,
-      skip_nonfinite=skip_nonfinite, grad_accum_steps=grad_accum_steps))
-  return model, state, step
+           grad_accum_steps=1, remat="none"):
+  """The Experiment's model, a fresh state and its step (not donating)."""
+  config.optax.update(lr=lr, weight_decay=0.0, end_lr_factor=0.1,
+                      grad_clip_norm=1.0)
+  config.ema_decay = ema_decay
+  config.skip_nonfinite_updates = skip_nonfinite
+  config.grad_accum_steps = grad_accum_steps
+  config.remat = remat
+  config.input.batch_size = 2
+  exp = experiment.create(config, total_steps=100)
+  state = exp.init_state(jax.random.key(0))
+  # Jitted without donation: the tests compare the state before and after.
+  return exp, state, jax.jit(exp.train_step_fn())
 
 
 def test_train_step_updates_ema_stats_and_reduces_loss():
@@ -121,8 +122,8 @@ def test_train_step_updates_ema_stats_and_reduces_loss():
 
 def test_self_conditioning_feeds_the_estimate_to_the_decoder():
   config = _tiny_config(self_cond=True, self_cond_rate=1.0)
-  model, state, step = _setup(config)
-  assert model.self_cond
+  exp, state, step = _setup(config)
+  assert exp.model.self_cond
   conv_in = state.params["decoder"]["conv_in"]["kernel"]
   # Input channels: 16 noisy bits + 16 self-cond bits + fuse_dim features.
   assert conv_in.shape[2] == 16 + 16 + 16
@@ -149,9 +150,9 @@ def test_self_conditioning_feeds_the_estimate_to_the_decoder():
 
 def test_predict_returns_masks_in_range():
   config = _tiny_config()
-  model, state, _ = _setup(config)
-  predict = jax.jit(train_state.make_predict_fn(
-      model, config.diffusion, num_classes=5, max_instances=9, num_steps=3))
+  config.input.max_instances = 9
+  exp, state, _ = _setup(config)
+  predict = jax.jit(exp.predict_fn(5, num_steps=3))
   sem, inst = predict(state.ema_params, state.batch_stats,
                       _batch()["image"], jax.random.key(0))
   assert sem.shape == (2, MASK, MASK) and inst.shape == (2, MASK, MASK)
@@ -181,10 +182,11 @@ def test_bfloat16_compute_matches_float32_loss():
   from pix2seq_d_jax.diffusion import losses, schedules
 
   config = _tiny_config()
-  model32, state, _ = _setup(config)
+  exp32, state, _ = _setup(config)
+  model32 = exp32.model
   config16 = _tiny_config()
   config16.model.dtype = "bfloat16"
-  model16 = train_state.build_model(config16)
+  model16 = experiment.build_model(config16)
   # Random output layer: a fresh decoder's output is ~0 (see above).
   conv_out = state.params["decoder"]["conv_out"]
   params = dict(state.params)
@@ -249,20 +251,14 @@ def test_gradient_accumulation_equals_the_full_batch():
 
 
 def test_remat_keeps_the_update_and_lowers_temporary_memory():
-  config = _tiny_config()
-  config.model.update(enc_dropout=0.0)
-  model = train_state.build_model(config)
-  tx, sched = train_state.make_optimizer(
-      _opt(lr=1e-3, weight_decay=0.0), total_steps=100, warmup_steps=0)
-  init = train_state.make_init_fn(model, tx, image_size=IMAGE,
-                                  mask_size=MASK, num_bits=16)
-  state = jax.jit(lambda r: nn.unbox(init(r)))(jax.random.key(0))
   batch = _batch(b=4)
   results = {}
   for remat in ("none", "both"):
-    step = jax.jit(train_state.make_train_step(
-        model, tx, sched, config.diffusion, ema_decay=0.5, remat=remat))
-    compiled = step.lower(state, batch, jax.random.key(7)).compile()
+    config = _tiny_config()
+    config.model.update(enc_dropout=0.0)
+    exp, state, _ = _setup(config, lr=1e-3, remat=remat)
+    compiled = jax.jit(exp.train_step_fn()).lower(
+        state, batch, jax.random.key(7)).compile()
     new_state, metrics = compiled(state, batch, jax.random.key(7))
     results[remat] = (new_state, float(metrics["loss"]),
                       compiled.memory_analysis().temp_size_in_bytes)
@@ -273,5 +269,6 @@ def test_remat_keeps_the_update_and_lowers_temporary_memory():
                remat_state.params, plain.params)
   assert remat_mem < mem
   with pytest.raises(ValueError, match="remat='all'"):
-    train_state.make_train_step(model, tx, sched, config.diffusion,
-                                ema_decay=0.5, remat="all")
+    train_state.make_train_step(exp.model, exp.tx, exp.lr_schedule,
+                                config.diffusion, ema_decay=0.5,
+                                remat="all")
