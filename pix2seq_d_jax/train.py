@@ -1,27 +1,41 @@
 """`train_and_evaluate(config, workdir)`: the training loop, top to bottom.
 
-Sections: mesh, data, model/state/step (all from `experiment.create`),
-checkpoint (resume), evaluators, loop. Every process runs the same code;
-only process 0 writes summaries, predictions and overlays (orbax
-coordinates checkpoints).
-SIGTERM or SIGINT (preemption, Ctrl-C) saves a checkpoint at the current step
-and returns normally; rerunning the same command resumes from it.
+Sections: workdir and lock, mesh, data, model/state/step (all from
+`experiment.create`), checkpoint (resume), evaluators, loop. Every process
+runs the same code; only process 0 writes summaries, predictions and
+overlays (orbax coordinates checkpoints).
+
+The loop is asynchronous: each step is dispatched and the host goes on to
+read the next batch while the device computes. Device values reach the host
+only at log, checkpoint and evaluation steps (`_fetch`); the step records
+the first step whose loss was not finite, so a NaN at step k stops the run
+naming step k although it is seen later. On CPU with more than one device
+every step is blocked on, because queued steps with collectives deadlock
+there; on TPU and GPU, and on one CPU device, nothing blocks.
+
+SIGTERM or SIGINT (preemption, Ctrl-C) saves a checkpoint at the current
+step and returns normally; rerunning the same command resumes from it. With
+several processes, SIGTERM is jax's preemption notice
+(`multihost_utils.reached_preemption_sync_point`: all hosts stop after the
+same step) and a Ctrl-C is combined over processes at log steps.
+
+A failure never costs the training: every exit path waits for pending
+checkpoint writes, and the final checkpoint is complete before the final
+evaluation starts.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import signal
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import parameter_overview
 from jax.experimental import multihost_utils
 
 from pix2seq_d_jax import (
@@ -31,8 +45,10 @@ from pix2seq_d_jax import (
     experiment,
     reporting,
     sharding,
+    workdir_lock,
 )
 from pix2seq_d_jax.data import pipeline
+from pix2seq_d_jax.formats import atomic
 from pix2seq_d_jax.models import weight_import
 
 MODES = ("train", "eval", "train_eval")
@@ -42,33 +58,94 @@ class NonFiniteLossError(RuntimeError):
   """Training produced a NaN or infinite loss."""
 
 
+def _fetch(tree: Any) -> Any:
+  """Device values to the host: the loop's only device-to-host reads."""
+  return jax.device_get(tree)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def _empty_tracker() -> dict[str, jax.Array]:
+  return {
+      "loss_sum": jnp.zeros((), jnp.float32),
+      "skipped": jnp.zeros((), jnp.float32),
+      "count": jnp.zeros((), jnp.int32),
+      "first_nonfinite_step": jnp.zeros((), jnp.int32),
+  }
+
+
+@jax.jit
+def _track(tracker: dict, metrics: dict, step: jax.Array) -> dict:
+  """Accumulates a step's metrics on device (no host sync).
+
+  `step` is the state's step after the update (1-based step number). A
+  non-finite loss of an applied update is remembered by its step; a skipped
+  update (`skip_nonfinite_updates`) only counts as skipped.
+  """
+  loss = metrics["loss"]
+  bad = ~jnp.isfinite(loss) & (metrics["skipped"] == 0)
+  first = tracker["first_nonfinite_step"]
+  return {
+      "loss_sum": tracker["loss_sum"] + jnp.where(
+          jnp.isfinite(loss), loss, 0.0),
+      "skipped": tracker["skipped"] + metrics["skipped"],
+      "count": tracker["count"] + 1,
+      "first_nonfinite_step": jnp.where(
+          (first == 0) & bad, step.astype(jnp.int32), first),
+  }
+
+
+def _blocks_every_step(mesh: Any) -> bool:
+  """Whether steps must be blocked on one by one (CPU collectives)."""
+  return jax.devices()[0].platform == "cpu" and mesh.size > 1
+
+
+# -------------------------------------------------------------- stopping
+
+
 class _StopSignal:
-  """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
+  """Turns SIGTERM/SIGINT into a stop at a step every process agrees on.
+
+  One process: a flag set by the handler, checked after each step. Several
+  processes: SIGTERM is left to jax's preemption service, which makes every
+  host stop after the same step (`reached_preemption_sync_point`, checked
+  each step without a collective); a Ctrl-C flag is combined over processes
+  only at log steps, where all processes are at the same step anyway.
+  """
 
   def __init__(self):
     self.received: int | None = None
     self._previous = {}
+    self._multi = jax.process_count() > 1
+    self._preemption = False
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    sigs = [signal.SIGINT] if self._multi else [signal.SIGTERM, signal.SIGINT]
+    for sig in sigs:
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # Not the main thread (e.g. a notebook worker).
         pass
     return self
 
-  def agreed(self) -> bool:
-    """Whether to stop now, the same answer on every process.
-
-    A signal reaches each host at its own moment; stopping after different
-    steps would leave the others waiting in the next step's collectives, so
-    with several processes the flag is combined (any process) each step.
-    """
-    local = self.received is not None
-    if jax.process_count() == 1:
-      return local
-    flags = multihost_utils.process_allgather(np.int32(local))
+  def should_stop(self, step: int, *, at_sync_step: bool) -> bool:
+    """Whether to stop after `step`; the same answer on every process."""
+    if not self._multi:
+      return self.received is not None
+    if _reached_preemption(step):
+      self._preemption = True
+      logging.warning("Preemption notice: checkpointing and stopping.")
+      return True
+    if not at_sync_step:
+      return False
+    flags = multihost_utils.process_allgather(
+        np.int32(self.received is not None))
     return bool(np.asarray(flags).any())
+
+  @property
+  def stopped(self) -> bool:
+    return self.received is not None or self._preemption
 
   def _handle(self, signum, frame):
     del frame
@@ -82,6 +159,33 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
+def _reached_preemption(step: int) -> bool:
+  try:
+    return multihost_utils.reached_preemption_sync_point(step)
+  except RuntimeError:  # No preemption service (disabled by the user).
+    return False
+
+
+# ------------------------------------------------------------------ loop
+
+
+def resolve_workdir(workdir: str) -> str:
+  """An absolute local path, or a URL (`gs://...`) kept as it is.
+
+  Raises:
+    ValueError: an empty workdir (e.g. an unset shell variable), which
+      would otherwise write into the current directory.
+  """
+  if not workdir or not str(workdir).strip():
+    raise ValueError(
+        "--workdir is empty: give the run directory (an unset shell "
+        "variable?)")
+  workdir = str(workdir)
+  if "://" in workdir:
+    return workdir
+  return os.path.abspath(os.path.expanduser(workdir))
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, mode: str = "train_eval"
 ) -> dict[str, Any]:
@@ -90,20 +194,51 @@ def train_and_evaluate(
   Args:
     config: a validated-or-not config (it is validated here first).
     workdir: checkpoints, metrics and outputs go here; an existing workdir
-      resumes.
+      resumes. Local or a URL (`gs://bucket/run`).
     mode: `train`, `eval` (latest checkpoint) or `train_eval`.
+
+  Raises:
+    ValueError, ConfigError, FileNotFoundError: bad config, paths or data.
+    workdir_lock.WorkdirLockedError: another run holds the workdir.
+    NonFiniteLossError: a NaN/inf loss (the step is named).
   """
   if mode not in MODES:
     raise ValueError(f"--mode={mode!r}: expected one of {MODES}")
   config_lib.validate(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
+  workdir = resolve_workdir(workdir)
   logging.info(
       "Process %d of %d; %d local / %d global devices (%s).",
       jax.process_index(), jax.process_count(), jax.local_device_count(),
       jax.device_count(), jax.devices()[0].platform,
   )
+  lock = _acquire_lock(workdir)
+  try:
+    return _run(config, workdir, mode)
+  finally:
+    lock.release()
 
+
+def _acquire_lock(workdir: str) -> workdir_lock.WorkdirLock:
+  """Process 0 locks the workdir; every process fails if it could not."""
+  lock = workdir_lock.WorkdirLock(workdir, is_lead=jax.process_index() == 0)
+  error = None
+  try:
+    lock.acquire()
+  except workdir_lock.WorkdirLockedError as e:
+    error = e
+  if jax.process_count() > 1:
+    # The others must fail too, or they would wait in a collective forever.
+    if multihost_utils.broadcast_one_to_all(np.int32(error is not None)):
+      error = error or workdir_lock.WorkdirLockedError(
+          f"workdir {workdir} is locked by another run (see process 0)")
+  if error:
+    raise error
+  return lock
+
+
+def _run(
+    config: ml_collections.ConfigDict, workdir: str, mode: str
+) -> dict[str, Any]:
   # ----------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
   dp = sharding.data_parallel_size(mesh)
@@ -123,46 +258,69 @@ def train_and_evaluate(
   # ------------------------------------- model, state and shardings, step
   exp = experiment.create(config, mesh, data_size=len(train_source))
   total_steps = exp.total_steps
-  abstract_state = exp.abstract_state
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-  num_params = parameter_overview.count_parameters(abstract_state.params)
-  logging.info(
-      "Model %s: %s parameters.\n%s", config.model.name, f"{num_params:,}",
-      parameter_overview.get_parameter_overview(
-          abstract_state.params, include_stats=False, max_lines=60
-      ),
-  )
+  reporting.log_parameters(
+      exp.abstract_state.params,
+      workdir if jax.process_index() == 0 else None)
 
   # ----------------------------------------------------------- checkpoint
   manager = checkpointing.make_manager(workdir, keep=config.keep_ckpt)
-  latest = manager.latest_step()
-  data_state = None
-  if latest is not None:
-    logging.info("Resuming from %s step %d.", workdir, latest)
-    state, data_state = checkpointing.restore(manager, latest, abstract_state)
-  else:
-    if mode == "eval" and not config.resume and not config.model_init:
-      raise FileNotFoundError(
-          f"--mode=eval: no checkpoint in {workdir}/checkpoints and neither "
-          "config.resume nor config.model_init is set"
-      )
-    state = exp.init_state(init_rng)
-    if config.resume:
-      state = exp.restore_weights(config.resume)
-    elif config.model_init:
-      state = _init_weights(state, config.model_init, abstract_state)
-  start_step = int(state.step)
+  reporter = None
+  try:
+    latest = manager.latest_step()
+    data_state = None
+    if latest is not None:
+      logging.info("Resuming from %s step %d.", workdir, latest)
+      state, data_state = checkpointing.restore(
+          manager, latest, exp.abstract_state)
+    else:
+      if mode == "eval" and not config.resume and not config.model_init:
+        raise FileNotFoundError(
+            f"--mode=eval: no checkpoint in {workdir}/checkpoints and "
+            "neither config.resume nor config.model_init is set"
+        )
+      state = exp.init_state(init_rng)
+      if config.resume:
+        state = exp.restore_weights(config.resume)
+      elif config.model_init:
+        state = _init_weights(state, config.model_init, exp)
+    start_step = int(_fetch(state.step))
 
-  reporter = reporting.Reporter(workdir, total_steps=total_steps)
-  reporter.write_config(config.to_dict())
+    reporter = reporting.Reporter(
+        workdir, total_steps=total_steps,
+        start_step=None if mode == "eval" else start_step)
+    reporter.write_config(config.to_dict())
+    return _train_loop(
+        config, workdir, mode, exp=exp, meta=meta, manager=manager,
+        reporter=reporter, state=state, data_state=data_state,
+        latest=latest, start_step=start_step, train_source=train_source,
+        local_batch_size=local_batch_size, train_rng=train_rng)
+  finally:
+    # Every exit path, exceptions included: finish (or fail) the pending
+    # checkpoint writes before the interpreter tears down their threads.
+    try:
+      manager.wait_until_finished()
+    finally:
+      manager.close()
+      if reporter is not None:
+        reporter.close()
+
+
+def _train_loop(
+    config: ml_collections.ConfigDict, workdir: str, mode: str, *, exp: Any,
+    meta: Any, manager: Any, reporter: reporting.Reporter, state: Any,
+    data_state: Any, latest: int | None, start_step: int, train_source: Any,
+    local_batch_size: int, train_rng: jax.Array,
+) -> dict[str, Any]:
+  mesh, total_steps = exp.mesh, exp.total_steps
+  batch_size = config.input.batch_size
 
   # ----------------------------------------------------------- evaluators
-  predict_jit = exp.jit_eval_predict(meta.num_classes)
   evals = {}
   if mode in ("eval", "train_eval") and len(config.evals):
-    eval_source = exp.source(config.input.eval_split)
     evals = evaluators.from_config(
-        config.evals, predict_fn=predict_jit, source=eval_source,
+        config.evals, predict_fn=exp.jit_eval_predict(meta.num_classes),
+        source=exp.source(config.input.eval_split),
         preprocess_fn=experiment.eval_preprocess_fn(config), mesh=mesh,
         seed=config.seed, workdir=workdir,
     )
@@ -170,25 +328,23 @@ def train_and_evaluate(
   def run_evals(step: int, names: list[str] | None = None) -> dict:
     results = {}
     for name in names if names is not None else list(evals):
-      evaluator = evals[name]
       t0 = time.time()
       with jax.set_mesh(mesh):
-        metrics = evaluator.run(
-            state.ema_params, state.batch_stats, step=step
-        )
+        metrics = evals[name].run(
+            state.ema_params, state.batch_stats, step=step)
       scalars = {f"eval/{name}/{k}": v for k, v in metrics.items()}
       scalars[f"time/eval_{name}_secs"] = time.time() - t0
       reporter.write_scalars(step, scalars)
       results[name] = metrics
     if results and jax.process_index() == 0:
-      _write_json(os.path.join(workdir, "metrics.json"),
-                  {"step": step, **results})
+      atomic.write_json(os.path.join(workdir, "metrics.json"),
+                        {"step": step, **results}, indent=2,
+                        default=_json_default)
     return results
 
   if mode == "eval":
     results = run_evals(start_step)
-    reporter.close()
-    manager.close()
+    _log_results(results, workdir)
     return results
 
   # ----------------------------------------------------------------- step
@@ -212,67 +368,95 @@ def train_and_evaluate(
   _log_memory(compiled)
 
   # ----------------------------------------------------------------- loop
+  block = _blocks_every_step(mesh)
   results: dict[str, Any] = {}
   last_good_ckpt = latest
   step = start_step
-  step_t0, steps_since_log = time.time(), 0
+  tracker = _empty_tracker()
+  log_t0, log_step = time.time(), step
   with _StopSignal() as stop:
-    while step < total_steps and not stop.agreed():
-      local, next_local = next_local, None
-      if local is None:
-        local = next(train_iter)
-      batch = exp.global_batch(local)
+    while step < total_steps:
+      batch = exp.global_batch(next_local)
       state, metrics = compiled(state, batch, train_rng)
+      tracker = _track(tracker, metrics, state.step)
       step += 1
-      steps_since_log += 1
-      # Block every step: on CPU, queued steps with collectives deadlock
-      # (STACK.md pitfall 2), and the loss is needed for the NaN check.
-      metrics = jax.device_get(metrics)
-      if metrics["skipped"]:
-        logging.warning("Non-finite loss at step %d: update skipped.", step)
-      elif not math.isfinite(float(metrics["loss"])):
-        manager.wait_until_finished()
-        raise NonFiniteLossError(
-            f"loss is {metrics['loss']} at step {step} (last log at step "
-            f"{step - steps_since_log}); last good checkpoint: "
-            f"{'step ' + str(last_good_ckpt) if last_good_ckpt else 'none'} "
-            f"in {workdir}/checkpoints"
-        )
+      if block:
+        jax.block_until_ready(metrics)
+      # While the device computes: the next batch (input overlaps compute).
+      next_local = next(train_iter) if step < total_steps else None
+      log_now = reporting.itstime(step, config.log_training_steps,
+                                  total_steps, first=True)
+      ckpt_now = reporting.itstime(step, config.ckpt_steps, total_steps)
+      due = [name for name in evals if reporting.itstime(
+          step, config.evals[name].every_steps, total_steps)]
+      stopping = stop.should_stop(step, at_sync_step=log_now)
+      if log_now or ckpt_now or due or stopping:
+        host = _fetch({"tracker": tracker, "metrics": metrics})
+        _check_finite(host["tracker"], last_good_ckpt, workdir)
+        if log_now:
+          elapsed = max(time.time() - log_t0, 1e-9)
+          scalars = {f"train/{k}": v for k, v in host["metrics"].items()}
+          count = max(int(host["tracker"]["count"]), 1)
+          scalars["train/loss_mean"] = (
+              float(host["tracker"]["loss_sum"]) / count)
+          scalars["train/skipped"] = float(host["tracker"]["skipped"])
+          scalars["time/steps_per_sec"] = (step - log_step) / elapsed
+          scalars["time/examples_per_sec"] = (
+              scalars["time/steps_per_sec"] * batch_size)
+          reporter.write_scalars(step, scalars)
+          if host["tracker"]["skipped"]:
+            logging.warning("%d non-finite updates skipped up to step %d.",
+                            int(host["tracker"]["skipped"]), step)
+          tracker = _empty_tracker()
+          log_t0, log_step = time.time(), step
       reporter.step_done(step)
-      if reporting.itstime(step, config.log_training_steps, total_steps,
-                           first=True):
-        elapsed = time.time() - step_t0
-        scalars = {f"train/{k}": v for k, v in metrics.items()}
-        scalars["time/steps_per_sec"] = steps_since_log / max(elapsed, 1e-9)
-        scalars["time/examples_per_sec"] = (
-            scalars["time/steps_per_sec"] * batch_size
-        )
-        reporter.write_scalars(step, scalars)
-        step_t0, steps_since_log = time.time(), 0
-      if reporting.itstime(step, config.ckpt_steps, total_steps):
+      if ckpt_now or (stopping and last_good_ckpt != step):
         checkpointing.save(manager, step, state, train_iter.get_state(),
                            force=True)
         last_good_ckpt = step
-      due = [name for name in evals if reporting.itstime(
-          step, config.evals[name].every_steps, total_steps)]
+      if stopping:
+        break
       if due:
+        if step == total_steps:
+          # The final checkpoint is complete before the final evaluation
+          # runs, so a failing evaluation never costs the training.
+          manager.wait_until_finished()
         results.update(run_evals(step, due))
-  if stop.agreed():
-    if last_good_ckpt != step and step > start_step:
-      checkpointing.save(manager, step, state, train_iter.get_state(),
-                         force=True)
+  if stop.stopped:
     logging.warning("Stopped by signal at step %d; rerun to resume.", step)
   elif mode == "train_eval" and evals and not results:
     # Training had already finished (a rerun): evaluate the final state.
+    manager.wait_until_finished()
     results = run_evals(step)
-  manager.wait_until_finished()
-  manager.close()
   reporter.flush()
-  reporter.close()
+  _log_results(results, workdir)
   return results
 
 
-def _init_weights(state: Any, path: str, abstract_state: Any) -> Any:
+def _check_finite(tracker: dict, last_good_ckpt: int | None,
+                  workdir: str) -> None:
+  bad_step = int(tracker["first_nonfinite_step"])
+  if bad_step:
+    raise NonFiniteLossError(
+        f"loss is not finite at step {bad_step}; last good checkpoint: "
+        f"{'step ' + str(last_good_ckpt) if last_good_ckpt else 'none'} in "
+        f"{workdir}/checkpoints (config.skip_nonfinite_updates=True skips "
+        "such updates instead)"
+    )
+
+
+def _log_results(results: dict[str, Any], workdir: str) -> None:
+  if not results or jax.process_index() != 0:
+    return
+  paths = {"metrics": os.path.join(workdir, "metrics.json")}
+  for label in ("predictions", "overlays"):
+    folder = os.path.join(workdir, label)
+    if os.path.isdir(folder):
+      paths[label] = folder
+  logging.info("Results:\n%s", reporting.format_metrics_table(results, paths))
+
+
+def _init_weights(state: Any, path: str, exp: Any) -> Any:
   """Weights only from `config.model_init`; optimizer state stays fresh.
 
   `path` is an ImageNet ResNet-50 export (torchvision or Keras layout, .npz
@@ -296,7 +480,7 @@ def _init_weights(state: Any, path: str, abstract_state: Any) -> Any:
     return state.replace(
         params=params, batch_stats=batch_stats, ema_params=ema_params
     )
-  loaded = checkpointing.restore_weights(path, abstract_state)
+  loaded = exp.restore_weights(path)
   return state.replace(
       params=loaded.params, batch_stats=loaded.batch_stats,
       ema_params=loaded.ema_params,
@@ -311,13 +495,6 @@ def _log_memory(compiled: Any) -> None:
         "%.1f MB.", mem["argument_bytes"] / 1e6, mem["output_bytes"] / 1e6,
         mem["temp_bytes"] / 1e6,
     )
-
-
-def _write_json(path: str, payload: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, default=_json_default)
-  os.replace(tmp, path)
 
 
 def _json_default(value: Any) -> Any:

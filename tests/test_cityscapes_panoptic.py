@@ -239,7 +239,7 @@ def test_panoptic_evaluator_of_the_cityscapes_config(dataset, tmp_path):
   import jax
   import ml_collections
 
-  from pix2seq_d_jax import evaluators, sharding, train
+  from pix2seq_d_jax import evaluators, experiment, sharding
   from pix2seq_d_jax.data import preprocess
   from pix2seq_d_jax.evaluation import panoptic
 
@@ -249,8 +249,8 @@ def test_panoptic_evaluator_of_the_cityscapes_config(dataset, tmp_path):
   config.input.image_size = config.input.mask_size = W
   config.evals.panoptic.batch_size = 2
   config.evals.panoptic.min_pixels = 1
-  source = train.make_source(config, 'val')
-  train.check_metadata(config, source.metadata)  # 20 classes incl. void.
+  source = experiment.make_source(config, 'val')
+  experiment.check_metadata(config, source.metadata)  # 20 classes incl. void.
   truth = {}
   for i in range(len(source)):
     ex = preprocess.preprocess_eval(source[i], image_size=W, mask_size=W)
@@ -264,7 +264,7 @@ def test_panoptic_evaluator_of_the_cityscapes_config(dataset, tmp_path):
 
   evals = evaluators.from_config(
       ml_collections.ConfigDict(config.evals.to_dict()), predict_fn=oracle,
-      source=source, preprocess_fn=train.eval_preprocess_fn(config),
+      source=source, preprocess_fn=experiment.eval_preprocess_fn(config),
       mesh=sharding.make_mesh([('data', 1)], jax.devices()[:1]), seed=0,
       workdir=str(tmp_path))
   metrics = evals['panoptic'].run({}, {}, step=5)

@@ -23,24 +23,18 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from configs import synthetic
-from pix2seq_d_jax import (
-    checkpointing,
-    config_lib,
-    predict,
-    predict_video,
-    train_state,
-)
+from pix2seq_d_jax import checkpointing, config_lib, experiment, predict
 from pix2seq_d_jax.data import preprocess
 from pix2seq_d_jax.evaluators import davis_video, visualize
 from pix2seq_d_jax.formats import coco_panoptic as coco_format
 from pix2seq_d_jax.formats import davis as davis_format
+from pix2seq_d_jax.inference import inputs, video_predictor, writers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (file name, height, width, PIL mode) of the inputs.
@@ -83,14 +77,8 @@ def run(tmp_path_factory):
   root = tmp_path_factory.mktemp("predict")
   config = synthetic.get_config("tiny")
   config.input.data_dir = str(root / "data")
-  model = train_state.build_model(config)
-  tx, _ = train_state.make_optimizer(config.optax, total_steps=4,
-                                     warmup_steps=1)
-  init_fn = train_state.make_init_fn(
-      model, tx, image_size=config.input.image_size,
-      mask_size=config.input.mask_size,
-      num_bits=2 * config.diffusion.bits_per_channel)
-  state = jax.jit(lambda r: nn.unbox(init_fn(r)))(jax.random.key(1))
+  state = experiment.create(config, total_steps=4).init_state(
+      jax.random.key(1))
   # Raw params differ from the EMA params, which predictions must use.
   state = state.replace(params=jax.tree.map(lambda p: p + 1.0, state.params))
   workdir = str(root / "work")
@@ -107,16 +95,17 @@ def run(tmp_path_factory):
 
 
 def test_list_images_sorted_and_filtered(run):
-  paths = predict.list_images(run["inputs"])
+  paths = inputs.list_images(run["inputs"])
   assert [os.path.basename(p) for p in paths] == [n for n, *_ in INPUTS]
   with pytest.raises(FileNotFoundError, match="missing.jpg"):
-    predict.list_images([run["inputs"], os.path.join(run["root"],
+    inputs.list_images([run["inputs"], os.path.join(run["root"],
                                                      "missing.jpg")])
 
 
 def test_uses_ema_weights(run):
-  meta = predict.load_metadata(run["config"])
-  predictor = predict.Predictor(run["config"], run["workdir"], metadata=meta)
+  meta = experiment.create(run["config"]).eval_metadata()
+  predictor = predict.load_predictor(run["config"], run["workdir"],
+                                     metadata=meta)
   jax.tree.map(np.testing.assert_array_equal, predictor.params,
                run["state"].ema_params)
   assert predictor.steps == run["config"].diffusion.sample_steps
@@ -260,13 +249,14 @@ def video(run):
   """One predictor writes the video results and the same frames as images."""
   root = run["root"] / "davis"
   davis = _write_davis(str(root))
-  sequences = predict.list_sequences(davis)
+  sequences = inputs.list_sequences(davis)
   frames = [p for _, paths in sequences for p in paths]
-  predictor = predict.Predictor(run["config"], run["workdir"], batch_size=4)
+  predictor = predict.load_predictor(run["config"], run["workdir"],
+                                     batch_size=4)
   out = str(root / "results")
-  written = predict.write_video_predictions(predictor, sequences, out)
+  written = writers.write_video_predictions(predictor, sequences, out)
   as_images = str(root / "as_images")
-  result = predict.write_predictions(predictor, frames, as_images)
+  result = writers.write_predictions(predictor, frames, as_images)
   preds = predictor.predict(
       [coco_format.read_rgb_image(p) for p in frames])
   return dict(davis=davis, sequences=sequences, out=out, written=written,
@@ -276,24 +266,24 @@ def video(run):
 
 def test_sequence_layouts(run, tmp_path):
   davis = _write_davis(str(tmp_path))
-  seqs = predict.list_sequences(davis)
+  seqs = inputs.list_sequences(davis)
   assert [s for s, _ in seqs] == ["bear", "car-turn"]
   assert [os.path.basename(p) for p in seqs[0][1]] == [
       "00000.jpg", "00001.jpg", "00002.jpg"]
   # One sequence folder is one sequence named after it.
   bear = os.path.join(davis, "bear")
-  assert predict.list_sequences(bear) == [("bear", seqs[0][1])]
+  assert inputs.list_sequences(bear) == [("bear", seqs[0][1])]
   # Only a folder of sequence folders is detected without --video.
-  assert predict.is_sequence_root(davis)
-  assert not predict.is_sequence_root(bear)
-  assert not predict.is_sequence_root(run["inputs"])
-  assert not predict.is_sequence_root(seqs[0][1][0])
+  assert inputs.is_sequence_root(davis)
+  assert not inputs.is_sequence_root(bear)
+  assert not inputs.is_sequence_root(run["inputs"])
+  assert not inputs.is_sequence_root(seqs[0][1][0])
   os.makedirs(tmp_path / "bad" / "overlays")
   os.rename(seqs[0][1][0], tmp_path / "bad" / "overlays" / "00000.jpg")
   with pytest.raises(ValueError, match="'overlays'"):
-    predict.list_sequences(str(tmp_path / "bad"))
+    inputs.list_sequences(str(tmp_path / "bad"))
   with pytest.raises(FileNotFoundError, match="no frames"):
-    predict.list_sequences(os.path.join(davis, "no_frames"))
+    inputs.list_sequences(os.path.join(davis, "no_frames"))
 
 
 def test_video_palette_pngs(video):
@@ -391,14 +381,8 @@ def video_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("predict_video")
   config = synthetic.get_config("video,tiny")
   config.input.data_dir = str(root / "data")
-  model = train_state.build_model(config)
-  tx, _ = train_state.make_optimizer(config.optax, total_steps=4,
-                                     warmup_steps=1)
-  init_fn = train_state.make_init_fn(
-      model, tx, image_size=config.input.image_size,
-      mask_size=config.input.mask_size,
-      num_bits=2 * config.diffusion.bits_per_channel)
-  state = jax.jit(lambda r: nn.unbox(init_fn(r)))(jax.random.key(2))
+  exp = experiment.create(config, total_steps=4)
+  state = exp.init_state(jax.random.key(2))
   state = state.replace(ema_params=_randomise_output_layer(state.ema_params))
   workdir = str(root / "work")
   manager = checkpointing.make_manager(workdir, keep=1)
@@ -411,14 +395,14 @@ def video_run(tmp_path_factory):
     os.makedirs(videos / seq)
     for k in range(n):
       _write_image(str(videos / seq / f"{k:05d}.jpg"), *CLIP_HW, "RGB", rng)
-  meta = predict.load_metadata(config)  # Writes the synthetic dataset.
+  meta = exp.eval_metadata()  # Writes the synthetic dataset.
   # One sequence per call: 3 frames padded to 4, 5 frames to 8.
-  predictor = predict_video.VideoPredictor(
+  predictor = predict.load_video_predictor(
       config, workdir, batch_size=1, length_bucket=4, metadata=meta)
-  sequences = predict.list_sequences(str(videos))
+  sequences = inputs.list_sequences(str(videos))
   out = str(root / "out")
-  written = predict_video.write_clip_predictions(predictor, sequences, out)
-  return dict(config=config, model=model, state=state, workdir=workdir,
+  written = writers.write_clip_predictions(predictor, sequences, out)
+  return dict(config=config, exp=exp, state=state, workdir=workdir,
               videos=str(videos), sequences=sequences, out=out,
               written=written, meta=meta, root=root, predictor=predictor)
 
@@ -461,10 +445,7 @@ def test_video_model_ids_are_result_ids_of_the_video_sampler(video_run):
       {"image": coco_format.read_rgb_image(p), "semantic": zeros,
        "instance": zeros, "crowd": zeros.astype(bool), "image_id": 0},
       image_size=size, mask_size=m)["image"] for p in paths])
-  sample = jax.jit(train_state.make_video_predict_fn(
-      video_run["model"], config.diffusion, num_classes=meta.num_classes,
-      max_instances=config.input.max_instances,
-      proceeding_frames=tuple(config.input.proceeding_frames)))
+  sample = jax.jit(video_run["exp"].video_predict_fn(meta.num_classes))
   state = video_run["state"]
   semantic, instance = sample(state.ema_params, state.batch_stats,
                               frames[None], jax.random.key(config.seed))
@@ -550,5 +531,5 @@ def test_video_input_errors(video_run, tmp_path):
     predict.predict_videos(synthetic.get_config("tiny"), missing, videos,
                            never, steps_later=2)
   assert not os.path.exists(never)
-  assert [predict_video.padded_length(n, 4) for n in (1, 3, 4, 5, 9)] == [
+  assert [video_predictor.padded_length(n, 4) for n in (1, 3, 4, 5, 9)] == [
       4, 4, 4, 8, 12]

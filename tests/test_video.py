@@ -1,15 +1,14 @@
 """Video: conditioning on earlier frames, frame dropout, the frame scan."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from configs import common
-from pix2seq_d_jax import config_lib, train_state
+from pix2seq_d_jax import config_lib, experiment
 from pix2seq_d_jax.diffusion import analog_bits, video_conditioning
+from pix2seq_d_jax.inference import sampling
 
 IMAGE, MASK = 32, 16
 FRAMES = (-2, -1)
@@ -83,15 +82,13 @@ def _video_config(frames_dropout=0.0):
 @pytest.fixture(scope="module")
 def video_model():
   config = _video_config()
-  model = train_state.build_model(config)
+  config.optax.update(lr=1e-3, end_lr_factor=0.1, weight_decay=0.0,
+                      grad_clip_norm=1.0)
+  config.ema_decay = 0.5
+  exp = experiment.create(config, total_steps=10)
+  model = exp.model
   assert model.cond_channels == 2 * 16
-  tx, sched = train_state.make_optimizer(
-      ml_collections.ConfigDict(dict(
-          lr=1e-3, end_lr_factor=0.1, weight_decay=0.0, b1=0.9, b2=0.999,
-          grad_clip_norm=1.0)), total_steps=10, warmup_steps=0)
-  init = train_state.make_init_fn(model, tx, image_size=IMAGE,
-                                  mask_size=MASK, num_bits=16)
-  state = jax.jit(lambda r: nn.unbox(init(r)))(jax.random.key(0))
+  state = exp.init_state(jax.random.key(0))
   # A fresh decoder's zero-initialised output layer ignores its inputs: give
   # it random weights so the outputs depend on the conditioning.
   def randomise(params):
@@ -103,7 +100,7 @@ def video_model():
 
   state = state.replace(params=randomise(state.params),
                         ema_params=randomise(state.ema_params))
-  return config, model, tx, sched, state
+  return config, exp, state
 
 
 def _clip_batch(b=2, seed=0):
@@ -126,13 +123,14 @@ def _clip_batch(b=2, seed=0):
 
 
 def test_train_step_uses_conditioning_and_frame_dropout(video_model):
-  config, model, tx, sched, state = video_model
-  steps = {
-      rate: jax.jit(train_state.make_train_step(
-          model, tx, sched, config.diffusion, ema_decay=0.5,
-          frames_dropout=rate))
-      for rate in (0.0, 1.0)
-  }
+  config, _, state = video_model
+
+  def step_with_dropout(rate):
+    c = config.copy_and_resolve_references()
+    c.input.frames_dropout = rate
+    return jax.jit(experiment.create(c, total_steps=10).train_step_fn())
+
+  steps = {rate: step_with_dropout(rate) for rate in (0.0, 1.0)}
 
   def loss(batch, frames_dropout):
     _, metrics = steps[frames_dropout](state, batch, jax.random.key(1))
@@ -152,20 +150,19 @@ def test_train_step_uses_conditioning_and_frame_dropout(video_model):
 
 
 def test_frame_scan_equals_python_loop(video_model):
-  config, model, _, _, state = video_model
-  d = config.diffusion
+  config, exp, state = video_model
+  model, d = exp.model, config.diffusion
   b, t = 2, 4
   frames = jax.random.uniform(jax.random.key(5), (b, t, IMAGE, IMAGE, 3))
   rng = jax.random.key(7)
-  predict = jax.jit(train_state.make_video_predict_fn(
-      model, d, num_classes=3, max_instances=8, proceeding_frames=FRAMES))
+  predict = jax.jit(exp.video_predict_fn(3))
   sem, inst = predict(state.ema_params, state.batch_stats, frames, rng)
   assert sem.shape == inst.shape == (b, t, MASK, MASK)
 
   # Reference: one frame at a time in Python, its own encoder call, and the
   # conditioning built from the previous predictions by hand.
   variables = {"params": state.ema_params, "batch_stats": state.batch_stats}
-  sample_masks = train_state._masks_sampler(
+  sample_masks = sampling.masks_sampler(
       model, d, num_classes=3, max_instances=8)
   preds = []
   for i in range(t):

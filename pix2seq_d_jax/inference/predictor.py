@@ -12,7 +12,6 @@ not depend on the other inputs, their order or the batch size.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -230,8 +229,9 @@ class Predictor:
     return results
 
   def _postprocess(self, ex: dict, out: list[np.ndarray]) -> Prediction:
-    stride = self.config.input.image_size / self.config.input.mask_size
-    valid = [max(1, math.ceil(int(v) / stride)) for v in ex["valid_size"]]
+    valid = postprocess.valid_mask_size(
+        ex["valid_size"], self.config.input.image_size,
+        self.config.input.mask_size)
     semantic, instance = (x[: valid[0], : valid[1]] for x in out[:2])
     ids, segments = postprocess.masks_to_panoptic(
         semantic, instance, is_thing=self.meta.is_thing,
