@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.multiprocess_worker import narrow_model_flags
+from tests.multiprocess_worker import NARROW_MODEL, narrow_model_flags
 
 pytestmark = pytest.mark.slow
 
@@ -68,12 +68,12 @@ def _ckpt_steps(workdir):
 def finished_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("e2e")
   workdir, data_dir = str(root / "work"), str(root / "data")
-  _run(workdir, data_dir)
-  return workdir, data_dir
+  proc = _run(workdir, data_dir)
+  return workdir, data_dir, proc.stdout + proc.stderr
 
 
 def test_run_writes_metrics_checkpoints_predictions(finished_run):
-  workdir, _ = finished_run
+  workdir, *_ = finished_run
   rows = _metrics(workdir)
   train_steps = [r["step"] for r in rows if "train/loss" in r]
   assert train_steps == [1, 2, 4]  # first, every 2, last.
@@ -138,6 +138,60 @@ def test_sigterm_checkpoints_and_rerun_resumes(tmp_path):
        *narrow_model_flags())
   steps = [r["step"] for r in _metrics(workdir)]
   assert steps[-1] == saved[0] + 1 and steps.count(saved[0] + 1) == 1
+
+
+def test_terminal_output_is_short_and_ends_with_the_results(finished_run):
+  *_, output = finished_run
+  lines = output.strip().splitlines()
+  assert len(lines) <= 60, "\n".join(lines)
+  for noise in ("oneDNN", "Unable to initialize backend", "Traceback",
+                "[Hyperparameters]", "cpu_feature_guard"):
+    assert noise not in output, noise
+  # The parameter table goes to the workdir, one total line to the log.
+  assert sum("parameters" in line for line in lines) <= 2
+  # It ends with the metrics table (3 significant digits) and the paths.
+  tail = "\n".join(lines[-12:])
+  assert "Results:" in output and "pq" in tail and "metrics" in tail
+
+
+def test_failing_final_evaluation_keeps_the_training(tmp_path):
+  # A truncated validation PNG (no skipping): the final evaluation fails
+  # after the last step. The run exits 2 with one error line, and the final
+  # checkpoint is complete and restorable.
+  from configs import synthetic as synthetic_config
+  from pix2seq_d_jax import checkpointing, experiment
+  from pix2seq_d_jax.data import synthetic
+
+  data_dir = str(tmp_path / "d")
+  root = synthetic.ensure_synthetic(data_dir, num_train=16, num_val=4,
+                                    image_size=64, seed=0)
+  folder = os.path.join(root, "annotations", "panoptic_val2017")
+  victim = sorted(os.listdir(folder))[1]
+  path = os.path.join(folder, victim)
+  with open(path, "rb") as f:
+    head = f.read(60)
+  with open(path, "wb") as f:
+    f.write(head)
+  workdir = str(tmp_path / "w")
+  proc = _run(workdir, data_dir, *narrow_model_flags(), check=False)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines()
+            if line.startswith("error:")]
+  assert len(errors) == 1 and victim in errors[0], proc.stderr[-3000:]
+  for noise in ("Traceback", "Event loop is closed",
+                "cannot schedule new futures"):
+    assert noise not in proc.stderr, noise
+  assert _ckpt_steps(workdir)[-1] == 4
+  assert not glob.glob(os.path.join(workdir, "checkpoints", "*tmp*"))
+  config = synthetic_config.get_config("tiny")
+  config.model.update(NARROW_MODEL)  # The run's model.
+  exp = experiment.create(config, total_steps=4)
+  manager = checkpointing.make_manager(workdir, keep=2)
+  try:
+    state, _ = checkpointing.restore(manager, 4, exp.abstract_state)
+  finally:
+    manager.close()
+  assert int(state.step) == 4
 
 
 @pytest.mark.parametrize(

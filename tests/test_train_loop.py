@@ -1,0 +1,104 @@
+"""The training loop in-process: no per-step host sync, NaN at step k.
+
+`train.train_and_evaluate` runs the narrow tiny model for a few steps on one
+CPU device. Every device-to-host read of the loop goes through
+`train._fetch`; the tests count those reads and forbid implicit transfers
+(`jax.transfer_guard_device_to_host("disallow")`), so a stray `float(x)` or
+`bool(x)` on a device value inside the loop fails.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import synthetic
+from pix2seq_d_jax import train
+from pix2seq_d_jax.data import pipeline
+from tests.multiprocess_worker import NARROW_MODEL
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compile():
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def _config(data_dir, total_steps, log_every, ckpt_every):
+  config = synthetic.get_config("tiny")
+  config.model.update(NARROW_MODEL)
+  config.input.data_dir = str(data_dir)
+  config.total_steps = total_steps
+  config.log_training_steps = log_every
+  config.ckpt_steps = ckpt_every
+  return config
+
+
+@pytest.fixture
+def fetches(monkeypatch):
+  """The steps at which the loop read device values (via `_fetch`)."""
+  calls = []
+  real = train._fetch
+
+  def counting(tree):
+    calls.append(tree)
+    return real(tree)
+
+  monkeypatch.setattr(train, "_fetch", counting)
+  return calls
+
+
+def test_device_values_are_read_only_at_log_and_checkpoint_steps(
+    tmp_path, fetches):
+  # 7 steps, log at 1 (first), 3, 6 and 7 (last); checkpoint at 7: one
+  # read for the resume step, then one per log step, none in between.
+  config = _config(tmp_path / "data", total_steps=7, log_every=3,
+                   ckpt_every=100)
+  with jax.transfer_guard_device_to_host("disallow"):
+    train.train_and_evaluate(config, str(tmp_path / "w"), mode="train")
+  assert len(fetches) == 1 + 4
+  logged = [int(np.asarray(f["tracker"]["count"])) for f in fetches[1:]
+            if isinstance(f, dict) and "tracker" in f]
+  # Steps accumulated between reads: 1, 2 (steps 2-3), 3 (4-6), 1 (7).
+  assert logged == [1, 2, 3, 1]
+
+
+class _PoisonedLoader:
+  """The real training loader, with NaN loss weights in one batch."""
+
+  def __init__(self, inner, poisoned_batch):
+    self.inner, self.poisoned, self.count = inner, poisoned_batch, 0
+
+  def __next__(self):
+    batch = next(self.inner)
+    self.count += 1
+    if self.count == self.poisoned:
+      batch = dict(batch, loss_weight=np.full_like(batch["loss_weight"],
+                                                   np.nan))
+    return batch
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+
+def test_nan_at_step_k_stops_the_run_naming_step_k(tmp_path, monkeypatch):
+  # The NaN happens at step 2 but is read at the next log step (4): the
+  # message names step 2, and no checkpoint holds the broken state.
+  real = pipeline.make_train_loader
+  monkeypatch.setattr(
+      train.pipeline, "make_train_loader",
+      lambda *a, **k: _PoisonedLoader(real(*a, **k), poisoned_batch=2))
+  config = _config(tmp_path / "data", total_steps=6, log_every=4,
+                   ckpt_every=4)
+  config.evals = {}
+  workdir = tmp_path / "w"
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r"not finite at step 2;.*checkpoint: none"):
+    train.train_and_evaluate(config, str(workdir), mode="train")
+  assert not list((workdir / "checkpoints").glob("[0-9]*"))
+  # The lock was released on the way out: the workdir can be used again.
+  assert not (workdir / "lock").exists()
