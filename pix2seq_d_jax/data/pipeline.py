@@ -9,10 +9,15 @@ and position, so the randomness is reproducible and independent of the number
 of workers. Batches are dicts of numpy arrays with a leading `batch_size`
 dimension (`drop_remainder`). The iterator's `get_state()` / `set_state()`
 resume exactly; save the state with every checkpoint.
-Evaluation walks the examples in a fixed order, gives process i the strided
-shard i, i + n, ..., and pads with copies of a real example flagged
-`_mask=False` so every process yields the same number of full batches and
-every example is counted exactly once (`_mask=True`).
+Evaluation walks the examples in a fixed order in global batches of
+`batch_size * n` examples, process i taking rows [i * batch_size,
+(i + 1) * batch_size) of each, so example k lands in the same global batch
+and row whatever the process count (a per-batch sampling key then gives the
+same predictions with 1 or n processes). The last batch is padded with
+copies of a real example flagged `_mask=False`, so every process yields the
+same number of full batches and every example is counted exactly once
+(`_mask=True`). `_index` is each row's example index; with a skipping source
+a bad example's row holds its substitute, `_mask=False`, `_skipped=True`.
 """
 
 from __future__ import annotations
@@ -171,16 +176,20 @@ def num_eval_batches(
 def _eval_indices(
     n: int, batch_size: int, shard_index: int, shard_count: int
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Returns (source index, is_real) of every element this process yields."""
-  real = np.arange(shard_index, n, shard_count)
-  total = math.ceil(math.ceil(n / shard_count) / batch_size) * batch_size
-  # Padding copies a real example of this shard (or example 0 when the shard
-  # is empty) so padded batches go through the same preprocessing.
-  pad_with = real[0] if len(real) else 0
-  indices = np.full(total, pad_with, np.int64)
-  indices[: len(real)] = real
-  mask = np.zeros(total, np.bool_)
-  mask[: len(real)] = True
+  """Returns (example index, is_real) of every element this process yields.
+
+  Global batch g holds examples [g * B, (g + 1) * B), B = batch_size *
+  shard_count; this process takes its block of batch_size rows of each.
+  """
+  global_size = batch_size * shard_count
+  num_batches = math.ceil(n / global_size)
+  rows = (np.arange(num_batches)[:, None] * global_size
+          + shard_index * batch_size + np.arange(batch_size)).ravel()
+  mask = rows < n
+  # Padding copies a real example (this shard's first, else example 0) so
+  # padded batches go through the same preprocessing.
+  pad_with = rows[0] if mask.any() else 0
+  indices = np.where(mask, rows, pad_with).astype(np.int64)
   return indices, mask
 
 
@@ -196,10 +205,12 @@ def make_eval_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
   """Yields this process's evaluation batches in a fixed order.
 
-  Process i gets examples i, i + shard_count, ... of the first n (strided, so
-  shard sizes differ by at most one); the last batches are padded with copies
-  of a real example, `_mask` False, so all processes yield
-  `num_eval_batches(...)` batches of exactly batch_size.
+  Process i gets rows [i * batch_size, (i + 1) * batch_size) of each global
+  batch of batch_size * shard_count consecutive examples of the first n; the
+  last batches are padded with copies of a real example, `_mask` False, so
+  all processes yield `num_eval_batches(...)` batches of exactly batch_size.
+  A source with `read_with_index` (a `SkippingSource`) that substitutes a
+  bad example gives that row `_mask` False and `_skipped` True.
 
   Args:
     source: random-access source of raw examples.
@@ -211,8 +222,9 @@ def make_eval_batches(
     read_threads: threads reading and preprocessing examples.
 
   Returns:
-    An iterator of dicts of numpy arrays [batch_size, ...] plus `_mask` bool
-    [batch_size].
+    An iterator of dicts of numpy arrays [batch_size, ...] plus `_mask` and
+    `_skipped` bool [batch_size] and `_index` int64 [batch_size] (the
+    example index the row stands for).
 
   Raises:
     ValueError: on invalid sizes or shards.
@@ -225,9 +237,20 @@ def make_eval_batches(
     return iter(())
   indices, mask = _eval_indices(n, batch_size, shard_index, shard_count)
 
+  read_with_index = getattr(source, 'read_with_index', None)
+
   def load(i: int) -> dict[str, np.ndarray]:
-    ex = dict(preprocess_fn(source[int(indices[i])]))
-    ex['_mask'] = np.asarray(mask[i])
+    index = int(indices[i])
+    if read_with_index is None:
+      raw, read = source[index], index
+    else:
+      raw, read = read_with_index(index)
+    ex = dict(preprocess_fn(raw))
+    # A substitute for a bad example is another real example: counting it
+    # here too would score that one twice.
+    ex['_mask'] = np.asarray(mask[i] and read == index)
+    ex['_skipped'] = np.asarray(mask[i] and read != index)
+    ex['_index'] = np.asarray(index, np.int64)
     return ex
 
   ds = (

@@ -33,7 +33,8 @@ class SkippingSource(abc.ABC):
   `skip_bad_examples` examples are validated lazily when read: a bad one is
   replaced by the next good one (cyclically), a warning is logged, and
   `num_skipped` / `bad_indices` record it. Those counters are per process:
-  grain worker processes hold their own copy.
+  grain worker processes hold their own copy. `read_with_index` also says
+  which example was read, so evaluation can drop substitutes.
   """
 
   skip_bad_examples: bool = False
@@ -56,26 +57,42 @@ class SkippingSource(abc.ABC):
     """Names the dataset (split file or folder) in messages."""
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    """Reads example `index`.
+    """Reads example `index` (or its substitute, see the class docstring).
 
     Raises:
       IndexError: if index is out of range.
       BadExampleError: for a bad example when skip_bad_examples is False, or
         when every example is bad.
     """
+    return self.read_with_index(index)[0]
+
+  def read_with_index(self, index: int) -> tuple[dict[str, np.ndarray], int]:
+    """Reads example `index`; also returns the index actually read.
+
+    Evaluation needs to know about a substitution: the substitute is a real
+    example of its own, so counting it again would score it twice while the
+    bad example is silently left out.
+
+    Returns:
+      (example, read_index); read_index != index when a bad example was
+      replaced by the next good one.
+
+    Raises:
+      IndexError, BadExampleError: as `__getitem__`.
+    """
     index = int(index)
     n = len(self)
     if not 0 <= index < n:
       raise IndexError(f'index {index} out of range [0, {n}).')
     if not self.skip_bad_examples:
-      return self._read(index)
+      return self._read(index), index
     for offset in range(n):
       candidate = (index + offset) % n
       if candidate in self.bad_indices:
         self.num_skipped += 1
         continue
       try:
-        return self._read(candidate)
+        return self._read(candidate), candidate
       except BadExampleError as e:
         self.bad_indices.add(candidate)
         self.num_skipped += 1

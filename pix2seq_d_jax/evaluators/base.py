@@ -4,17 +4,21 @@
 `Evaluator` stores them and checks that the eval batch splits evenly over
 the data-parallel devices and the processes, so subclasses only add their
 own setup and `run(params, batch_stats, *, step) -> dict of metrics`.
-`local_rows` brings this process's rows of a sharded prediction to host.
+`local_rows` brings this process's rows of a sharded prediction to host;
+`gather_records` brings every process's per-example results to every
+process, in example order, so metrics and files equal a 1-process run's.
 """
 
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from pix2seq_d_jax import sharding
 
@@ -42,6 +46,49 @@ def local_rows(x: jax.Array) -> np.ndarray:
     seen.add(key)
     rows.append(np.asarray(s.data))
   return np.concatenate(rows)
+
+
+def _allgather(x: np.ndarray) -> np.ndarray:
+  """[num_processes, ...] stack of every process's `x` (same shape)."""
+  # process_allgather returns host numpy, so the collective has completed
+  # before the next one is queued (CPU collectives deadlock otherwise).
+  return np.asarray(multihost_utils.process_allgather(x))
+
+
+def gather_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Every process's JSON-serialisable records, sorted by their `index`.
+
+  Records of variable size (segment lists, per-object rows) travel as UTF-8
+  JSON bytes padded to the longest process's; JSON round-trips Python floats
+  exactly. Every process must call this the same number of times.
+
+  Args:
+    records: this process's records, each with an int `index` (the example's
+      position in evaluation order, unique over processes).
+
+  Returns:
+    All processes' records sorted by `index`.
+
+  Raises:
+    ValueError: if two records share an index (an example evaluated twice).
+  """
+  # One process too goes through JSON, so both paths see the same values.
+  data = np.frombuffer(json.dumps(records).encode("utf-8"), np.uint8)
+  if jax.process_count() > 1:
+    sizes = _allgather(np.array([len(data)], np.int64)).ravel()
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:len(data)] = data
+    everyone = _allgather(padded)
+  else:
+    sizes, everyone = [len(data)], data[None]
+  records = sorted(
+      (r for p, size in enumerate(sizes)
+       for r in json.loads(everyone[p, :size].tobytes())),
+      key=lambda r: r["index"])
+  indices = [r["index"] for r in records]
+  if len(set(indices)) != len(indices):
+    raise ValueError(f"examples evaluated more than once: {indices}")
+  return records
 
 
 class Evaluator(abc.ABC):

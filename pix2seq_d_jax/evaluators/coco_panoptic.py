@@ -4,21 +4,24 @@ For every eval image: sample (semantic, instance) at mask resolution with the
 EMA weights, crop the padding, post-process into panoptic segments (majority
 vote, min-area filter, one segment per stuff class), resize to the original
 image size (nearest), then score against the ground-truth PNG with the
-panopticapi-exact per-image matcher. Counts are summed over images (and over
-processes), so the result equals `pq_compute` on the written files. The
-predictions are also written in the COCO panoptic format (PNG + JSON) and the
-first images as overlay PNGs (image | ground truth | prediction).
+panopticapi-exact per-image matcher. Each process scores its rows of every
+global batch and writes their PNGs; the per-image segments and counts are
+gathered to every process and summed in image order, so PQ, `panoptic.json`
+(written by process 0, each image once) and the PNGs equal a 1-process run's
+and `pq_compute` on the written files. The first `num_overlays` images are
+also written as overlay PNGs (image | ground truth | prediction). With a
+skipping source, bad examples are left out of both predictions and ground
+truth, counted (`skipped_examples`) and named in `metrics.json`.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
+from etils import epath
 
 from pix2seq_d_jax import sharding
 from pix2seq_d_jax.data import pipeline, preprocess
@@ -56,32 +59,45 @@ class CocoPanopticEvaluator(base.Evaluator):
   def run(self, params: Any, batch_stats: Any, *, step: int) -> dict:
     """Samples every eval image and returns the panoptic metrics."""
     out_name = f"{self.name}_step{step}"
-    out_dir = os.path.join(self.workdir, "predictions", out_name)
-    png_dir = os.path.join(out_dir, "panoptic")
-    overlay_dir = os.path.join(self.workdir, "overlays", out_name)
-    os.makedirs(png_dir, exist_ok=True)
-    os.makedirs(overlay_dir, exist_ok=True)
-    stat = panoptic.PQStat()
-    annotations = []
+    workdir = epath.Path(self.workdir)
+    out_dir = workdir / "predictions" / out_name
+    png_dir = out_dir / "panoptic"
+    overlay_dir = workdir / "overlays" / out_name
+    png_dir.mkdir(parents=True, exist_ok=True)
+    overlay_dir.mkdir(parents=True, exist_ok=True)
+    records = []
     rng = jax.random.key(self.seed)
-    num_overlays = self.config.num_overlays
     for i, batch in enumerate(self._batches()):
       mask = np.asarray(batch.pop("_mask"), bool)
+      skipped = np.asarray(batch.pop("_skipped"), bool)
+      index = np.asarray(batch.pop("_index"))
       host = {k: np.asarray(v) for k, v in batch.items()}
       arrays = sharding.global_batch({"image": host["image"]}, self.mesh)
       semantic, instance = self.predict_fn(
           params, batch_stats, arrays["image"], jax.random.fold_in(rng, i)
       )
       semantic, instance = base.local_rows(semantic), base.local_rows(instance)
+      records.extend({"index": int(index[j]), "skipped": True}
+                     for j in np.flatnonzero(skipped))
       for j in np.flatnonzero(mask):
-        ann, ids, segments = self._score_one(
-            semantic[j], instance[j], host, j, png_dir, stat
-        )
-        annotations.append(ann)
-        if jax.process_index() == 0 and len(annotations) <= num_overlays:
+        ann, ids, segments, stat = self._score_one(
+            semantic[j], instance[j], host, j, png_dir)
+        records.append({"index": int(index[j]), "annotation": ann,
+                        "stat": _stat_to_json(stat)})
+        # By example index, not by count: the same images in any process.
+        if index[j] < self.config.num_overlays:
           self._write_overlay(ann["image_id"], ids, segments, overlay_dir)
-    stat, num_images = self._sum_over_processes(stat, len(annotations))
+    records = base.gather_records(records)
+    annotations = [r["annotation"] for r in records if "annotation" in r]
+    skipped = [self._describe(r["index"]) for r in records if "skipped" in r]
+    # Summed in image order, as one process would: the float sums match.
+    stat = panoptic.PQStat()
+    for r in records:
+      if "stat" in r:
+        stat += _stat_from_json(r["stat"])
     results = panoptic.summarize(stat, self.categories)
+    results["num_images"] = len(annotations)
+    results["skipped_examples"] = skipped
     if jax.process_index() == 0:
       self._write_json(out_dir, annotations, results)
     metrics = {}
@@ -89,11 +105,27 @@ class CocoPanopticEvaluator(base.Evaluator):
                        ("Stuff", "_stuff")):
       for m in ("pq", "sq", "rq"):
         metrics[f"{m}{key}"] = results[group][m]
-    metrics["num_images"] = num_images
+    metrics["num_images"] = len(annotations)
+    if getattr(self.source, "skip_bad_examples", False):
+      metrics["skipped_examples"] = len(skipped)
+    if skipped:
+      logging.warning("eval/%s: %d bad examples left out: %s", self.name,
+                      len(skipped), skipped)
     logging.info("eval/%s at step %d: %s", self.name, step, metrics)
     return metrics
 
-  def _score_one(self, semantic, instance, host, j, png_dir, stat):
+  def _describe(self, index: int) -> dict[str, Any]:
+    """Names a skipped example: its index and, if known, id and file."""
+    out: dict[str, Any] = {"index": index}
+    image_ids = getattr(self.source, "image_ids", None)
+    if image_ids is not None:
+      image_id = int(image_ids()[index])
+      out["image_id"] = image_id
+      if image_id in self.images_by_id:
+        out["file_name"] = self.images_by_id[image_id]["file_name"]
+    return out
+
+  def _score_one(self, semantic, instance, host, j, png_dir):
     image_id = int(host["image_id"][j])
     orig_h, orig_w = (int(v) for v in host["orig_size"][j])
     valid_h, valid_w = (int(v) for v in host["valid_size"][j])
@@ -113,24 +145,24 @@ class CocoPanopticEvaluator(base.Evaluator):
     ]
     gt_ann = self.gt_by_id[image_id]
     png_name = gt_ann["file_name"]
-    coco_format.write_panoptic_png(os.path.join(png_dir, png_name), ids)
+    coco_format.write_panoptic_png(png_dir / png_name, ids)
     gt_ids = coco_format.read_panoptic_png(
-        os.path.join(self.meta.gt_folder, png_name)
+        epath.Path(self.meta.gt_folder) / png_name
     )
-    stat += panoptic.pq_single_image(
+    stat = panoptic.pq_single_image(
         gt_ids, gt_ann["segments_info"], ids, segments, self.categories
     )
     ann = {"image_id": image_id, "file_name": png_name,
            "segments_info": segments}
-    return ann, ids, segments
+    return ann, ids, segments, stat
 
   def _write_overlay(self, image_id, ids, segments, overlay_dir):
     info = self.images_by_id[image_id]
     image = coco_format.read_rgb_image(
-        os.path.join(self.meta.image_folder, info["file_name"]))
+        epath.Path(self.meta.image_folder) / info["file_name"])
     gt_ann = self.gt_by_id[image_id]
     gt_ids = coco_format.read_panoptic_png(
-        os.path.join(self.meta.gt_folder, gt_ann["file_name"])
+        epath.Path(self.meta.gt_folder) / gt_ann["file_name"]
     )
     # Stuff takes its class's colour in both panels, so they compare.
     def with_isthing(segs):
@@ -140,27 +172,26 @@ class CocoPanopticEvaluator(base.Evaluator):
     gt_rgb = visualize.colorize(gt_ids, with_isthing(gt_ann["segments_info"]))
     pred_rgb = visualize.colorize(ids, with_isthing(segments))
     strip = visualize.overlay_strip(image, gt_rgb, pred_rgb)
-    visualize.save_png(os.path.join(overlay_dir, f"{image_id}.png"), strip)
-
-  def _sum_over_processes(self, stat, num_images):
-    """Sums the exact per-category counts of every process."""
-    if jax.process_count() == 1:
-      return stat, num_images
-    cat_ids = sorted(self.categories)
-    local = np.concatenate(
-        [stat.to_array(cat_ids).ravel(), [float(num_images)]]
-    )
-    total = np.asarray(multihost_utils.process_allgather(local)).sum(0)
-    out = panoptic.PQStat.from_array(
-        cat_ids, total[:-1].reshape(len(cat_ids), -1)
-    )
-    return out, int(total[-1])
+    visualize.save_png(overlay_dir / f"{image_id}.png", strip)
 
   def _write_json(self, out_dir, annotations, results):
-    path = os.path.join(out_dir, "panoptic.json")
     coco_format.write_panoptic_json(
-        path, [self.images_by_id[a["image_id"]] for a in annotations],
+        out_dir / "panoptic.json",
+        [self.images_by_id[a["image_id"]] for a in annotations],
         annotations, self.gt["categories"]
     )
-    atomic.write_json(
-        os.path.join(out_dir, "metrics.json"), results, indent=2)
+    atomic.write_json(out_dir / "metrics.json", results, indent=2)
+
+
+def _stat_to_json(stat: panoptic.PQStat) -> dict[str, list]:
+  """One image's counts as {category id: [iou, tp, fp, fn]}."""
+  return {str(c): [float(s.iou), int(s.tp), int(s.fp), int(s.fn)]
+          for c, s in stat.pq_per_cat.items()}
+
+
+def _stat_from_json(rows: dict[str, list]) -> panoptic.PQStat:
+  """Inverse of `_stat_to_json`."""
+  stat = panoptic.PQStat()
+  for c, (iou, tp, fp, fn) in rows.items():
+    stat.pq_per_cat[int(c)] += panoptic.PQStatCat(iou=iou, tp=tp, fp=fp, fn=fn)
+  return stat

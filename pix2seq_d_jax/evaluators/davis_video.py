@@ -12,25 +12,28 @@ DAVIS object ids. Ids are renumbered 1..k per sequence by first appearance
 largest objects the unsupervised protocol accepts. Results are written as
 DAVIS palette PNGs (`<workdir>/predictions/<name>_step<step>/<seq>/<frame>.png`,
 the layout `python -m pix2seq_d_jax.evaluation.davis` reads) and scored in
-memory with the davis2017-evaluation-exact `evaluation.davis` functions;
-per-object statistics are gathered over processes, so the result equals a
-single-process run.
+memory with the davis2017-evaluation-exact `evaluation.davis` functions.
+Global batches hold consecutive sequences, each process taking its block of
+rows and writing its sequences' PNGs; per-object statistics are gathered
+over processes in sequence order, so the metrics equal a single-process
+run's exactly. Process 0 writes them, with the per-object J and F means, to
+`metrics.json` in the results folder.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
+from etils import epath
 
 from pix2seq_d_jax import sharding
 from pix2seq_d_jax.evaluation import davis as davis_eval
 from pix2seq_d_jax.evaluators import base, postprocess, register
+from pix2seq_d_jax.formats import atomic
 from pix2seq_d_jax.formats import davis as davis_format
 
 # Per-object statistics, in the order of davis_eval.GLOBAL_MEASURES' parts.
@@ -148,13 +151,13 @@ class DavisVideoEvaluator(base.Evaluator):
 
   def run(self, params: Any, batch_stats: Any, *, step: int) -> dict:
     """Segments every eval sequence and returns the J&F metrics."""
-    out_dir = os.path.join(self.workdir, "predictions",
-                           f"{self.name}_step{step}")
+    out_dir = (epath.Path(self.workdir) / "predictions"
+               / f"{self.name}_step{step}")
     bucket = int(self.config.get("length_bucket", 16))
     rng = jax.random.key(self.seed)
     nproc, pid = jax.process_count(), jax.process_index()
     local_b = self.config.batch_size // nproc
-    stats, per_sequence = [], {}
+    records = []
     for i, batch in enumerate(self._global_batches()):
       mine = batch[pid * local_b:(pid + 1) * local_b]
       lengths = [self.source.num_frames(self.names[j]) for j in batch
@@ -176,16 +179,27 @@ class DavisVideoEvaluator(base.Evaluator):
         name = self.names[j]
         self._write(out_dir, name, ids)
         j_all, f_all = davis_eval.evaluate_sequence_ids(gt, ids, self.task)
-        for k in range(j_all.shape[0]):
-          row_stats = (*davis_eval.db_statistics(j_all[k]),
-                       *davis_eval.db_statistics(f_all[k]))
-          stats.append(row_stats)
-          per_sequence[f"{name}_{k + 1}"] = row_stats
-    stats = self._gather(np.asarray(stats, np.float64).reshape(-1, 6))
+        rows = [[float(v) for v in (*davis_eval.db_statistics(j_all[k]),
+                                    *davis_eval.db_statistics(f_all[k]))]
+                for k in range(j_all.shape[0])]
+        records.append({"index": j, "name": name, "rows": rows})
+    # Every process's objects in sequence order: the means are then summed
+    # in the order a single process sums them.
+    records = base.gather_records(records)
+    stats = np.asarray([row for r in records for row in r["rows"]],
+                       np.float64).reshape(-1, 6)
     metrics = {key: float(np.mean(stats[:, c])) if len(stats) else 0.0
                for c, key in enumerate(_STATS)}
     metrics["J&F-Mean"] = (metrics["J-Mean"] + metrics["F-Mean"]) / 2
     metrics["num_objects"] = int(len(stats))
+    if jax.process_index() == 0:
+      per_sequence = {
+          f"{r['name']}_{k + 1}": {"J-Mean": row[0], "F-Mean": row[3]}
+          for r in records for k, row in enumerate(r["rows"])}
+      atomic.write_json(
+          out_dir / "metrics.json",
+          dict(metrics, num_sequences=len(records),
+               per_sequence=per_sequence), indent=2)
     logging.info("eval/%s at step %d: %s", self.name, step, metrics)
     return metrics
 
@@ -197,19 +211,8 @@ class DavisVideoEvaluator(base.Evaluator):
         orig_size=gt.shape[1:], image_size=frames["image"].shape[1],
         is_thing=self.things)
 
-  def _write(self, out_dir: str, name: str, ids: np.ndarray) -> None:
+  def _write(self, out_dir: epath.Path, name: str, ids: np.ndarray) -> None:
     for frame_name, frame_ids in zip(self.source.frame_names(name), ids,
                                      strict=True):
       davis_format.write_palette_png(
-          os.path.join(out_dir, name, f"{frame_name}.png"), frame_ids)
-
-  def _gather(self, stats: np.ndarray) -> np.ndarray:
-    """Per-object rows of every process (row order does not matter)."""
-    if jax.process_count() == 1:
-      return stats
-    counts = np.asarray(multihost_utils.process_allgather(
-        np.array([len(stats)], np.int64))).ravel()
-    padded = np.zeros((int(counts.max()), 6), np.float64)
-    padded[:len(stats)] = stats
-    everyone = np.asarray(multihost_utils.process_allgather(padded))
-    return np.concatenate([everyone[p, :c] for p, c in enumerate(counts)])
+          out_dir / name / f"{frame_name}.png", frame_ids)
