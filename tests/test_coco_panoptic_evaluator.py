@@ -3,7 +3,8 @@
 A predictor that returns the ground truth must score PQ = 1 through the
 whole evaluator path (eval preprocessing, padding and masking of batches,
 post-processing, resizing back, matching); the files it writes must score
-the same through the offline `pq_compute`.
+the same through the offline `pq_compute`. A bad example skipped by the
+source is left out of predictions and ground truth alike, and named.
 """
 
 import json
@@ -108,3 +109,60 @@ def test_void_prediction_scores_zero(val_source, tmp_path):
       str(tmp_path))
   metrics = ev.run({}, {}, step=1)
   assert metrics["pq"] == 0.0 and metrics["num_images"] == 5
+
+
+def test_skipped_bad_example_is_left_out_of_predictions_and_gt(tmp_path):
+  # One truncated ground-truth PNG with skip_bad_examples: the source hands
+  # the next image in its place; that copy must not be scored twice, and the
+  # bad image must be left out of both sides of PQ and named.
+  root = str(tmp_path / "ds")
+  synthetic.generate(root, num_train=2, num_val=5, image_size=SIZE, seed=3)
+  meta = coco_panoptic.CocoPanopticSource(root, "val").metadata
+  with open(meta.gt_json) as f:
+    gt = json.load(f)
+  bad = gt["annotations"][1]
+  png = os.path.join(meta.gt_folder, bad["file_name"])
+  with open(png, "rb") as f:
+    data = f.read()
+  with open(png, "wb") as f:
+    f.write(data[: len(data) // 2])
+  source = coco_panoptic.CocoPanopticSource(root, "val",
+                                            skip_bad_examples=True)
+  merge = _oracle(source, lambda s, i: (s, np.where(i > 0, 1, 0)))
+  workdir = tmp_path / "w"
+  metrics = _evaluator(source, merge, str(workdir)).run({}, {}, step=2)
+
+  good = [a for a in gt["annotations"] if a is not bad]
+  pred_dir = workdir / "predictions" / "panoptic_step2"
+  with open(pred_dir / "panoptic.json") as f:
+    written = json.load(f)
+  assert [a["image_id"] for a in written["annotations"]] == [
+      a["image_id"] for a in good]
+  assert [im["id"] for im in written["images"]] == [
+      a["image_id"] for a in good]
+  assert metrics["num_images"] == 4 and metrics["skipped_examples"] == 1
+  assert sorted(os.listdir(pred_dir / "panoptic")) == sorted(
+      a["file_name"] for a in good)
+  with open(pred_dir / "metrics.json") as f:
+    saved = json.load(f)
+  assert saved["num_images"] == 4
+  assert saved["skipped_examples"] == [{
+      "index": 1, "image_id": bad["image_id"],
+      "file_name": next(im["file_name"] for im in gt["images"]
+                        if im["id"] == bad["image_id"])}]
+  # Offline scoring of exactly the evaluated images gives the same PQ.
+  subset = dict(gt, annotations=good, images=[
+      im for im in gt["images"] if im["id"] != bad["image_id"]])
+  subset_json = tmp_path / "gt_subset.json"
+  subset_json.write_text(json.dumps(subset))
+  offline = panoptic.pq_compute(
+      str(subset_json), str(pred_dir / "panoptic.json"),
+      gt_folder=meta.gt_folder, pred_folder=str(pred_dir / "panoptic"))
+  assert 0.0 < metrics["pq"] < 1.0
+  for group, key in (("All", ""), ("Things", "_things"), ("Stuff", "_stuff")):
+    assert metrics[f"pq{key}"] == offline[group]["pq"]
+    assert metrics[f"sq{key}"] == offline[group]["sq"]
+  # Without skipping the same split is an error, not a silent substitute.
+  with pytest.raises(coco_panoptic.BadExampleError, match=bad["file_name"]):
+    _evaluator(coco_panoptic.CocoPanopticSource(root, "val"), merge,
+               str(tmp_path / "strict")).run({}, {}, step=2)
