@@ -11,6 +11,7 @@ import glob
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -215,3 +216,128 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(
   for i in range(2):
     log = open(os.path.join(log_dir, f"process_{i}.log")).read()
     assert f"Stopped by signal at step {saved[0]}" in log, log[-2000:]
+
+
+def _launch(args, workdir, cache, *, num_processes):
+  """Runs the entry point through launch/local.py; returns process 0's log."""
+  log_dir = workdir + "_logs"
+  cmd = [
+      sys.executable, os.path.join(REPO, "launch", "local.py"),
+      f"--num_processes={num_processes}",
+      f"--log_dir={log_dir}", "--", f"--workdir={workdir}", *args,
+      *narrow_model_flags(),
+  ]
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(cache), capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return open(os.path.join(log_dir, "process_0.log")).read()
+
+
+def _files(folder):
+  """{relative path: bytes} of every file under folder."""
+  out = {}
+  for root, _, names in os.walk(folder):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, folder)] = f.read()
+  return out
+
+
+def _train_eval_then_eval_alone(tmp_path, cache, args):
+  """2-process train_eval, then 1 process evaluating the same checkpoint.
+
+  The training itself differs between 1 and 2 processes (each process
+  shuffles its own data shard), so the 1-process run (one CPU device)
+  evaluates the checkpoint the 2-process run evaluated: the same weights
+  through both evaluation paths, which must agree bit for bit.
+  """
+  two, one = str(tmp_path / "two"), str(tmp_path / "one")
+  _launch([*args, "--mode=train_eval", "--config.total_steps=2"], two, cache,
+          num_processes=2)
+  shutil.copytree(os.path.join(two, "checkpoints"),
+                  os.path.join(one, "checkpoints"))
+  _launch([*args, "--mode=eval", "--config.total_steps=2"], one, cache,
+          num_processes=1)
+  return two, one
+
+
+def test_two_process_panoptic_eval_equals_one_process(
+    tmp_path, tmp_path_factory, data_dir):
+  # 3 of the 4 val images in global batches of 2: one batch is half
+  # padding, which sits in process 1's rows.
+  args = ["--config=configs/synthetic.py:tiny",
+          f"--config.input.data_dir={data_dir}",
+          "--config.evals.panoptic.batch_size=2",
+          "--config.evals.panoptic.max_examples=3",
+          "--config.evals.panoptic.num_overlays=2"]
+  two, one = _train_eval_then_eval_alone(
+      tmp_path, shared_cache_dir(tmp_path_factory), args)
+  pred = os.path.join("predictions", "panoptic_step2")
+  with open(os.path.join(two, pred, "panoptic.json")) as f:
+    written = json.load(f)
+  from configs import synthetic
+  from pix2seq_d_jax.data import synthetic as synthetic_data
+
+  root = synthetic_data.ensure_synthetic(  # The cached split, as generated.
+      data_dir, **synthetic.get_config("tiny").input.synthetic)
+  gt_json = os.path.join(root, "annotations", "panoptic_val2017.json")
+  with open(gt_json) as f:
+    gt_ids = [a["image_id"] for a in json.load(f)["annotations"]][:3]
+  # Every evaluated image once, in split order, from both processes.
+  assert [a["image_id"] for a in written["annotations"]] == gt_ids
+  assert [im["id"] for im in written["images"]] == gt_ids
+  files_two, files_one = (_files(os.path.join(w, pred)) for w in (two, one))
+  assert len(files_two) == 5  # panoptic.json, metrics.json, 3 PNGs.
+  # The same bytes: PNGs, panoptic.json and the metrics (PQ) written once.
+  assert files_two == files_one
+  with open(os.path.join(two, pred, "metrics.json")) as f:
+    metrics = json.load(f)
+  assert metrics["num_images"] == 3 and 0.0 <= metrics["All"]["pq"] <= 1.0
+  overlays = [_files(os.path.join(w, "overlays", "panoptic_step2"))
+              for w in (two, one)]
+  assert overlays[0] == overlays[1] and len(overlays[0]) == 2
+  # The logged metrics of the 2-process run are the same numbers.
+  with open(os.path.join(two, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  logged = [r for r in rows if "eval/panoptic/pq" in r]
+  assert len(logged) == 1 and logged[0]["step"] == 2
+  assert logged[0]["eval/panoptic/pq"] == metrics["All"]["pq"]
+  assert logged[0]["eval/panoptic/num_images"] == 3
+
+
+@pytest.fixture(scope="module")
+def video_data(tmp_path_factory):
+  """(data_dir, val sequence names) of `video,tiny` with 3 val sequences."""
+  from configs import synthetic
+  from pix2seq_d_jax import data
+
+  root = str(tmp_path_factory.mktemp("video_data"))
+  config = synthetic.get_config("video,tiny")
+  params = dict(config.input.synthetic_video, num_val=3)
+  source = data.get_source("synthetic_video", data_dir=root, split="val",
+                           **params)
+  return root, list(source.sequence_names)
+
+
+def test_two_process_davis_eval_equals_one_process(
+    tmp_path, tmp_path_factory, video_data):
+  # 3 val sequences in global batches of 2 (one sequence per process): the
+  # second batch's process-1 row is padding.
+  data_dir, names = video_data
+  args = ["--config=configs/synthetic.py:video,tiny",
+          f"--config.input.data_dir={data_dir}",
+          "--config.input.synthetic_video.num_val=3"]
+  two, one = _train_eval_then_eval_alone(
+      tmp_path, shared_cache_dir(tmp_path_factory), args)
+  pred = os.path.join("predictions", "davis_step2")
+  files_two, files_one = (_files(os.path.join(w, pred)) for w in (two, one))
+  # The results folder (palette PNGs of 3 sequences x 4 frames) and the
+  # metrics written by process 0 are byte for byte the 1-process ones.
+  assert len(files_two) == 3 * 4 + 1
+  assert sorted({p.split(os.sep)[0] for p in files_two if os.sep in p}) == (
+      sorted(names))
+  assert files_two == files_one
+  metrics = json.loads(files_two["metrics.json"])
+  assert metrics["num_sequences"] == 3
+  assert metrics["num_objects"] == len(metrics["per_sequence"]) > 0
