@@ -4,7 +4,8 @@ Two processes of one CPU device each, each feeding half of a fixed global
 batch, must take the same steps as one process fed the whole batch; their
 training data shards must be disjoint and cover the split; and the real entry
 point started by `launch/local.py` trains, checkpoints and writes
-`metrics.jsonl` from process 0 only.
+`metrics.jsonl` from process 0 only. A 2-process `train_eval` evaluates
+(panoptic PQ, DAVIS J&F) to the same bytes as 1 process on its checkpoint.
 """
 
 import glob
