@@ -28,6 +28,8 @@ def get_config(arg: str | None = None):
   config.input.mask_size = 512
   config.input.scale_range = (0.5, 2.0)
   config.input.color_jitter = 0.0
+  # grain worker processes per host (see README, "Input that keeps up").
+  config.input.num_workers = 4
   config.total_steps = 60000
   config.optax.lr = 1e-5
   config.optax.warmup_steps = 0

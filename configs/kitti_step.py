@@ -42,6 +42,9 @@ def get_config(arg: str | None = None):
   config.input.color_jitter = 0.0
   config.input.proceeding_frames = (-2, -1)
   config.input.frames_dropout = 0.2
+  # 32 clips of 3 large frames per step: grain worker processes per host
+  # (README, "Input that keeps up").
+  config.input.num_workers = 8
   config.total_steps = 50000
   config.optax.lr = 1e-5
   config.optax.warmup_steps = 0

@@ -193,6 +193,93 @@ def random_batch(
   return batch
 
 
+# Host overhead is measured with this skeleton model at these sizes: its
+# device time is small, so what remains per step is the loop's own cost.
+_MICRO_MODEL = dict(
+    backbone_width=8, backbone_depths=(1,), enc_layers=0, enc_dim=32,
+    enc_mlp_dim=64, fuse_dim=16, dec_dim=16, dec_dim_mults=(1,),
+    dec_transformer_layers=0, dec_transformer_dim=32,
+)
+
+
+def measure_host_overhead(
+    config: ml_collections.ConfigDict, *, steps: int = 50
+) -> dict[str, float]:
+  """Host time per training step of the loop body, with a micro model.
+
+  Runs what `train.py` does per step (global batch from host arrays, the
+  compiled step, the on-device metrics tracker) for `steps` steps without
+  blocking, as the loop does on one device, and times each part:
+  `handoff_ms` (host arrays to a global device batch), `dispatch_ms` (the
+  compiled step's call until it returns), `tracker_ms` (the metrics
+  tracker's call), `wall_ms` per step until all are done, and `device_ms`
+  (one blocked step). `host_ms` = handoff + tracker is the loop's own cost.
+  On TPU/GPU the step's call returns at once (`dispatch_ms` ~ 0); XLA:CPU
+  runs the step in the calling thread, so on CPU `dispatch_ms` is about
+  `device_ms`.
+
+  Args:
+    config: the run's config; its model is replaced by a skeleton and its
+      sizes by 32 / 16 so that device time is small.
+    steps: timed steps.
+
+  Returns:
+    The times above in milliseconds per step, and `steps`.
+  """
+  from pix2seq_d_jax import train  # The loop's own tracker.
+
+  config = config.copy_and_resolve_references()
+  config.model.update(_MICRO_MODEL)
+  config.input.image_size, config.input.mask_size = 32, 16
+  config.remat, config.grad_accum_steps = "none", 1
+  exp = experiment.create(config, total_steps=max(steps, 10))
+  num_classes = config.input.get("num_classes") or (
+      2**config.diffusion.bits_per_channel)
+  host_batch = random_batch(
+      exp.batch_spec(), num_classes=num_classes,
+      max_instances=config.input.max_instances, seed=config.seed)
+  compiled = exp.compile_train_step()
+  state = exp.init_state(jax.random.key(0))
+  rng = jax.random.key(1)
+  tracker = train.empty_tracker()
+  with jax.set_mesh(exp.mesh):
+    for _ in range(3):  # Warm-up: first calls allocate.
+      state, metrics = compiled(state, exp.global_batch(host_batch), rng)
+      tracker = train.track_metrics(tracker, metrics, state.step)
+    jax.block_until_ready((state, tracker))
+    handoff = dispatch = track = 0.0
+    t_wall = time.perf_counter()
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      batch = exp.global_batch(host_batch)
+      t1 = time.perf_counter()
+      state, metrics = compiled(state, batch, rng)
+      t2 = time.perf_counter()
+      tracker = train.track_metrics(tracker, metrics, state.step)
+      t3 = time.perf_counter()
+      handoff, dispatch, track = (
+          handoff + t1 - t0, dispatch + t2 - t1, track + t3 - t2)
+    jax.block_until_ready((state, tracker))
+    wall = time.perf_counter() - t_wall
+    device = statistics.median(
+        _blocked_step_times(compiled, state, exp.global_batch(host_batch),
+                            rng, repeats=5))
+  ms = 1e3 / steps
+  return {"host_ms": (handoff + track) * ms, "handoff_ms": handoff * ms,
+          "dispatch_ms": dispatch * ms, "tracker_ms": track * ms,
+          "wall_ms": wall * ms, "device_ms": 1e3 * device, "steps": steps}
+
+
+def _blocked_step_times(compiled, state, batch, rng, *, repeats):
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch, rng)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t0)
+  return times
+
+
 def run_benchmark(
     config: ml_collections.ConfigDict,
     *,
@@ -218,7 +305,8 @@ def run_benchmark(
     ceiling_repeats: timed runs per ceiling operation.
 
   Returns:
-    Nested dict: `setup`, `ceilings`, `train`, `sampling`, `peak_rss_bytes`.
+    Nested dict: `setup`, `ceilings`, `train`, `sampling`,
+    `host_overhead`, `peak_rss_bytes`.
 
   Raises:
     config_lib.ConfigError: the config (with overrides) is invalid.
@@ -381,6 +469,7 @@ def run_benchmark(
       None if at_20 is None else at_20 / (encoder_s + 20 * decoder_s))
   sampling["ratio_20_source"] = source
   results["sampling"] = sampling
+  results["host_overhead"] = measure_host_overhead(config)
   results["peak_rss_bytes"] = peak_rss_bytes()
   return results
 
@@ -429,6 +518,10 @@ def format_table(results: dict[str, Any]) -> str:
                           f"b = {opt(b_ms, '.2f')} ms/step"),
       ("ratio at 20 steps", f"{opt(sa['ratio_20_steps'], '.3f')} "
                             f"({sa['ratio_20_source']})"),
+      ("host overhead", "{host_ms:.2f} ms/step (handoff {handoff_ms:.2f}, "
+                        "tracker {tracker_ms:.2f}; step call {dispatch_ms:.2f}"
+                        ", device {device_ms:.2f}; micro model)".format(
+                            **results["host_overhead"])),
       ("peak host RSS", f"{results['peak_rss_bytes'] / mib:.0f} MiB"),
   ]
   width = max(len(k) for k, _ in rows)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from pix2seq_d_jax import (
@@ -66,7 +67,8 @@ def _fetch(tree: Any) -> Any:
 # ---------------------------------------------------------------- metrics
 
 
-def _empty_tracker() -> dict[str, jax.Array]:
+def empty_tracker() -> dict[str, jax.Array]:
+  """Zeroed on-device accumulators of the loop's metrics."""
   return {
       "loss_sum": jnp.zeros((), jnp.float32),
       "skipped": jnp.zeros((), jnp.float32),
@@ -76,7 +78,7 @@ def _empty_tracker() -> dict[str, jax.Array]:
 
 
 @jax.jit
-def _track(tracker: dict, metrics: dict, step: jax.Array) -> dict:
+def track_metrics(tracker: dict, metrics: dict, step: jax.Array) -> dict:
   """Accumulates a step's metrics on device (no host sync).
 
   `step` is the state's step after the update (1-based step number). A
@@ -372,13 +374,13 @@ def _train_loop(
   results: dict[str, Any] = {}
   last_good_ckpt = latest
   step = start_step
-  tracker = _empty_tracker()
+  tracker = empty_tracker()
   log_t0, log_step = time.time(), step
   with _StopSignal() as stop:
     while step < total_steps:
       batch = exp.global_batch(next_local)
       state, metrics = compiled(state, batch, train_rng)
-      tracker = _track(tracker, metrics, state.step)
+      tracker = track_metrics(tracker, metrics, state.step)
       step += 1
       if block:
         jax.block_until_ready(metrics)
@@ -407,7 +409,7 @@ def _train_loop(
           if host["tracker"]["skipped"]:
             logging.warning("%d non-finite updates skipped up to step %d.",
                             int(host["tracker"]["skipped"]), step)
-          tracker = _empty_tracker()
+          tracker = empty_tracker()
           log_t0, log_step = time.time(), step
       reporter.step_done(step)
       if ckpt_now or (stopping and last_good_ckpt != step):
@@ -451,7 +453,7 @@ def _log_results(results: dict[str, Any], workdir: str) -> None:
   paths = {"metrics": os.path.join(workdir, "metrics.json")}
   for label in ("predictions", "overlays"):
     folder = os.path.join(workdir, label)
-    if os.path.isdir(folder):
+    if epath.Path(folder).is_dir():  # os.path.isdir is False on a bucket.
       paths[label] = folder
   logging.info("Results:\n%s", reporting.format_metrics_table(results, paths))
 

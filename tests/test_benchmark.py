@@ -86,9 +86,16 @@ def test_results_have_every_field_and_consistent_values(results):
       (sa["fit_a_s"] + 20 * sa["fit_b_s"])
       / (sa["encoder_s"] + 20 * sa["decoder_s"]))
   assert results["setup"]["batch_size"] == 2
+  ho = results["host_overhead"]
+  assert ho["steps"] == 50 and 0 < ho["host_ms"] and 0 < ho["device_ms"]
+  np.testing.assert_allclose(ho["host_ms"],
+                             ho["handoff_ms"] + ho["tracker_ms"])
+  # The parts issued per step never add up to more than the wall time.
+  assert ho["host_ms"] + ho["dispatch_ms"] <= ho["wall_ms"] * 1.05
   assert results["peak_rss_bytes"] >= tr["peak_rss_bytes"]
   table = benchmark.format_table(results)
   assert "predict 2 steps" in table and "ratio at 20 steps" in table
+  assert "host overhead" in table
 
 
 def test_flops_match_an_independently_lowered_step(results):
