@@ -72,7 +72,8 @@ class CocoPanopticEvaluator(base.Evaluator):
       skipped = np.asarray(batch.pop("_skipped"), bool)
       index = np.asarray(batch.pop("_index"))
       host = {k: np.asarray(v) for k, v in batch.items()}
-      arrays = sharding.global_batch({"image": host["image"]}, self.mesh)
+      arrays = sharding.global_batch(
+          {"image": host["image"]}, self.mesh, self.rules)
       semantic, instance = self.predict_fn(
           params, batch_stats, arrays["image"], jax.random.fold_in(rng, i)
       )
@@ -111,7 +112,8 @@ class CocoPanopticEvaluator(base.Evaluator):
     if skipped:
       logging.warning("eval/%s: %d bad examples left out: %s", self.name,
                       len(skipped), skipped)
-    logging.info("eval/%s at step %d: %s", self.name, step, metrics)
+    # The reporter logs one formatted line per evaluation; this is detail.
+    logging.debug("eval/%s at step %d: %s", self.name, step, metrics)
     return metrics
 
   def _describe(self, index: int) -> dict[str, Any]:

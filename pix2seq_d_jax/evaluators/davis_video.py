@@ -168,7 +168,8 @@ class DavisVideoEvaluator(base.Evaluator):
           np.concatenate([f["image"], np.repeat(
               f["image"][-1:], length - len(f["image"]), axis=0)])
           for f, _ in loaded])
-      arrays = sharding.global_batch({"image": images}, self.mesh)
+      arrays = sharding.global_batch(
+          {"image": images}, self.mesh, self.rules)
       semantic, instance = self.predict_fn(
           params, batch_stats, arrays["image"], jax.random.fold_in(rng, i))
       semantic, instance = base.local_rows(semantic), base.local_rows(instance)
@@ -200,7 +201,8 @@ class DavisVideoEvaluator(base.Evaluator):
           out_dir / "metrics.json",
           dict(metrics, num_sequences=len(records),
                per_sequence=per_sequence), indent=2)
-    logging.info("eval/%s at step %d: %s", self.name, step, metrics)
+    # The reporter logs one formatted line per evaluation; this is detail.
+    logging.debug("eval/%s at step %d: %s", self.name, step, metrics)
     return metrics
 
   def _to_original(self, semantic, instance, frames, gt) -> np.ndarray:
