@@ -4,21 +4,11 @@ import hashlib
 import json
 import time
 
-import jax
 import numpy as np
 import pytest
 
 from configs import synthetic
 from pix2seq_d_jax import benchmark, experiment
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-  # Only plumbing and bookkeeping are checked; optimised code is not needed.
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
 
 
 def _tiny_config():

@@ -19,7 +19,8 @@ def test_parse_arg_types_flags_and_unknown_keys():
   assert config_lib.parse_arg(None, n=1).n == 1
   with pytest.raises(config_lib.ConfigError, match="'bogus' is unknown"):
     config_lib.parse_arg("bogus=1", n=1)
-  with pytest.raises(config_lib.ConfigError, match="expected a value of type int"):
+  with pytest.raises(config_lib.ConfigError,
+                     match="expected a value of type int"):
     config_lib.parse_arg("n=abc", n=1)
   with pytest.raises(config_lib.ConfigError, match="needs a value"):
     config_lib.parse_arg("n", n=1)

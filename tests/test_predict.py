@@ -44,15 +44,6 @@ INPUTS = (("a.jpg", 48, 30, "RGB"), ("b.jpg", 20, 70, "RGB"),
 SEQUENCES = {"bear": (3, 50, 70), "car-turn": (2, 36, 28)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-  # Plumbing and geometry are checked, not XLA's output quality.
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def _write_image(path, h, w, mode, rng):
   shape = (h, w, 3) if mode == "RGB" else (h, w)
   # Smooth content plus noise, so JPEG keeps it recognisable.

@@ -17,14 +17,6 @@ from pix2seq_d_jax.data import pipeline
 from tests.multiprocess_worker import NARROW_MODEL
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def _config(data_dir, total_steps, log_every, ckpt_every):
   config = synthetic.get_config("tiny")
   config.model.update(NARROW_MODEL)

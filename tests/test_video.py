@@ -9,17 +9,10 @@ from configs import common
 from pix2seq_d_jax import config_lib, experiment
 from pix2seq_d_jax.diffusion import analog_bits, video_conditioning
 from pix2seq_d_jax.inference import sampling
+from tests.multiprocess_worker import NARROW_MODEL
 
 IMAGE, MASK = 32, 16
 FRAMES = (-2, -1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def test_conditioning_map_layout_and_dropout():
@@ -65,9 +58,9 @@ def test_frame_dropout_rate_and_history():
 
 def _video_config(frames_dropout=0.0):
   model = common.tiny_model()
-  model.update(backbone_width=8, enc_layers=1, enc_dim=32, enc_mlp_dim=64,
-               enc_heads=2, fuse_dim=16, dec_dim=16, dec_dim_mults=(1, 2),
-               dec_transformer_dim=32, dec_heads=2)
+  # A skeleton (no transformer layers, one decoder level): conditioning
+  # and the frame scan are under test, and compiles take seconds.
+  model.update(NARROW_MODEL)
   config = common.get_base_config()
   config.model = model
   config.input.image_size, config.input.mask_size = IMAGE, MASK

@@ -15,6 +15,7 @@ from pix2seq_d_jax import data, sharding
 from pix2seq_d_jax.data import preprocess, synthetic_video
 from pix2seq_d_jax.evaluation import davis as davis_eval
 from pix2seq_d_jax.evaluators import davis_video
+from tests.multiprocess_worker import narrow_model_flags
 
 PARAMS = dict(num_train=3, num_val=2, num_frames=5, image_size=32, seed=1)
 
@@ -171,8 +172,8 @@ def test_davis_evaluator_scores_an_oracle_one(video_root, tmp_path):
 def test_davis_config_trains_one_step_on_a_davis_layout(video_root, tmp_path):
   # The shipped DAVIS recipe (clips of frames -2, -1, 0, frame dropout,
   # 3 classes, 16 instances) on a DAVIS-layout folder, at a toy resolution
-  # and depth so one step runs on a CPU in seconds (the full-depth model is
-  # built with jax.eval_shape in test_models).
+  # with the skeleton model so one step runs on a CPU in seconds (the
+  # paper-size model is built with jax.eval_shape in test_config_lib).
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   workdir = str(tmp_path / "w")
   proc = subprocess.run(
@@ -180,8 +181,7 @@ def test_davis_config_trains_one_step_on_a_davis_layout(video_root, tmp_path):
        f"--workdir={workdir}", f"--config.input.data_dir={video_root}",
        "--config.input.image_size=32", "--config.input.mask_size=8",
        "--config.input.batch_size=1", "--config.total_steps=1",
-       "--config.model.backbone_depths=(1,1,1)", "--config.model.enc_layers=1",
-       "--config.model.dec_transformer_layers=1",
+       *narrow_model_flags(),
        "--config.log_training_steps=1", "--config.evals.davis.batch_size=1",
        "--config.evals.davis.max_sequences=1",
        "--config.diffusion.sample_steps=2",

@@ -27,15 +27,6 @@ TORCH_STD = np.array([0.229, 0.224, 0.225])
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  # Plumbing and values only: most XLA optimisations are not needed here.
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
-
-
 # ------------------------------------------------------------ export makers
 
 
