@@ -9,10 +9,12 @@ import pytest
 
 from configs import synthetic
 from pix2seq_d_jax import benchmark, experiment
+from tests.multiprocess_worker import NARROW_MODEL
 
 
 def _tiny_config():
   config = synthetic.get_config("tiny")
+  config.model.update(NARROW_MODEL)  # Bookkeeping is under test: compile fast.
   config.input.batch_size = 2
   config.input.image_size = 32
   config.input.mask_size = 16
@@ -102,6 +104,7 @@ def test_flops_match_an_independently_lowered_step(results):
 
 def _video_levers_config(**overrides):
   config = synthetic.get_config("tiny,video")
+  config.model.update(NARROW_MODEL)
   config.input.batch_size = 2
   config.input.image_size = 32
   config.input.mask_size = 16
