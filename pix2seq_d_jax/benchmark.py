@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
-import os
 import resource
 import statistics
 import sys
@@ -51,6 +49,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pix2seq_d_jax import config_lib, experiment, reporting
+from pix2seq_d_jax.formats import atomic
 
 # ------------------------------------------------------------- measuring
 
@@ -261,23 +260,30 @@ def measure_host_overhead(
           handoff + t1 - t0, dispatch + t2 - t1, track + t3 - t2)
     jax.block_until_ready((state, tracker))
     wall = time.perf_counter() - t_wall
-    device = statistics.median(
-        _blocked_step_times(compiled, state, exp.global_batch(host_batch),
-                            rng, repeats=5))
+    _, _, device_times = blocked_steps(
+        compiled, state, exp.global_batch(host_batch), rng, repeats=5)
+    device = statistics.median(device_times)
   ms = 1e3 / steps
   return {"host_ms": (handoff + track) * ms, "handoff_ms": handoff * ms,
           "dispatch_ms": dispatch * ms, "tracker_ms": track * ms,
           "wall_ms": wall * ms, "device_ms": 1e3 * device, "steps": steps}
 
 
-def _blocked_step_times(compiled, state, batch, rng, *, repeats):
-  times = []
+def blocked_steps(
+    compiled: Any, state: Any, batch: Any, rng: jax.Array, *, repeats: int
+) -> tuple[Any, Any, list[float]]:
+  """Runs the (state-donating) step `repeats` times, each one blocked on.
+
+  Returns:
+    The last state and metrics, and the wall time of each step in seconds.
+  """
+  times, metrics = [], None
   for _ in range(repeats):
     t0 = time.perf_counter()
     state, metrics = compiled(state, batch, rng)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t0)
-  return times
+  return state, metrics, times
 
 
 def run_benchmark(
@@ -369,12 +375,8 @@ def run_benchmark(
     state, metrics = compiled(state, batch, train_rng)
     jax.block_until_ready((state, metrics))
     t3 = time.perf_counter()
-    step_times = []
-    for _ in range(train_iters):
-      t_start = time.perf_counter()
-      state, metrics = compiled(state, batch, train_rng)
-      jax.block_until_ready((state, metrics))
-      step_times.append(time.perf_counter() - t_start)
+    state, metrics, step_times = blocked_steps(
+        compiled, state, batch, train_rng, repeats=train_iters)
   step_time = statistics.median(step_times)
   flops = _flops(compiled)
   achieved = flops / step_time / 1e9
@@ -599,10 +601,8 @@ def _main(argv: Sequence[str], cli: dict[str, Any]) -> None:
     sys.exit(2)
   print(format_table(results))
   if cli["output"].value:
-    path = os.path.abspath(cli["output"].value)
-    with open(path, "w") as f:
-      json.dump(results, f, indent=2)
-    print(f"wrote {path}")
+    atomic.write_json(cli["output"].value, results, indent=2)
+    print(f"wrote {cli['output'].value}")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ import pix2seq_d_jax
 from pix2seq_d_jax import config_lib, experiment
 from pix2seq_d_jax import data as data_lib
 from pix2seq_d_jax.data import pipeline, synthetic
+from pix2seq_d_jax.formats import atomic
 
 _FIXTURE_DEFAULTS = {'num_images': 64, 'height': 480, 'width': 640, 'seed': 0}
 # make_train_loader's default, which train.py keeps.
@@ -512,10 +513,8 @@ def main(argv: Sequence[str], cli: dict[str, Any]) -> dict[str, Any]:
     sys.exit(2)
   print(format_report(results))
   if cli['output'].value:
-    path = os.path.abspath(cli['output'].value)
-    with open(path, 'w') as f:
-      json.dump(results, f, indent=2)
-    print(f'wrote {path}')
+    atomic.write_json(cli['output'].value, results, indent=2)
+    print(f"wrote {cli['output'].value}")
   return results
 
 

@@ -177,17 +177,7 @@ def _segments_by_id(
 
 
 def _check_id_map(ids: np.ndarray, what: str) -> np.ndarray:
-  ids = np.asarray(ids)
-  if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-    raise ValueError(
-      f"{what}: expected an integer [h, w] id map, got {ids.dtype} {ids.shape}"
-    )
-  if ids.size and (ids.min() < 0 or ids.max() > _MAX_ID):
-    raise ValueError(
-      f"{what}: ids must lie in [0, {_MAX_ID}], got range "
-      f"[{ids.min()}, {ids.max()}]"
-    )
-  return ids.astype(np.int64)
+  return coco_format.check_id_map(ids, what, max_id=_MAX_ID).astype(np.int64)
 
 
 def pq_single_image(

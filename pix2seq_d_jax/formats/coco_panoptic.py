@@ -74,6 +74,33 @@ def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
   return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
 
+def check_id_map(
+    ids: np.ndarray, what: str, max_id: int = MAX_SEGMENT_ID
+) -> np.ndarray:
+  """Returns `ids` as an array after checking it is an id map.
+
+  Args:
+    ids: segment ids, integer [h, w].
+    what: names the map in the error (e.g. the file).
+    max_id: the largest allowed id (an RGB PNG holds up to 256**3 - 1).
+
+  Raises:
+    ValueError: not 2-D, not integer, or an id outside [0, max_id].
+  """
+  ids = np.asarray(ids)
+  if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(
+        f'{what}: expected an integer [h, w] id map, got {ids.dtype} '
+        f'{ids.shape}'
+    )
+  if ids.size and (ids.min() < 0 or ids.max() > max_id):
+    raise ValueError(
+        f'{what}: ids must lie in [0, {max_id}], got range '
+        f'[{ids.min()}, {ids.max()}]'
+    )
+  return ids
+
+
 def id_to_rgb(ids: np.ndarray) -> np.ndarray:
   """Encodes segment ids as COCO panoptic RGB colours (inverse of rgb_to_id).
 
@@ -86,16 +113,7 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
   Raises:
     ValueError: if `ids` is not 2-D, not integer, or out of range.
   """
-  ids = np.asarray(ids)
-  if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-    raise ValueError(
-        f'id_to_rgb: expected integer ids [h, w], got {ids.dtype} {ids.shape}.'
-    )
-  if ids.size and (ids.min() < 0 or ids.max() > MAX_SEGMENT_ID):
-    raise ValueError(
-        f'id_to_rgb: ids must be in [0, {MAX_SEGMENT_ID}], got range '
-        f'[{ids.min()}, {ids.max()}].'
-    )
+  ids = check_id_map(ids, 'id_to_rgb')
   ids = ids.astype(np.int64)
   rgb = np.stack([ids % 256, (ids // 256) % 256, ids // 65536], axis=-1)
   return rgb.astype(np.uint8)
