@@ -28,6 +28,10 @@ benchmark times the encoder and one decoder pass alone, the full predict
 function for each step count (compiled once per count), fits a and b by least
 squares, and reports measured / (encoder + 20 * decoder) at 20 steps: above 1
 is the sampler's own overhead (noise, schedule, bit decoding).
+
+One concept: the model's speed figures (ceilings, train step, sampling,
+host overhead) and their CLI; the input pipeline's are in
+`input_benchmark.py`.
 """
 
 from __future__ import annotations

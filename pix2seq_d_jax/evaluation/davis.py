@@ -28,6 +28,10 @@ with an exact Euclidean distance transform (equal to dilation by skimage's
 where the official uint8 cast would wrap (sequences longer than 255 frames);
 bad inputs raise one-line errors instead of exiting.
 
+One concept, kept in one module although it is long: the official
+evaluator's metric, statistics, protocols and command line, so that every
+quirk above can be read next to the code that reproduces it.
+
 `db_eval_iou`, `db_eval_boundary`, `db_statistics`, `evaluate_sequence` and
 `evaluate_sequence_ids` are the in-memory building blocks; `evaluate` scores a
 results folder against a DAVIS folder, and `python -m
