@@ -152,8 +152,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.skip_nonfinite_updates = False
   # Memory lever: run each batch as this many micro-batches, summing grads.
   config.grad_accum_steps = 1
-  # Memory lever: 'none' | 'encoder' | 'decoder' | 'both' recompute their
-  # activations in the backward pass instead of storing them.
+  # Memory lever: 'none' | 'encoder' | 'decoder' | 'both' recompute those
+  # parts' activations in the backward pass instead of storing them;
+  # 'blocks' | 'blocks_dots' do it per ResNet/transformer/U-Net block (the
+  # latter keeps matmul and conv outputs). Off: it did not lower temporary
+  # memory on CPU (README, memory levers).
   config.remat = "none"
 
   config.evals = ml_collections.ConfigDict()
@@ -171,9 +174,15 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # Mesh: (axis, size) pairs, -1 = the remaining devices. Data parallel.
   config.mesh = [("data", -1)]
-  # Logical axis -> mesh axis; None = replicated (data parallel).
+  # Logical axis -> mesh axes, in order of precedence; names without a rule
+  # are replicated. `batch` is every batch's (and activation's) leading
+  # axis; mesh axes the mesh lacks are dropped, so this is data parallel on
+  # a `data` mesh. FSDP: mesh [("fsdp", -1)] (or [("data", 2), ("fsdp",
+  # -1)]) and add ("embed", "fsdp"), ("conv_out", "fsdp"). Tensor parallel:
+  # mesh [("data", -1), ("model", 4)] and add ("mlp", "model"), ("heads",
+  # "model"), ("conv_out", "model").
   config.sharding_rules = [
-      ("batch", "data"),
+      ("batch", ("data", "fsdp")),
   ]
 
   config.log_training_steps = 50

@@ -319,7 +319,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(
       0.0 <= config.ema_decay < 1.0, "ema_decay", config.ema_decay, "in [0, 1)"
   )
-  _check_choice("remat", config.remat, ("none", "encoder", "decoder", "both"))
+  _check_choice("remat", config.remat, ("none", "encoder", "decoder", "both",
+                                        "blocks", "blocks_dots"))
   _require(
       config.grad_accum_steps >= 1
       and inp.batch_size % config.grad_accum_steps == 0,

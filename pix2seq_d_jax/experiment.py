@@ -233,7 +233,14 @@ class Experiment:
 
   @property
   def batch_sharding(self) -> NamedSharding:
-    return sharding.batch_sharding(self.mesh)
+    """The batch's leading axis over the `batch` rule's mesh axes."""
+    return sharding.batch_sharding(self.mesh, self.config.sharding_rules)
+
+  @property
+  def data_parallel_size(self) -> int:
+    """How many ways the batch is split (the `batch` rule's mesh axes)."""
+    return sharding.data_parallel_size(
+        self.mesh, self.config.sharding_rules)
 
   @property
   def replicated(self) -> NamedSharding:
@@ -251,7 +258,7 @@ class Experiment:
     """This process's slice of a batch as global arrays (step fields only)."""
     fields = batch_spec(self.config, 1)
     return sharding.global_batch(
-        {k: local[k] for k in fields}, self.mesh)
+        {k: local[k] for k in fields}, self.mesh, self.config.sharding_rules)
 
   # ---------------------------------------------------------------- state
 
@@ -305,14 +312,18 @@ class Experiment:
   # ----------------------------------------------------------- train step
 
   def train_step_fn(self) -> Callable:
-    """The pure step `(state, batch, rng) -> (state, metrics)`, levers set."""
+    """The pure step `(state, batch, rng) -> (state, metrics)`, levers set.
+
+    It traces under the config's sharding rules and the mesh, so the
+    models' activation constraints take effect wherever it is jitted.
+    """
     c = self.config
-    return train_state.make_train_step(
+    return sharding.with_activation_rules(train_state.make_train_step(
         self.model, self.tx, self.lr_schedule, c.diffusion,
         ema_decay=c.ema_decay, skip_nonfinite=c.skip_nonfinite_updates,
         grad_accum_steps=c.grad_accum_steps, remat=c.remat,
         frames_dropout=c.input.frames_dropout,
-    )
+    ), self.mesh, c.sharding_rules)
 
   @functools.cached_property
   def train_step(self) -> Callable:
@@ -378,7 +389,8 @@ class Experiment:
     else:
       fn = self.predict_fn(num_classes)
     return jax.jit(
-        fn,
+        sharding.with_activation_rules(
+            fn, self.mesh, self.config.sharding_rules),
         in_shardings=(self.state_shardings.params,
                       self.state_shardings.batch_stats,
                       self.batch_sharding, self.replicated),

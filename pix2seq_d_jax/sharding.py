@@ -3,13 +3,22 @@
 Three layers, as in maxtext and flax's lm1b: physical mesh axes from
 `config.mesh` (`(axis, size)` pairs, -1 = the remaining devices), logical
 names on weights (set where the weights are created with
-`nn.with_logical_partitioning`), and `config.sharding_rules` mapping logical
-names to mesh axes. Data parallel is the default; FSDP is a rules change.
+`nn.with_logical_partitioning`) and on the main activations (set with
+`nn.with_logical_constraint` in `models/`), and `config.sharding_rules`
+mapping logical names to mesh axes. The batch's leading axis carries the
+logical name `batch`, so the rule for `batch` decides the data-parallel
+axes. Data parallel, FSDP and tensor parallel are rules (and mesh) changes.
+
+A rule's mesh axes that the mesh does not have are dropped, so one rules
+table serves several meshes (`("batch", ("data", "fsdp"))` is data
+parallel on a `data` mesh); a rule none of whose axes is in the mesh is an
+error, as it is most likely a typo or a rules table for another mesh.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -17,8 +26,15 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pix2seq_d_jax import config_lib
+
 PyTree = Any
-BATCH_AXES = ("data", "fsdp")
+Rules = Sequence[tuple[str, Any]]
+# The logical name of every batch's leading axis (and of the activations').
+BATCH = "batch"
+# What `rules=None` means for the batch functions: the rule of the default
+# config. Transitional, for callers that do not pass the config's rules yet.
+DEFAULT_BATCH_RULE = (BATCH, ("data", "fsdp"))
 
 
 def make_mesh(
@@ -28,7 +44,7 @@ def make_mesh(
   """Builds a mesh from `(axis, size)` pairs; one size may be -1.
 
   Axes use `AxisType.Auto`: jax 0.10 defaults to Explicit axes, which turn
-  sharding constraints into asserts (STACK.md pitfall 1).
+  sharding constraints into asserts.
 
   Raises:
     ValueError: if sizes do not multiply to the device count.
@@ -59,49 +75,151 @@ def make_mesh(
   )
 
 
-def batch_axes(mesh: Mesh) -> tuple[str, ...]:
-  """Mesh axes the batch's leading dimension is split over."""
-  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+def mesh_rules(rules: Rules, mesh: Mesh) -> tuple[tuple[str, Any], ...]:
+  """The rules as they apply to `mesh`: absent mesh axes dropped.
+
+  Args:
+    rules: `config.sharding_rules`, `(logical name, mesh axes)` pairs in
+      order of precedence; mesh axes are a name, a tuple of names or None
+      (replicated).
+    mesh: the device mesh.
+
+  Returns:
+    The rules with each mesh-axes entry reduced to the axes of `mesh` (a
+    name, a tuple of two or more names, or None).
+
+  Raises:
+    config_lib.ConfigError: a malformed rule, no rule for `batch`, or a rule
+      none of whose mesh axes is in the mesh.
+  """
+  where = f"config.sharding_rules={[tuple(r) for r in rules]}"
+  out = []
+  for rule in rules:
+    if len(rule) != 2 or not isinstance(rule[0], str):
+      raise config_lib.ConfigError(
+          f"{where}: {rule!r} is not a (logical name, mesh axes) pair")
+    name, axes = rule
+    if axes is None:
+      out.append((name, None))
+      continue
+    wanted = (axes,) if isinstance(axes, str) else tuple(axes)
+    kept = tuple(a for a in wanted if a in mesh.axis_names)
+    if not kept:
+      raise config_lib.ConfigError(
+          f"{where}: the rule for {name!r} names mesh axes {wanted}, none "
+          f"of which is in config.mesh (axes {tuple(mesh.axis_names)}); "
+          "map it to None to replicate")
+    out.append((name, kept[0] if len(kept) == 1 else kept))
+  if BATCH not in [name for name, _ in out]:
+    raise config_lib.ConfigError(
+        f"{where} has no rule for {BATCH!r}, the logical name of every "
+        "batch's leading axis; add e.g. ('batch', ('data', 'fsdp')) to "
+        "config.sharding_rules")
+  return tuple(out)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading dimension over the data axes, the rest replicated."""
-  return NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
+def batch_axes(mesh: Mesh, rules: Rules | None = None) -> tuple[str, ...]:
+  """Mesh axes the batch's leading dimension is split over (its rule's).
+
+  Args:
+    mesh: the device mesh.
+    rules: `config.sharding_rules`; None = `DEFAULT_BATCH_RULE` (its axes
+      that the mesh has, none being an error only with explicit rules).
+
+  Raises:
+    config_lib.ConfigError: see `mesh_rules`.
+  """
+  if rules is None:
+    return tuple(a for a in DEFAULT_BATCH_RULE[1] if a in mesh.axis_names)
+  spec = nn.logical_to_mesh_axes((BATCH,), list(mesh_rules(rules, mesh)))
+  axes = spec[0]
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules | None = None) -> NamedSharding:
+  """Leading dimension over the `batch` rule's mesh axes, the rest replicated.
+
+  Raises:
+    config_lib.ConfigError: see `mesh_rules`.
+  """
+  axes = batch_axes(mesh, rules)
+  return NamedSharding(mesh, PartitionSpec(axes) if axes else PartitionSpec())
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-  return int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+def data_parallel_size(mesh: Mesh, rules: Rules | None = None) -> int:
+  """How many ways the batch is split (the `batch` rule's mesh axes).
+
+  Raises:
+    config_lib.ConfigError: see `mesh_rules`.
+  """
+  return int(np.prod([mesh.shape[a] for a in batch_axes(mesh, rules)]))
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
+  """Context in which the models' activation constraints take effect.
+
+  `nn.with_logical_constraint` reads the rules and the (abstract) mesh from
+  the context when it is traced, and is a no-op without them. Both can be
+  entered inside a jitted function, so the jitted step carries its layout
+  wherever it is called or lowered.
+  """
+  with nn.logical_axis_rules(list(mesh_rules(rules, mesh))), \
+      jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    yield
+
+
+def with_activation_rules(
+    fn: Callable[..., Any], mesh: Mesh, rules: Rules
+) -> Callable[..., Any]:
+  """`fn` traced under `activation_rules(mesh, rules)`; jit the result."""
+  mesh_rules(rules, mesh)  # Fails here, not at the first trace.
+
+  def wrapped(*args, **kwargs):
+    with activation_rules(mesh, rules):
+      return fn(*args, **kwargs)
+
+  return wrapped
 
 
 def state_shardings(
     abstract_boxed_state: PyTree,
     mesh: Mesh,
-    rules: Sequence[tuple[str, Any]],
+    rules: Rules,
 ) -> PyTree:
   """Shardings of every leaf of a boxed state, from its logical names.
 
   Unnamed leaves (step, optimizer counters) are replicated. The result has
   the structure of the unboxed state.
+
+  Raises:
+    config_lib.ConfigError: see `mesh_rules`.
   """
   specs = nn.get_partition_spec(abstract_boxed_state)
-  return nn.logical_to_mesh_sharding(specs, mesh, [tuple(r) for r in rules])
+  return nn.logical_to_mesh_sharding(
+      specs, mesh, list(mesh_rules(rules, mesh)))
 
 
 def global_batch(
-    local_batch: dict[str, np.ndarray], mesh: Mesh
+    local_batch: dict[str, np.ndarray], mesh: Mesh,
+    rules: Rules | None = None,
 ) -> dict[str, jax.Array]:
   """Assembles this process's slice of the batch into global jax Arrays.
 
   Raises:
     ValueError: naming the field whose leading dimension does not split
       evenly over the local devices.
+    config_lib.ConfigError: see `mesh_rules`.
   """
-  sharding = batch_sharding(mesh)
-  local_devices = max(1, data_parallel_size(mesh) // jax.process_count())
+  sharding = batch_sharding(mesh, rules)
+  local_devices = max(
+      1, data_parallel_size(mesh, rules) // jax.process_count())
   out = {}
   for key, value in local_batch.items():
     value = np.asarray(value)

@@ -29,7 +29,12 @@ import optax
 from pix2seq_d_jax.diffusion import losses, schedules, video_conditioning
 
 PyTree = Any
-REMAT_CHOICES = ("none", "encoder", "decoder", "both")
+# Whole-part remat (`encoder`, `decoder`, `both`: one `jax.checkpoint` around
+# each part) or per-block remat of every ResNet, transformer and U-Net block
+# (`blocks`: save nothing inside a block; `blocks_dots`: save the outputs of
+# its matmuls and convs), mapped to the model's `remat_blocks` policy.
+BLOCK_REMAT = {"blocks": "full", "blocks_dots": "dots"}
+REMAT_CHOICES = ("none", "encoder", "decoder", "both", *BLOCK_REMAT)
 # fold_in constant of the frame-dropout random stream of video models.
 _FRAMES_DROPOUT_STREAM = 0x7F1D
 
@@ -170,8 +175,9 @@ def make_train_step(
       after another (`lax.scan`) and average their gradients: the same
       update as the full batch (exactly so without batch norm and dropout)
       at a fraction of the activation memory.
-    remat: `none`, `encoder`, `decoder` or `both`: which parts recompute
-      their activations in the backward pass instead of storing them.
+    remat: one of `REMAT_CHOICES`: which parts (`encoder`, `decoder`,
+      `both`) or blocks (`blocks`, `blocks_dots`) recompute their
+      activations in the backward pass instead of storing them.
     frames_dropout: video models (`model.cond_channels > 0`) read the
       ground-truth masks of the conditioning frames from the batch
       (`cond_semantic`, `cond_instance` int32 [b, F, m, m]); each frame is
@@ -184,6 +190,9 @@ def make_train_step(
   bits = d.bits_per_channel
   if remat not in REMAT_CHOICES:
     raise ValueError(f"remat={remat!r}; expected one of {REMAT_CHOICES}")
+  if remat in BLOCK_REMAT:
+    # Same parameters, so the state and checkpoints do not depend on it.
+    model = model.clone(remat_blocks=BLOCK_REMAT[remat])
 
   def encode_fn(params, batch_stats, image, key):
     return model.apply(

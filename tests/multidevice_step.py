@@ -2,9 +2,11 @@
 
 Executed by `test_sharding_multidevice.py` in its own process, because
 `--xla_force_host_platform_device_count` must be set before jax is imported.
-Prints one JSON object: per mesh, the loss, a parameter checksum, the max
-parameter difference to the 1-device run, and how the stem kernel and a
-decoder kernel are sharded.
+Prints one JSON object: per mesh, the loss, the max parameter difference
+to the 1-device run, how the batch, the stem kernel, a decoder kernel and an
+encoder MLP kernel are sharded, and which mesh axes the activation
+constraints of the lowered step name. Every layout comes from `mesh` and
+`sharding_rules` alone.
 """
 
 import json
@@ -28,13 +30,19 @@ from pix2seq_d_jax import (  # noqa: E402
 )
 
 IMAGE, MASK, BATCH = 32, 16, 8
+DEFAULT_RULES = list(common.get_base_config().sharding_rules)
 FSDP_RULES = [("batch", ("data", "fsdp")), ("embed", "fsdp"),
               ("conv_out", "fsdp")]
+# Tensor parallel: MLP hidden units, attention heads and conv output
+# channels (weights and activations) over `model`, the batch over `data`.
+TP_RULES = [("batch", "data"), ("mlp", "model"), ("heads", "model"),
+            ("conv_out", "model")]
 MESHES = {
-    "single": ([("data", 1)], [("batch", "data")], 1),
-    "dp": ([("data", 8)], [("batch", "data")], 8),
+    "single": ([("data", 1)], DEFAULT_RULES, 1),
+    "dp": ([("data", 8)], DEFAULT_RULES, 8),
     "fsdp": ([("fsdp", 8)], FSDP_RULES, 8),
     "data_x_fsdp": ([("data", 2), ("fsdp", 4)], FSDP_RULES, 8),
+    "tp": ([("data", 2), ("model", 4)], TP_RULES, 8),
 }
 
 
@@ -67,7 +75,12 @@ def run(mesh_config, rules, num_devices, workdir=None):
   exp = experiment.create(config, mesh, total_steps=10)
   state = exp.init_state(jax.random.key(0))
   step = exp.train_step
-  batch = sharding.global_batch(_batch(), mesh)
+  batch = sharding.global_batch(_batch(), mesh, rules)
+  # The activation constraints' mesh axes, read from the lowered step.
+  text = step.lower(state, batch, jax.random.key(1)).as_text()
+  constraint_axes = sorted({
+      axis for line in text.splitlines() if "sharding_constraint" in line
+      for axis in mesh.axis_names if f'"{axis}"' in line})
   state, metrics = step(state, batch, jax.random.key(1))
   jax.block_until_ready(metrics)
   if workdir is not None:
@@ -77,7 +90,13 @@ def run(mesh_config, rules, num_devices, workdir=None):
     manager.close()
   params = jax.tree.map(np.asarray, state.params)
   stem = state.params["backbone"]["stem_conv"]["kernel"]
-  return float(metrics["loss"]), params, str(stem.sharding.spec), state
+  mlp = state.params["encoder"]["transformer"]["block_0"]["mlp"]["dense1"][
+      "kernel"]
+  specs = dict(stem_spec=str(stem.sharding.spec),
+               mlp_spec=str(mlp.sharding.spec),
+               batch_spec=str(batch["image"].sharding.spec),
+               constraint_axes=constraint_axes)
+  return float(metrics["loss"]), params, specs, state
 
 
 def main():
@@ -89,14 +108,14 @@ def main():
     if name == "single":
       continue
     save_to = workdir if name == "fsdp" else None
-    loss, params, stem_spec, state = run(mesh_config, rules, n, save_to)
+    loss, params, specs, state = run(mesh_config, rules, n, save_to)
     if name == "fsdp":
       fsdp_params = params
     diff = max(jax.tree.leaves(jax.tree.map(
         lambda a, b: float(np.abs(a - b).max()), params, ref_params)))
     leaf = state.params["decoder"]["conv_out"]["kernel"]
     out[name] = dict(loss=loss, ref_loss=ref_loss, max_param_diff=diff,
-                     stem_spec=stem_spec,
+                     **specs,
                      conv_out_spec=str(leaf.sharding.spec),
                      conv_out_shard_shape=list(
                          leaf.addressable_shards[0].data.shape),

@@ -321,3 +321,35 @@ def test_bfloat16_compute_float32_params_and_output():
         f'rms error {rms_err:.4f} (rms {rms:.3f})')
   assert 0.0 < err < 0.1 * scale
   assert rms_err < 0.05 * rms
+
+
+def test_block_remat_keeps_parameters_outputs_and_gradients():
+  variables = _tiny()[0]
+  image, x_t, gamma, _ = _inputs(3)
+
+  def loss_and_grads(remat_blocks):
+    model = models.get_model('pix2seq_d', remat_blocks=remat_blocks, **TINY)
+
+    def loss(params):
+      out, state = model.apply(
+          dict(variables, params=params), image, x_t, gamma, train=True,
+          mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)})
+      return jnp.mean(out ** 2), state
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        variables['params'])
+
+  (ref, ref_state), ref_grads = loss_and_grads('none')
+  for policy in ('full', 'dots'):
+    # Same parameter tree: checkpoints do not depend on the policy.
+    abstract = _abstract_params(remat_blocks=policy)
+    assert jax.tree.structure(abstract) == jax.tree.structure(
+        variables['params'])
+    (value, state), grads = loss_and_grads(policy)
+    np.testing.assert_allclose(value, ref, rtol=1e-6)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6),
+                 grads, ref_grads)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6),
+                 state, ref_state)
+  with pytest.raises(ValueError, match='remat_blocks'):
+    _abstract_params(remat_blocks='all')

@@ -1,9 +1,11 @@
 """One train step on 8 fake devices equals the 1-device step.
 
-Data parallel, FSDP and a 2-D data x fsdp mesh are config changes only
-(`mesh`, `sharding_rules`); each must give the same loss and parameters as a
-single device, FSDP must really shard the named weights, and a checkpoint
-written with 8-way sharded parameters must restore on one device.
+Data parallel (the default rules), FSDP, a 2-D data x fsdp mesh and tensor
+parallel (data x model) are config changes only (`mesh`, `sharding_rules`);
+each must give the same loss and parameters as a single device, the batch
+and the named weights and activations must be sharded as the rules say,
+and a checkpoint written with 8-way sharded parameters must restore on one
+device.
 """
 
 import json
@@ -31,7 +33,7 @@ def results(tmp_path_factory):
   return json.loads(line[len("RESULT "):])
 
 
-@pytest.mark.parametrize("mesh", ["dp", "fsdp", "data_x_fsdp"])
+@pytest.mark.parametrize("mesh", ["dp", "fsdp", "data_x_fsdp", "tp"])
 def test_sharded_step_equals_single_device(results, mesh):
   r = results[mesh]
   assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5, abs=1e-6)
@@ -49,6 +51,34 @@ def test_rules_decide_the_parameter_sharding(results):
   assert fsdp["conv_out_shard_shape"][-1] * 8 == fsdp["conv_out_shape"][-1]
   mixed = results["data_x_fsdp"]
   assert mixed["conv_out_shard_shape"][-1] * 4 == mixed["conv_out_shape"][-1]
+
+
+@pytest.mark.parametrize("mesh, batch, stem, mlp, constraints", [
+    # The default rules, ('batch', ('data', 'fsdp')), on a `data` mesh.
+    ("dp", "P('data',)", "P(None, None, None, None)", "P(None, None)",
+     ["data"]),
+    ("fsdp", "P('fsdp',)", "P(None, None, None, 'fsdp')", "P('fsdp', None)",
+     ["fsdp"]),
+    ("data_x_fsdp", "P(('data', 'fsdp'),)", "P(None, None, None, 'fsdp')",
+     "P('fsdp', None)", ["data", "fsdp"]),
+    # Tensor parallel: MLP hidden units and conv outputs over `model`.
+    ("tp", "P('data',)", "P(None, None, None, 'model')", "P(None, 'model')",
+     ["data", "model"]),
+])
+def test_rules_decide_batch_weight_and_activation_shardings(
+    results, mesh, batch, stem, mlp, constraints):
+  r = results[mesh]
+  assert r["batch_spec"] == batch
+  assert r["stem_spec"] == stem
+  assert r["mlp_spec"] == mlp
+  # Activation constraints name exactly the mesh axes the rules give them.
+  assert r["constraint_axes"] == constraints
+
+
+def test_tensor_parallel_splits_conv_outputs_over_model(results):
+  tp = results["tp"]
+  assert tp["conv_out_spec"] == "P(None, None, None, 'model')"
+  assert tp["conv_out_shard_shape"][-1] * 4 == tp["conv_out_shape"][-1]
 
 
 def test_checkpoint_from_8_devices_restores_on_1(results):

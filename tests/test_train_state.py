@@ -252,8 +252,8 @@ def test_gradient_accumulation_equals_the_full_batch():
 
 def test_remat_keeps_the_update_and_lowers_temporary_memory():
   batch = _batch(b=4)
-  results = {}
-  for remat in ("none", "both"):
+  results, programs = {}, {}
+  for remat in ("none", "both", "blocks", "blocks_dots"):
     config = _tiny_config()
     config.model.update(enc_dropout=0.0)
     exp, state, _ = _setup(config, lr=1e-3, remat=remat)
@@ -262,12 +262,22 @@ def test_remat_keeps_the_update_and_lowers_temporary_memory():
     new_state, metrics = compiled(state, batch, jax.random.key(7))
     results[remat] = (new_state, float(metrics["loss"]),
                       compiled.memory_analysis().temp_size_in_bytes)
-  (plain, loss, mem), (remat_state, remat_loss, remat_mem) = (
-      results["none"], results["both"])
-  assert remat_loss == pytest.approx(loss, rel=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-               remat_state.params, plain.params)
-  assert remat_mem < mem
+    # What training and the benchmark compile (`Experiment.lower_train_step`).
+    programs[remat] = exp.lower_train_step().as_text()
+  plain, loss, mem = results["none"]
+  for remat in ("both", "blocks", "blocks_dots"):
+    remat_state, remat_loss, _ = results[remat]
+    assert remat_loss == pytest.approx(loss, rel=1e-6), remat
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                 remat_state.params, plain.params)
+    assert programs[remat] != programs["none"], remat
+  # One optimization barrier per rematerialised region: none, the two
+  # parts, or every block.
+  barriers = {k: v.count("optimization_barrier") for k, v in programs.items()}
+  assert barriers["none"] == 0 and barriers["both"] == 2
+  assert barriers["blocks"] == barriers["blocks_dots"] > 2
+  assert programs["blocks"] != programs["blocks_dots"]
+  assert results["both"][2] < mem
   with pytest.raises(ValueError, match="remat='all'"):
     train_state.make_train_step(exp.model, exp.tx, exp.lr_schedule,
                                 config.diffusion, ema_decay=0.5,

@@ -105,8 +105,13 @@ class Evaluator(abc.ABC):
       mesh: jax.sharding.Mesh,
       seed: int,
       workdir: str,
+      rules: Any = None,
   ):
     """Stores the arguments.
+
+    `rules` is `config.sharding_rules`: the batch is split as its `batch`
+    rule says, as `predict_fn`'s input sharding (`Experiment.
+    jit_eval_predict`) expects; None = `sharding.DEFAULT_BATCH_RULE`.
 
     Raises:
       ValueError: if `config.batch_size` is not a multiple of the
@@ -118,9 +123,10 @@ class Evaluator(abc.ABC):
     self.source = source
     self.preprocess_fn = preprocess_fn
     self.mesh = mesh
+    self.rules = rules
     self.seed = seed
     self.workdir = workdir
-    dp = sharding.data_parallel_size(mesh)
+    dp = sharding.data_parallel_size(mesh, rules)
     if config.batch_size % dp or config.batch_size % jax.process_count():
       raise ValueError(
           f"config.evals.{name}.batch_size={config.batch_size}: expected a "

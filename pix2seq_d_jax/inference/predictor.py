@@ -135,7 +135,7 @@ class Predictor:
     if batch_size is None:
       batch_size = default_batch_size(config)
     self.mesh = exp.mesh
-    dp = sharding.data_parallel_size(self.mesh)
+    dp = exp.data_parallel_size
     if batch_size < 1 or batch_size % dp:
       raise config_lib.ConfigError(
           f"--batch_size={batch_size}: expected a positive multiple of the "
@@ -177,7 +177,7 @@ class Predictor:
       )
       return semantic, instance, steps_sem, steps_inst
 
-    batch = sharding.batch_sharding(self.mesh)
+    batch = self.exp.batch_sharding
     return jax.jit(
         jax.vmap(one_image, in_axes=(None, None, 0, None)),
         in_shardings=(shardings.ema_params, shardings.batch_stats, batch,
@@ -217,7 +217,8 @@ class Predictor:
       pixels = np.stack([ex["image"] for ex in chunk])
       pad = self.batch_size - len(chunk)
       pixels = np.pad(pixels, ((0, pad), (0, 0), (0, 0), (0, 0)))
-      arrays = sharding.global_batch({"image": pixels}, self.mesh)
+      arrays = sharding.global_batch(
+          {"image": pixels}, self.mesh, self.config.sharding_rules)
       with jax.set_mesh(self.mesh):
         out = self._predict(
             self.params, self.batch_stats, arrays["image"], self._image_rng

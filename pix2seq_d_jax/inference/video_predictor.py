@@ -100,7 +100,8 @@ def default_batch_size(
   sequence per data-parallel device; never more than the sequences (rounded
   up to the devices), so a few sequences are not padded to a large batch.
   """
-  dp = sharding.data_parallel_size(sharding.make_mesh(config.mesh))
+  dp = sharding.data_parallel_size(
+      sharding.make_mesh(config.mesh), config.sharding_rules)
   sizes = [ev.batch_size for ev in config.evals.values()
            if ev.get("type") == "davis_video"]
   return min(sizes[0] if sizes else dp, -(-num_sequences // dp) * dp)
@@ -172,7 +173,7 @@ class VideoPredictor(predictor.Predictor):
       semantic, instance = video(params, batch_stats, frames[None], rng)
       return semantic[0], instance[0]
 
-    batch = sharding.batch_sharding(self.mesh)
+    batch = self.exp.batch_sharding
     return jax.jit(
         jax.vmap(one_clip, in_axes=(None, None, 0, None)),
         in_shardings=(self.shardings.ema_params, self.shardings.batch_stats,
@@ -209,7 +210,8 @@ class VideoPredictor(predictor.Predictor):
         pixels[row, : len(frames)] = frames
         # Repeated last frames, as the evaluator pads (then dropped).
         pixels[row, len(frames):] = frames[-1]
-      arrays = sharding.global_batch({"image": pixels}, self.mesh)
+      arrays = sharding.global_batch(
+          {"image": pixels}, self.mesh, self.config.sharding_rules)
       with jax.set_mesh(self.mesh):
         out = self._predict_clips(
             self.params, self.batch_stats, arrays["image"], self.rng)

@@ -3,21 +3,36 @@
 Every weight of the model is created through the factories here, so that each
 one carries logical axis names (`nn.with_logical_partitioning`) that the
 sharding rules map to mesh axes, and so that parameters stay float32 while the
-activations run in the configured compute dtype. The group-count rule for
-GroupNorm and the compute-dtype lookup live here too.
+activations run in the configured compute dtype. The main activations get
+logical names too (`constrain`), and blocks can recompute their activations
+in the backward pass (`remat`). The group-count rule for GroupNorm and the
+compute-dtype lookup live here too.
 """
 
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 Initializer = Any
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 CONV_KERNEL_AXES = ('conv_h', 'conv_w', 'conv_in', 'conv_out')
+
+# Logical names of the main activations; the weights' names where a weight
+# axis produces the activation axis, so one rule shards both.
+TOKENS = ('batch', 'length', 'embed')
+MLP_HIDDEN = ('batch', 'length', 'mlp')
+FEATURES = ('batch', 'height', 'width', 'conv_out')
+
+# Per-block rematerialisation: `full` saves nothing inside a block (only its
+# inputs), `dots` saves the matmul and conv outputs without batch dimensions
+# (jax.checkpoint_policies.dots_with_no_batch_dims_saveable).
+REMAT_POLICIES = ('none', 'full', 'dots')
 
 # Keras' glorot-uniform default, used by the reference for dense layers.
 DENSE_INIT = nn.initializers.xavier_uniform()
@@ -230,3 +245,64 @@ def batch_norm(*,
       param_dtype=jnp.float32,
       name=name,
       **_norm_inits(scale_init))
+
+
+def constrain(x: jax.Array, names: tuple[str, ...]) -> jax.Array:
+  """Hints the layout of an activation by logical axis names.
+
+  A no-op unless logical axis rules and a mesh are in context when traced
+  (`sharding.activation_rules`, entered by the experiment's train step), so
+  the modules run unchanged anywhere else. A dimension its mesh axes do not
+  divide (a micro-batch smaller than the data axes, an odd width) is left
+  to the compiler rather than rejected.
+
+  Args:
+    x: the activation, one logical name per dimension.
+    names: logical axis names, e.g. `TOKENS` or `FEATURES`.
+
+  Returns:
+    x, with a sharding constraint when rules and a mesh are set.
+  """
+  rules = nn.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return x
+  spec = nn.logical_to_mesh_axes(names, rules)
+  fitted = []
+  for name, size, axes in zip(names, x.shape, spec, strict=True):
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    ways = int(np.prod([mesh.shape[a] for a in axes]))
+    fitted.append(name if size % ways == 0
+                  else jax.sharding.PartitionSpec.UNCONSTRAINED)
+  return nn.with_logical_constraint(x, tuple(fitted))
+
+
+def remat(cls: type[nn.Module], policy: str,
+          static_argnums: tuple[int, ...]) -> type[nn.Module]:
+  """A block class that recomputes its activations in the backward pass.
+
+  The parameters keep their names and shapes, so checkpoints do not depend
+  on the policy.
+
+  Args:
+    cls: the block's module class.
+    policy: one of `REMAT_POLICIES`; 'none' returns `cls` itself.
+    static_argnums: positions of the non-array call arguments (the `train`
+      flag), counting `self` as 0.
+
+  Returns:
+    `cls` or its `nn.remat` version.
+
+  Raises:
+    ValueError: on an unknown policy.
+  """
+  if policy == 'none':
+    return cls
+  if policy == 'full':
+    return nn.remat(cls, static_argnums=static_argnums)
+  if policy == 'dots':
+    return nn.remat(
+        cls, static_argnums=static_argnums,
+        policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  raise ValueError(f'remat policy {policy!r}; expected one of '
+                   f'{REMAT_POLICIES}.')

@@ -69,6 +69,11 @@ class Pix2SeqD(nn.Module):
     conditional: 'cat' (features concatenated) or 'cat+attn' (also
       cross-attention to the encoder tokens).
     time_scaling: γ(t) multiplier before the sinusoidal embedding.
+    remat_blocks: per-block rematerialisation of every ResNet, encoder,
+      U-Net residual and bottleneck transformer block: 'none', 'full'
+      (recompute everything) or 'dots' (keep matmul/conv outputs); see
+      `layers.REMAT_POLICIES`. Only the backward pass changes; parameters
+      and outputs are the same.
     dtype: compute dtype, 'float32' or 'bfloat16'; parameters stay float32
       and the decoder output is float32.
   """
@@ -99,6 +104,7 @@ class Pix2SeqD(nn.Module):
   dec_dropout: float = 0.0
   conditional: str = 'cat+attn'
   time_scaling: float = 10000.0
+  remat_blocks: str = 'none'
   dtype: str = 'float32'
 
   def setup(self):
@@ -106,10 +112,11 @@ class Pix2SeqD(nn.Module):
     dtype = layers.get_dtype(self.dtype)
     self.backbone = resnet.ResNet(
         tuple(self.backbone_depths), self.backbone_width, self.backbone_norm,
-        self.bn_momentum, dtype=dtype)
+        self.bn_momentum, remat=self.remat_blocks, dtype=dtype)
     self.encoder = transformer.TokenEncoder(
         self.enc_dim, self.enc_layers, self.enc_mlp_dim, self.enc_heads,
-        self.enc_dropout, self.enc_drop_path, dtype=dtype)
+        self.enc_dropout, self.enc_drop_path, remat=self.remat_blocks,
+        dtype=dtype)
     self.pyramid = pyramid.PyramidMerge(
         self.fuse_dim, tuple(self.mask_size), dtype=dtype)
     self.decoder = transunet.TransUNet(
@@ -124,6 +131,7 @@ class Pix2SeqD(nn.Module):
         dropout=self.dec_dropout,
         cross_attention='attn' in self.conditional,
         time_scaling=self.time_scaling,
+        remat=self.remat_blocks,
         dtype=dtype)
 
   def _validate(self):
@@ -131,6 +139,9 @@ class Pix2SeqD(nn.Module):
     if self.conditional not in CONDITIONALS:
       raise ValueError(f'{name}.conditional={self.conditional!r}; expected '
                        f'one of {CONDITIONALS}.')
+    if self.remat_blocks not in layers.REMAT_POLICIES:
+      raise ValueError(f'{name}.remat_blocks={self.remat_blocks!r}; expected '
+                       f'one of {layers.REMAT_POLICIES}.')
     if self.backbone_norm not in resnet.NORMS:
       raise ValueError(f'{name}.backbone_norm={self.backbone_norm!r}; '
                        f'expected one of {resnet.NORMS}.')
@@ -255,7 +266,7 @@ class Pix2SeqD(nn.Module):
     elif self_cond_x0 is not None:
       raise ValueError(f'{name}.decode: self_cond_x0 given but '
                        'self_cond=False.')
-    parts.append(encoded['features'])
+    parts.append(layers.constrain(encoded['features'], layers.FEATURES))
     if self.cond_channels > 0:
       want = (b, *self.mask_size, self.cond_channels)
       if cond_map is None or cond_map.shape != want:

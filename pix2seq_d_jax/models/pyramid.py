@@ -132,4 +132,4 @@ class PyramidMerge(nn.Module):
     if factor != (1, 1) or x.shape[-1] != self.out_dim:
       x = UpsampleMerge(self.out_dim, factor, dtype=self.dtype,
                         name='merge_0')(None, x)
-    return x
+    return layers.constrain(x, layers.FEATURES)

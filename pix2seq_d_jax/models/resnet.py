@@ -71,8 +71,11 @@ class BottleneckBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    """Maps x: [b, h, w, c] to [b, h / strides, w / strides, 4 filters]."""
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Maps x: [b, h, w, c] to [b, h / strides, w / strides, 4 filters].
+
+    `train` is positional so that `layers.remat` can mark it static.
+    """
     def conv(features, kernel, strides, name):
       return layers.conv(features, kernel, strides=strides,
                          padding=_fixed_padding(kernel, strides),
@@ -104,12 +107,14 @@ class ResNet(nn.Module):
     width: stem / first-group bottleneck width (64 for ResNet-50).
     norm: 'batch' (stateful, `batch_stats`) or 'group'.
     bn_momentum: batch-norm running-average decay.
+    remat: per-block rematerialisation, one of `layers.REMAT_POLICIES`.
     dtype: compute dtype.
   """
   depths: Sequence[int] = (3, 4, 6)
   width: int = 64
   norm: str = 'batch'
   bn_momentum: float = 0.9
+  remat: str = 'none'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -138,16 +143,19 @@ class ResNet(nn.Module):
     x = _NormAct(self.norm, True, False, self.bn_momentum, self.dtype,
                  name='stem_norm')(x, train=train)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    x = layers.constrain(x, layers.FEATURES)
+    block = layers.remat(BottleneckBlock, self.remat, static_argnums=(2,))
     outputs = []
     for i, depth in enumerate(self.depths):
       for j in range(depth):
-        x = BottleneckBlock(
+        x = block(
             self.width * 2 ** i,
             strides=2 if (i > 0 and j == 0) else 1,
             projection=j == 0,
             norm=self.norm,
             bn_momentum=self.bn_momentum,
             dtype=self.dtype,
-            name=f'group{i + 1}_block{j + 1}')(x, train=train)
+            name=f'group{i + 1}_block{j + 1}')(x, train)
+        x = layers.constrain(x, layers.FEATURES)
       outputs.append(x)
     return outputs

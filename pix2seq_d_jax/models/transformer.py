@@ -167,7 +167,7 @@ class Mlp(nn.Module):
     dim = x.shape[-1]
     h = layers.dense(self.mlp_dim, ('embed', 'mlp'), dtype=self.dtype,
                      name='dense1')(x)
-    h = nn.gelu(h, approximate=False)
+    h = layers.constrain(nn.gelu(h, approximate=False), layers.MLP_HIDDEN)
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     return layers.dense(dim, ('mlp', 'embed'), dtype=self.dtype,
                         name='dense2')(h)
@@ -197,10 +197,12 @@ class TransformerBlock(nn.Module):
   @nn.compact
   def __call__(self,
                x: jax.Array,
-               context: jax.Array | None = None,
-               *,
+               context: jax.Array | None,
                train: bool) -> jax.Array:
-    """Maps x: [b, t, d] (and context [b, s, d_c]) to [b, t, d]."""
+    """Maps x: [b, t, d] (and context [b, s, d_c] or None) to [b, t, d].
+
+    `train` is positional so that `layers.remat` can mark it static.
+    """
     drop = DropPath(self.drop_path)
     y = layers.layer_norm(dtype=self.dtype, name='self_attn_ln')(x)
     y = MultiHeadAttention(self.num_heads, dtype=self.dtype,
@@ -230,6 +232,7 @@ class TransformerStack(nn.Module):
     dropout: MLP hidden dropout.
     drop_path: stochastic-depth rate (the same for every block).
     cross_attention: blocks cross-attend to the context.
+    remat: per-block rematerialisation, one of `layers.REMAT_POLICIES`.
     dtype: compute dtype.
   """
   num_layers: int
@@ -238,6 +241,7 @@ class TransformerStack(nn.Module):
   dropout: float = 0.0
   drop_path: float = 0.0
   cross_attention: bool = False
+  remat: str = 'none'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -247,11 +251,14 @@ class TransformerStack(nn.Module):
                *,
                train: bool) -> jax.Array:
     """Maps x: [b, t, d] (attending to context [b, s, d_c]) to [b, t, d]."""
+    block = layers.remat(TransformerBlock, self.remat, static_argnums=(3,))
+    x = layers.constrain(x, layers.TOKENS)
     for i in range(self.num_layers):
-      x = TransformerBlock(
+      x = block(
           self.num_heads, self.mlp_dim, self.dropout, self.drop_path,
           cross_attention=self.cross_attention, dtype=self.dtype,
-          name=f'block_{i}')(x, context, train=train)
+          name=f'block_{i}')(x, context, train)
+      x = layers.constrain(x, layers.TOKENS)
     return x
 
 
@@ -269,6 +276,7 @@ class TokenEncoder(nn.Module):
     num_heads: attention heads.
     dropout: dropout on the input tokens and the MLP hidden units.
     drop_path: stochastic-depth rate of every residual branch.
+    remat: per-block rematerialisation, one of `layers.REMAT_POLICIES`.
     dtype: compute dtype.
   """
   dim: int = 512
@@ -277,6 +285,7 @@ class TokenEncoder(nn.Module):
   num_heads: int = 16
   dropout: float = 0.1
   drop_path: float = 0.1
+  remat: str = 'none'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -291,6 +300,7 @@ class TokenEncoder(nn.Module):
     x = x + sinusoidal_2d(h, w, self.dim).astype(self.dtype)
     x = TransformerStack(
         self.num_layers, self.num_heads, self.mlp_dim, self.dropout,
-        self.drop_path, cross_attention=False, dtype=self.dtype,
-        name='transformer')(x, train=train)
-    return layers.layer_norm(dtype=self.dtype, name='output_ln')(x)
+        self.drop_path, cross_attention=False, remat=self.remat,
+        dtype=self.dtype, name='transformer')(x, train=train)
+    x = layers.layer_norm(dtype=self.dtype, name='output_ln')(x)
+    return layers.constrain(x, layers.TOKENS)

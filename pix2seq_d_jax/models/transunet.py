@@ -69,9 +69,12 @@ class ResBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, emb: jax.Array, *,
+  def __call__(self, x: jax.Array, emb: jax.Array,
                train: bool) -> jax.Array:
-    """Maps x: [b, h, w, c] with emb: [b, e] to [b, h, w, out_dim]."""
+    """Maps x: [b, h, w, c] with emb: [b, e] to [b, h, w, out_dim].
+
+    `train` is positional so that `layers.remat` can mark it static.
+    """
     skip = x
     if x.shape[-1] != self.out_dim:
       skip = layers.conv(self.out_dim, 1, dtype=self.dtype,
@@ -102,6 +105,7 @@ class BottleneckTransformer(nn.Module):
     mlp_ratio: MLP width / dim.
     dropout: MLP hidden dropout.
     cross_attention: blocks cross-attend to the encoder tokens.
+    remat: per-block rematerialisation, one of `layers.REMAT_POLICIES`.
     dtype: compute dtype.
   """
   dim: int
@@ -110,6 +114,7 @@ class BottleneckTransformer(nn.Module):
   mlp_ratio: int = 4
   dropout: float = 0.0
   cross_attention: bool = True
+  remat: str = 'none'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -129,7 +134,8 @@ class BottleneckTransformer(nn.Module):
     x = transformer.TransformerStack(
         self.num_layers, self.num_heads, self.mlp_ratio * self.dim,
         self.dropout, drop_path=0.0, cross_attention=self.cross_attention,
-        dtype=self.dtype, name='blocks')(x, context, train=train)
+        remat=self.remat, dtype=self.dtype, name='blocks')(
+            x, context, train=train)
     x = x[:, :-1].reshape(b, h, w, self.dim)
     x = layers.group_norm(self.dim, dtype=self.dtype, name='norm_out')(x)
     return layers.conv(self.dim, 1, dtype=self.dtype, name='conv_out')(x)
@@ -150,6 +156,8 @@ class TransUNet(nn.Module):
     dropout: dropout in residual blocks and transformer MLPs.
     cross_attention: bottleneck blocks cross-attend to the encoder tokens.
     time_scaling: γ multiplier before the sinusoidal time embedding.
+    remat: per-block rematerialisation (residual and transformer blocks),
+      one of `layers.REMAT_POLICIES`.
     dtype: compute dtype.
   """
   out_dim: int = 512
@@ -163,6 +171,7 @@ class TransUNet(nn.Module):
   dropout: float = 0.0
   cross_attention: bool = True
   time_scaling: float = 10000.0
+  remat: str = 'none'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -204,16 +213,20 @@ class TransUNet(nn.Module):
     x = layers.conv(self.dim * self.dim_mults[0], 1, dtype=self.dtype,
                     name='conv_in')(x.astype(self.dtype))
     x = layers.group_norm(x.shape[-1], dtype=self.dtype, name='norm_in')(x)
+    x = layers.constrain(x, layers.FEATURES)
+    res_block = layers.remat(ResBlock, self.remat, static_argnums=(3,))
 
     skips = [x]
     for i, mult in enumerate(self.dim_mults):
       for j in range(self.num_res_blocks):
-        x = ResBlock(self.dim * mult, self.dropout, dtype=self.dtype,
-                     name=f'down{i}_block{j}')(x, emb, train=train)
+        x = res_block(self.dim * mult, self.dropout, dtype=self.dtype,
+                      name=f'down{i}_block{j}')(x, emb, train)
+        x = layers.constrain(x, layers.FEATURES)
         skips.append(x)
       if i != levels - 1:
         x = layers.conv(self.dim * mult, 3, strides=2, dtype=self.dtype,
                         name=f'down{i}_downsample')(x)
+        x = layers.constrain(x, layers.FEATURES)
         skips.append(x)
 
     if self.transformer_layers > 0:
@@ -221,21 +234,25 @@ class TransUNet(nn.Module):
       x = BottleneckTransformer(
           self.transformer_dim, self.transformer_layers, self.num_heads,
           self.mlp_ratio, self.dropout, self.cross_attention,
-          dtype=self.dtype, name='transformer')(x, emb, ctx, train=train)
+          remat=self.remat, dtype=self.dtype, name='transformer')(
+              x, emb, ctx, train=train)
+      x = layers.constrain(x, layers.FEATURES)
 
     for i in reversed(range(levels)):
       width = self.dim * self.dim_mults[i]
       for j in range(self.num_res_blocks + 1):
         x = jnp.concatenate([x, skips.pop()], axis=-1)
-        x = ResBlock(width, self.dropout, dtype=self.dtype,
-                     name=f'up{i}_block{j}')(x, emb, train=train)
+        x = res_block(width, self.dropout, dtype=self.dtype,
+                      name=f'up{i}_block{j}')(x, emb, train)
+        x = layers.constrain(x, layers.FEATURES)
       if i != 0:
         x = pyramid.upsample_nearest(x, (2, 2))
         x = layers.conv(width, 3, dtype=self.dtype,
                         name=f'up{i}_upsample')(x)
+        x = layers.constrain(x, layers.FEATURES)
 
     x = nn.silu(layers.group_norm(x.shape[-1], dtype=self.dtype,
                                   name='norm_out')(x))
     x = layers.conv(self.out_dim, 1, kernel_init=_ZERO_INIT,
                     dtype=self.dtype, name='conv_out')(x)
-    return x.astype(jnp.float32)
+    return layers.constrain(x.astype(jnp.float32), layers.FEATURES)
