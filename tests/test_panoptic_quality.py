@@ -212,8 +212,13 @@ def random_image(rng, h, w):
   return gt, gt_segs, pred, pred_segs
 
 
-def reference_stats(images):
-  """Per-category tp/fp/fn/iou from boolean masks, crowd merged per class."""
+def reference_stats(images, crowd="last"):
+  """Per-category tp/fp/fn/iou from boolean masks.
+
+  crowd: 'last' is panopticapi's rule (only the last crowd segment of the
+  prediction's category listed in segments_info excuses it), 'merge' uses
+  all crowd segments of the category.
+  """
   stats = {c: [0, 0, 0, 0.0] for c in CATEGORIES}
   for gt, gt_segs, pred, pred_segs in images:
     void = gt == 0
@@ -240,11 +245,12 @@ def reference_stats(images):
       if p["id"] in matched_pred:
         continue
       pm = pred == p["id"]
-      crowd = np.zeros_like(void)
-      for g in gt_segs:
-        if g["iscrowd"] and g["category_id"] == p["category_id"]:
-          crowd |= gt == g["id"]
-      if np.sum(pm & (void | crowd)) / np.sum(pm) <= 0.5:
+      crowds = [g["id"] for g in gt_segs
+                if g["iscrowd"] and g["category_id"] == p["category_id"]]
+      if crowd == "last":
+        crowds = crowds[-1:]
+      on_crowd = np.isin(gt, crowds)
+      if np.sum(pm & (void | on_crowd)) / np.sum(pm) <= 0.5:
         stats[p["category_id"]][1] += 1
   return stats
 
@@ -291,11 +297,13 @@ def dataset(tmp_path_factory):
   return images, write_dataset(root, images)
 
 
-def test_pq_compute_matches_numpy_reference(dataset):
+@pytest.mark.parametrize("crowd", panoptic.CROWD_RULES)
+def test_pq_compute_matches_numpy_reference(dataset, crowd):
   images, (gt_json, pred_json) = dataset
   # Default folders: the JSON paths without ".json".
-  res = panoptic.pq_compute(str(gt_json), str(pred_json))
-  stats = reference_stats(images)
+  kwargs = {"merge_crowd": True} if crowd == "merge" else {}
+  res = panoptic.pq_compute(str(gt_json), str(pred_json), **kwargs)
+  stats = reference_stats(images, crowd)
   assert sum(s[0] for s in stats.values()) > 3  # the case has matches
   assert sum(s[1] + s[2] for s in stats.values()) > 3  # and errors
   for name, isthing in (("All", None), ("Things", 1), ("Stuff", 0)):
@@ -355,3 +363,67 @@ def test_cli_error_is_one_line(dataset, tmp_path):
   assert proc.stderr.strip().splitlines() == [
     f"error: ValueError: {bad}: no prediction for image_id 5 (0005.png)"
   ]
+
+
+# ------------------------------------- panopticapi's crowd rule by default
+
+
+def _two_crowds_case(root):
+  """Two crowd regions of one category (car) in one image, written as files.
+
+  Ground truth (4 x 8; columns): 0-1 car crowd 11, 2-3 car crowd 12 (listed
+  after 11), 4-5 person 21, 6-7 sky 31. Prediction: car 41 on crowd 11, car
+  44 on crowd 12, person 42 on rows 0-2 of columns 4-5, sky 43 on columns
+  6-7 plus row 3 of columns 4-5.
+  """
+  gt = np.zeros((4, 8), np.int64)
+  gt[:, 0:2], gt[:, 2:4], gt[:, 4:6], gt[:, 6:8] = 11, 12, 21, 31
+  gt_segs = [seg(11, 2, iscrowd=1, area=8), seg(12, 2, iscrowd=1, area=8),
+             seg(21, 1, area=8), seg(31, 3, area=8)]
+  pred = np.zeros((4, 8), np.int64)
+  pred[:, 0:2], pred[:, 2:4], pred[:3, 4:6] = 41, 44, 42
+  pred[:, 6:8], pred[3, 4:6] = 43, 43
+  pred_segs = [seg(41, 2), seg(44, 2), seg(42, 1), seg(43, 3)]
+  return write_dataset(root, [(gt, gt_segs, pred, pred_segs)])
+
+
+def test_cli_default_is_panopticapi_with_two_crowds_of_one_category(tmp_path):
+  gt_json, pred_json = _two_crowds_case(tmp_path)
+  out = {rule: tmp_path / f"{rule}.json" for rule in ("default", "merge")}
+  args = [f"--gt_json_file={gt_json}", f"--pred_json_file={pred_json}"]
+  assert panoptic.main([*args, f"--output={out['default']}"]) == 0
+  assert panoptic.main(
+      [*args, "--crowd=merge", f"--output={out['merge']}"]) == 0
+  default = json.loads(out["default"].read_text())
+  merged = json.loads(out["merge"].read_text())
+  # panopticapi keeps one crowd id per category, the last listed (12), so
+  # car 41 (8 px, all on crowd 11, none on VOID) is a false positive: car
+  # has tp 0, fp 1 -> PQ = SQ = RQ = 0 and is counted. Person: IoU 6 / 8,
+  # PQ = SQ = 0.75, RQ = 1. Sky: IoU 8 / 10, PQ = SQ = 0.8, RQ = 1.
+  expected = {
+      "All": {"pq": 1.55 / 3, "sq": 1.55 / 3, "rq": 2 / 3, "n": 3},
+      "Things": {"pq": 0.375, "sq": 0.375, "rq": 0.5, "n": 2},
+      "Stuff": {"pq": 0.8, "sq": 0.8, "rq": 1.0, "n": 1},
+  }
+  for name, values in expected.items():
+    assert default[name]["n"] == values["n"], name
+    for key in ("pq", "sq", "rq"):
+      assert default[name][key] == pytest.approx(values[key], abs=1e-12)
+  assert default["per_class"]["2"] == {"pq": 0.0, "sq": 0.0, "rq": 0.0}
+  # The merge deviation excuses car 41 too: car drops out of the average.
+  assert merged["All"]["n"] == 2 and merged["Things"]["n"] == 1
+  assert merged["All"]["pq"] == pytest.approx(0.775, abs=1e-12)
+  assert merged["All"]["rq"] == 1.0
+  # The in-memory reference reproduces panopticapi's rule on the same case.
+  stats = reference_stats([_two_crowds_arrays(tmp_path)], "last")
+  assert stats[2][:3] == [0, 1, 0]
+
+
+def _two_crowds_arrays(root):
+  """The case of `_two_crowds_case` read back from its files."""
+  gt_ann = json.loads((root / "gt.json").read_text())["annotations"][0]
+  pred_ann = json.loads((root / "pred.json").read_text())["annotations"][0]
+  return (coco_format.read_panoptic_png(root / "gt" / gt_ann["file_name"]),
+          gt_ann["segments_info"],
+          coco_format.read_panoptic_png(root / "pred" / pred_ann["file_name"]),
+          pred_ann["segments_info"])

@@ -10,11 +10,15 @@ Prediction areas are recounted from the PNG, ground-truth areas are the JSON's
 (as in panopticapi). `pq_single_image`, `PQStat` and `summarize` are the
 in-memory building blocks the trainer uses; `pq_compute` evaluates a COCO-format
 folder of PNGs plus JSON, and `python -m pix2seq_d_jax.evaluation.panoptic`
-is the command line with panopticapi's flags. Two deliberate differences from
-panopticapi, both only on inputs it handles poorly: all crowd segments of a
-category in one image are merged for the false-positive rule (panopticapi keeps
-the last one listed; pass `merge_crowd=False` to reproduce it), and an average
-over zero categories is 0.0 with n = 0 (panopticapi divides by zero).
+is the command line with panopticapi's flags. By default every rule is
+panopticapi's, including its crowd rule: when an image has several crowd
+segments of one category, only the last one listed excuses predictions of that
+category. One deviation is available as an option: `merge_crowd=True` (CLI
+`--crowd merge`, evaluator field `crowd='merge'`) uses all crowd segments of
+the category, which changes results only on images with more than one (COCO
+has at most one per category). One difference is unconditional, on an input
+panopticapi cannot handle: an average over zero categories is 0.0 with n = 0
+(panopticapi divides by zero).
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ from pix2seq_d_jax.evaluation import cli
 from pix2seq_d_jax.formats import coco_panoptic as coco_format
 
 VOID = 0
+# Crowd rules: 'last' is panopticapi's, 'merge' the deviation
+# (`merge_crowd=True`). The CLI's --crowd and the evaluators' `crowd` field.
+CROWD_RULES = ("last", "merge")
 # Ids are RGB-encoded in COCO PNGs, so they stay below 256**3; the in-memory API
 # accepts anything below 2**31 so the pair code gt * (max_pred + 1) + pred fits
 # in int64.
@@ -189,7 +196,7 @@ def pq_single_image(
   *,
   image_name: str = "image",
   use_gt_json_area: bool = True,
-  merge_crowd: bool = True,
+  merge_crowd: bool = False,
 ) -> PQStat:
   """Matches one image's predicted segments to its ground truth.
 
@@ -207,10 +214,10 @@ def pq_single_image(
     use_gt_json_area: take ground-truth areas from `gt_segments[i]['area']`
       (panopticapi); when False, or when `area` is absent, they are counted
       in `gt_ids`. Pass False when `gt_ids` was resized.
-    merge_crowd: the false-positive rule uses all crowd segments of the
-      prediction's category; False keeps only the last one listed
-      (panopticapi's code; identical with at most one crowd segment per
-      category, the COCO convention).
+    merge_crowd: False (default, panopticapi's code): an unmatched
+      prediction is excused by the last crowd segment of its category listed
+      in `gt_segments`; True (a deviation): by all of them. Identical with
+      at most one crowd segment per category, the COCO convention.
 
   Returns:
     The image's `PQStat`.
@@ -313,6 +320,7 @@ def pq_single_image(
       if merge_crowd:
         crowd_ids[gt_info["category_id"]].append(gt_id)
       else:
+        # panopticapi's dict keeps one crowd id per category: the last.
         crowd_ids[gt_info["category_id"]] = [gt_id]
       continue
     stat[gt_info["category_id"]].fn += 1
@@ -421,7 +429,7 @@ def pq_compute(
   pred_folder: str | None = None,
   num_workers: int = 1,
   *,
-  merge_crowd: bool = True,
+  merge_crowd: bool = False,
 ) -> dict[str, Any]:
   """Evaluates COCO-format panoptic predictions against ground truth.
 
@@ -539,10 +547,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--num_workers", type=int, default=1)
   parser.add_argument(
     "--crowd",
-    choices=("merge", "last"),
-    default="merge",
-    help="merge all crowd segments of a category, or keep the last listed "
-    "(panopticapi's code)",
+    choices=CROWD_RULES,
+    default="last",
+    help="which crowd segments excuse an unmatched prediction of their "
+    "category: 'last' listed (panopticapi's code, the default) or 'merge' "
+    "all of them (a deviation; differs only with several crowd segments of "
+    "one category in an image)",
   )
   args = parser.parse_args(argv)
   return cli.run_scorer(

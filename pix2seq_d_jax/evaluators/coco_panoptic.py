@@ -4,7 +4,9 @@ For every eval image: sample (semantic, instance) at mask resolution with the
 EMA weights, crop the padding, post-process into panoptic segments (majority
 vote, min-area filter, one segment per stuff class), resize to the original
 image size (nearest), then score against the ground-truth PNG with the
-panopticapi-exact per-image matcher. Each process scores its rows of every
+panopticapi-exact per-image matcher (its crowd rule by default; the
+config field `crowd='merge'` selects the deviation of `evaluation.panoptic`).
+Each process scores its rows of every
 global batch and writes their PNGs; the per-image segments and counts are
 gathered to every process and summed in image order, so PQ, `panoptic.json`
 (written by process 0, each image once) and the PNGs equal a 1-process run's
@@ -44,6 +46,12 @@ class CocoPanopticEvaluator(base.Evaluator):
     self.gt_by_id = {a["image_id"]: a for a in self.gt["annotations"]}
     self.images_by_id = {im["id"]: im for im in self.gt["images"]}
     self.categories = {c["id"]: c for c in self.gt["categories"]}
+    crowd = self.config.get("crowd", "last")
+    if crowd not in panoptic.CROWD_RULES:
+      raise ValueError(
+          f"config.evals.{self.name}.crowd={crowd!r}: expected one of "
+          f"{panoptic.CROWD_RULES}")
+    self.merge_crowd = crowd == "merge"
 
   def _batches(self):
     local = self.config.batch_size // jax.process_count()
@@ -152,7 +160,8 @@ class CocoPanopticEvaluator(base.Evaluator):
         epath.Path(self.meta.gt_folder) / png_name
     )
     stat = panoptic.pq_single_image(
-        gt_ids, gt_ann["segments_info"], ids, segments, self.categories
+        gt_ids, gt_ann["segments_info"], ids, segments, self.categories,
+        merge_crowd=self.merge_crowd,
     )
     ann = {"image_id": image_id, "file_name": png_name,
            "segments_info": segments}
