@@ -123,6 +123,9 @@ def get_base_config() -> ml_collections.ConfigDict:
           loss_type="x_softmax_xent",
           softmax_groups=2,
           loss_weight_power=0.2,
+          # loss_type='eps' only: the reference ignores the small-instance
+          # weights for eps (a plain mean); True applies them (a deviation).
+          eps_loss_weighted=False,
           self_cond=False,
           self_cond_rate=0.5,
           sampler="ddim",
@@ -169,6 +172,9 @@ def get_base_config() -> ml_collections.ConfigDict:
           max_examples=config_dict.placeholder(int),
           min_pixels=40,
           num_overlays=8,
+          # Crowd rule of the PQ matcher: 'last' (panopticapi's) or 'merge'
+          # (all crowd segments of a category; a deviation).
+          crowd="last",
       )
   )
 

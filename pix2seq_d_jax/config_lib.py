@@ -305,6 +305,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
       diff.loss_weight_power,
       ">= 0",
   )
+  _require(
+      isinstance(diff.get("eps_loss_weighted", False), bool)
+      and (not diff.get("eps_loss_weighted") or diff.loss_type == "eps"),
+      "diffusion.eps_loss_weighted",
+      diff.get("eps_loss_weighted"),
+      "a bool, True only with diffusion.loss_type='eps' (the other loss "
+      "types are always weighted)",
+  )
   _check_choice("model.conditional", model.conditional, ("cat", "cat+attn"))
   _check_choice("model.dtype", model.dtype, ("float32", "bfloat16"))
   _check_choice("model.backbone_norm", model.backbone_norm, ("batch", "group"))
@@ -332,6 +340,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(
         ev.get("type") is not None, f"evals.{name}.type", None, "a name"
     )
+    if "crowd" in ev:
+      _check_choice(f"evals.{name}.crowd", ev.crowd, ("last", "merge"))
   _require(
       len(config.mesh) >= 1 and all(len(a) == 2 for a in config.mesh),
       "mesh",

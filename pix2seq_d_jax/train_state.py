@@ -262,6 +262,7 @@ def make_train_step(
         loss_type=d.loss_type,
         scale=d.bit_scale,
         softmax_groups=d.softmax_groups,
+        eps_weighted=d.get("eps_loss_weighted", False),
     )
     return loss, new_vars.get("batch_stats", {})
 

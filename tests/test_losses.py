@@ -23,11 +23,13 @@ def _random_case(num_channels, num_bits=4, seed=0):
   return output, bits, eps, weights
 
 
-def _loss(output, bits, eps, weights, loss_type, scale=0.1, groups=2):
+def _loss(output, bits, eps, weights, loss_type, scale=0.1, groups=2,
+          **kwargs):
   return losses.diffusion_loss(
       output, x0_bits=bits, x_t=np.zeros_like(eps),
-      gamma_t=np.full((_B,), 0.5, np.float32), eps=eps, weights=weights,
-      loss_type=loss_type, scale=scale, softmax_groups=groups)
+      gamma_t=np.full((len(eps),), 0.5, np.float32), eps=eps,
+      weights=weights, loss_type=loss_type, scale=scale,
+      softmax_groups=groups, **kwargs)
 
 
 def test_num_output_channels():
@@ -78,18 +80,46 @@ def test_sigmoid_xent_matches_numpy():
   np.testing.assert_allclose(per_example, expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize('loss_type', ['x', 'eps'])
-def test_l2_losses_match_numpy(loss_type):
+@pytest.mark.parametrize(('loss_type', 'kwargs'), [
+    ('x', {}), ('eps', {}), ('eps', {'eps_weighted': True})])
+def test_l2_losses_match_numpy(loss_type, kwargs):
   output, bits, eps, weights = _random_case(4)
   output = output.astype(np.float16)  # Any dtype; computed in float32.
-  loss, per_example = _loss(output, bits, eps, weights, loss_type, scale=0.3)
+  loss, per_example = _loss(output, bits, eps, weights, loss_type, scale=0.3,
+                            **kwargs)
   target = (2 * bits - 1) * 0.3 if loss_type == 'x' else eps
   sq = (output.astype(np.float64) - target)**2
+  if loss_type == 'eps' and not kwargs:
+    weights = np.ones_like(weights)  # The reference's unweighted eps.
   expected = (sq.mean(-1) * weights).mean(axis=(1, 2))
   assert loss.dtype == np.float32
   np.testing.assert_allclose(per_example, expected, rtol=1e-5)
   with pytest.raises(ValueError, match='output shape'):
     _loss(output[..., :3], bits, eps, weights, loss_type)
+
+
+def test_eps_is_unweighted_by_default_and_weighted_as_an_option():
+  # One image of 1 x 2 pixels, 2 bits; output 0, so the squared errors are
+  # eps**2: pixel losses mean(1, 1) = 1 and mean(4, 4) = 4.
+  eps = np.array([[[[1.0, -1.0], [2.0, 2.0]]]], np.float32)
+  output = np.zeros_like(eps)
+  bits = np.zeros(eps.shape, np.int32)
+  for weights, weighted in (([0.5, 1.5], 3.25), ([0.0, 2.0], 4.0)):
+    w = np.array([[weights]], np.float32)
+    # Default (the reference): (1 + 4) / 2, whatever the weights, padding
+    # (weight 0) included.
+    loss, per_example = _loss(output, bits, eps, w, 'eps')
+    assert float(loss) == 2.5 and per_example.tolist() == [2.5]
+    # Option: (w0 * 1 + w1 * 4) / 2.
+    loss, _ = _loss(output, bits, eps, w, 'eps', eps_weighted=True)
+    assert float(loss) == weighted
+  # The x0 types ignore the switch: always weighted. Target -1 (0 bits,
+  # scale 1), outputs 0 and 1: pixel losses 1 and 4, (0.5 + 6) / 2.
+  w = np.array([[[0.5, 1.5]]], np.float32)
+  output_x = np.array([[[[0.0, 0.0], [1.0, 1.0]]]], np.float32)
+  for flag in (False, True):
+    loss, _ = _loss(output_x, bits, eps, w, 'x', scale=1.0, eps_weighted=flag)
+    assert float(loss) == 3.25
 
 
 def test_bits_from_mask():
@@ -141,3 +171,20 @@ def test_predict_x0_x_and_eps():
   out = losses.predict_x0(x0_true * 3, x_t=x_t, gamma_t=g, loss_type='x',
                           scale=0.1)
   np.testing.assert_allclose(out, x0_true, atol=1e-7)  # Clipped to +-0.1.
+
+
+def test_eps_loss_weighted_config_switch_validates():
+  from configs import synthetic
+  from pix2seq_d_jax import config_lib
+
+  config = synthetic.get_config('tiny')
+  assert config.diffusion.eps_loss_weighted is False  # The reference.
+  config_lib.validate(config)
+  config.diffusion.eps_loss_weighted = True
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config.diffusion.eps_loss_weighted=True: "
+                     r"expected a bool, True only with "
+                     r"diffusion.loss_type='eps'"):
+    config_lib.validate(config)
+  config.diffusion.loss_type = 'eps'
+  config_lib.validate(config)

@@ -6,10 +6,14 @@ groups of k = n / groups bits and predicts each group as one 2**k-way softmax
 over its bit patterns (for 16 bits and 2 groups: a 256-way softmax for the
 semantic byte and one for the instance byte). The alternatives are a per-bit
 sigmoid ('x_sigmoid_xent'), L2 regression of the analog x0 ('x') and L2 on
-the noise ('eps'). Every pixel's loss is multiplied by a weight that favours
-small segments, (1 / (c + 1))**p for a segment of c pixels, normalised to mean
-1 per image (paper Table 5: p = 0.2). The same readings give the analog x0
-estimate the sampler needs at every step (`predict_x0`).
+the noise ('eps'). Every pixel's loss of the x0 types is multiplied by a
+weight that favours small segments, (1 / (c + 1))**p for a segment of c
+pixels, normalised to mean 1 per image (paper Table 5: p = 0.2). 'eps' is the
+plain mean squared error over all pixels, as in the reference, which ignores
+the weights for it; `eps_weighted=True` (config
+`diffusion.eps_loss_weighted`) applies them to 'eps' too, a deviation. The
+same readings give the analog x0 estimate the sampler needs at every step
+(`predict_x0`).
 """
 
 import jax
@@ -114,8 +118,9 @@ def diffusion_loss(output: jax.typing.ArrayLike, *,
                    gamma_t: jax.typing.ArrayLike, eps: jax.typing.ArrayLike,
                    weights: jax.typing.ArrayLike, loss_type: str,
                    scale: float,
-                   softmax_groups: int = 2) -> tuple[jax.Array, jax.Array]:
-  """The weighted diffusion loss of one batch.
+                   softmax_groups: int = 2,
+                   eps_weighted: bool = False) -> tuple[jax.Array, jax.Array]:
+  """The (weighted) diffusion loss of one batch.
 
   Args:
     output: [b, h, w, num_output_channels(loss_type, n, softmax_groups)] the
@@ -126,17 +131,22 @@ def diffusion_loss(output: jax.typing.ArrayLike, *,
     gamma_t: float32 [b] signal levels; unused like x_t.
     eps: float32 [b, h, w, n] the noise added to x0 (read by 'eps').
     weights: float32 [b, h, w] pixel weights, mean 1 per image (zeros drop
-      pixels, e.g. padding).
+      pixels, e.g. padding). Not read by 'eps' unless `eps_weighted`.
     loss_type: one of LOSS_TYPES.
     scale: the input scaling b of the analog bits (read by 'x').
     softmax_groups: groups of the 'x_softmax_xent' type.
+    eps_weighted: 'eps' only. False (the reference): the plain mean over
+      all pixels, padding included, as the reference's
+      `reduce_mean(square(noise - pred))`; True (a deviation): weighted like
+      the x0 types.
 
   Returns:
     (loss, per_example): per_example float32 [b] is the mean over pixels of
-    weight * pixel loss (a weighted mean, as the weights have mean 1); loss is
-    its mean over the batch, float32 []. The pixel loss is the mean over
-    groups of the softmax cross-entropy, the mean over bits of the sigmoid
-    cross-entropy, or the mean over channels of the squared error.
+    weight * pixel loss (a weighted mean, as the weights have mean 1; weight
+    1 everywhere for unweighted 'eps'); loss is its mean over the batch,
+    float32 []. The pixel loss is the mean over groups of the softmax
+    cross-entropy, the mean over bits of the sigmoid cross-entropy, or the
+    mean over channels of the squared error.
 
   Raises:
     ValueError: unknown loss_type or inconsistent shapes.
@@ -179,6 +189,8 @@ def diffusion_loss(output: jax.typing.ArrayLike, *,
   else:
     eps = jnp.asarray(eps, jnp.float32)
     pixel_loss = jnp.mean(jnp.square(output - eps), axis=-1)
+    if not eps_weighted:
+      weights = jnp.ones_like(weights)
 
   per_example = jnp.mean(pixel_loss * weights, axis=(1, 2))
   return jnp.mean(per_example), per_example
