@@ -232,6 +232,23 @@ def test_merge_and_pickle_equal_one_accumulator():
     merged.merge(_acc(4, (2,)))
 
 
+def test_sequence_state_round_trips_through_json():
+  frames = _random_frames(np.random.default_rng(8), n_frames=6)
+  whole = _acc(4, (2, 3))
+  for seq, *maps in frames:
+    whole.update(*maps, seq)
+  rebuilt = _acc(4, (2, 3))
+  for seq in whole.sequence_ids:
+    rebuilt.add_sequence_state(
+        seq, json.loads(json.dumps(whole.sequence_state(seq))))
+  assert rebuilt.result() == whole.result()
+  with pytest.raises(ValueError, match="sequence 's1' is already here"):
+    rebuilt.add_sequence_state('s1', whole.sequence_state('s1'))
+  with pytest.raises(ValueError, match=r'confusion of shape \(5, 5\), '
+                     r'expected \(4, 4\)'):
+    _acc(3, (2,)).add_sequence_state('s1', whole.sequence_state('s1'))
+
+
 def test_empty_and_no_tracks():
   acc = _acc()
   r = acc.result()

@@ -98,8 +98,9 @@ class StqAccumulator:
     for each frame: acc.update(gt_sem, gt_inst, pred_sem, pred_inst, seq)
     acc.result()['STQ']
 
-  The object is picklable, and `merge` joins accumulators that saw disjoint
-  sequences (one per process or host).
+  The object is picklable, `merge` joins accumulators that saw disjoint
+  sequences (one per process or host), and `sequence_state` /
+  `add_sequence_state` move one sequence's counts through JSON.
   """
 
   def __init__(
@@ -286,10 +287,59 @@ class StqAccumulator:
           intersection=dict(stats.intersection),
       )
 
+  def sequence_state(self, sequence_id: Hashable) -> dict[str, Any]:
+    """One sequence's exact counts as JSON-serialisable lists.
+
+    What an evaluator gathers over processes (`add_sequence_state` is the
+    inverse); ints stay exact through JSON.
+
+    Raises:
+      KeyError: for a sequence never updated.
+    """
+    stats = self._sequences[sequence_id]
+    return {
+        'length': stats.length,
+        'confusion': stats.confusion.tolist(),
+        'gt_area': sorted(stats.gt_area.items()),
+        'pred_area': sorted(stats.pred_area.items()),
+        'intersection': sorted(stats.intersection.items()),
+    }
+
+  def add_sequence_state(
+      self, sequence_id: Hashable, state: Mapping[str, Any]
+  ) -> None:
+    """Adds a sequence exported by `sequence_state` (same settings).
+
+    Raises:
+      ValueError: if the sequence is already here or the confusion matrix
+        has another size (other settings).
+    """
+    if sequence_id in self._sequences:
+      raise ValueError(
+          f'add_sequence_state: sequence {sequence_id!r} is already here.')
+    confusion = np.asarray(state['confusion'], np.int64)
+    if confusion.shape != (self._size, self._size):
+      raise ValueError(
+          f'add_sequence_state: confusion of shape {confusion.shape}, '
+          f'expected {(self._size, self._size)} (other settings?).')
+
+    def counts(pairs):
+      return {int(k): int(v) for k, v in pairs}
+
+    self._sequences[sequence_id] = _SequenceStats(
+        confusion=confusion,
+        gt_area=counts(state['gt_area']),
+        pred_area=counts(state['pred_area']),
+        intersection=counts(state['intersection']),
+        length=int(state['length']),
+    )
+
   def _association(self, stats: _SequenceStats) -> float:
     """Sum over tracks g of (1/|g|) sum_p TPA^2 / (|p| + |g| - TPA)."""
     inner: dict[int, float] = {}
-    for key, tpa in stats.intersection.items():
+    # Sorted: the float sums do not depend on the order pixels were seen,
+    # so counts that travelled through `sequence_state` give equal results.
+    for key, tpa in sorted(stats.intersection.items()):
       g, p = divmod(key, self.offset)
       union = stats.pred_area[p] + stats.gt_area[g] - tpa
       inner[g] = inner.get(g, 0.0) + tpa * (tpa / union)
