@@ -13,14 +13,21 @@ Cityscapes classes + void (person and car tracked).
 
 Until rectangular sizes are supported, a square 1248 / 624 stands in for
 384x1248 / 192x624: a KITTI frame (about 1242x375) resized on its long side
-keeps the paper's scale and is padded below, at 3.25x the pixels. The
-in-training STQ evaluator comes with the video sampler, so `evals` is empty;
-score exported predictions with `python -m pix2seq_d_jax.evaluation.stq`.
+keeps the paper's scale and is padded below, at 3.25x the pixels.
+`evals.stq` ('kitti_step_stq') segments whole val sequences with the video
+sampler every 5000 steps and at the end, reports `eval/stq/{stq,aq,sq}` and
+writes STEP PNGs that `python -m pix2seq_d_jax.evaluation.stq` scores the
+same. A whole sequence is one predict call (its frames are encoded
+together), so long sequences need memory; `max_frames` scores only the
+first frames of each (not the benchmark's number).
 
   python -m pix2seq_d_jax.main --config=configs/kitti_step.py \
       --config.input.data_dir=/data/kitti_step --config.model_init=CKPT_DIR \
       --workdir=DIR
 """
+
+import ml_collections
+from ml_collections import config_dict
 
 from configs import common
 from pix2seq_d_jax import config_lib
@@ -52,5 +59,22 @@ def get_config(arg: str | None = None):
   config.ema_decay = 0.99
   config.diffusion.sample_steps = 20
   config.diffusion.td = 2.0
-  config.evals = {}
+  config.evals = ml_collections.ConfigDict(
+      dict(
+          stq=dict(
+              type="kitti_step_stq",
+              every_steps=5000,
+              # Sequences per eval batch (a multiple of the data-parallel
+              # devices); each runs all its frames in one call.
+              batch_size=8,
+              # Frame counts are padded to a multiple of this: one compile
+              # per bucket.
+              length_bucket=64,
+              max_sequences=config_dict.placeholder(int),
+              # Only the first n frames of each sequence (None = all).
+              max_frames=config_dict.placeholder(int),
+              write_predictions=True,
+          )
+      )
+  )
   return config

@@ -1,10 +1,13 @@
 """Tests of the KITTI-STEP source (deeplab2 layout) and configs/kitti_step."""
 
 import importlib
+import json
 import os
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -258,10 +261,154 @@ def test_config_validates_and_builds_the_video_model():
   assert config.input.source in data.SOURCES
   assert config.input.num_classes == 20 and config.input.max_instances == 256
   assert tuple(config.input.proceeding_frames) == (-2, -1)
-  assert config.input.frames_dropout == 0.2 and not config.evals
+  assert config.input.frames_dropout == 0.2
+  assert config.evals.stq.type == 'kitti_step_stq'
   abstract = experiment.create(config, total_steps=10).abstract_state
   count = parameter_overview.count_parameters(abstract.params)
   assert abs(count - 94.5e6) / 94.5e6 < 0.02, count
   # Noisy bits (16) + image features (256) + 2 earlier frames x 16 bits.
   conv_in = abstract.params['decoder']['conv_in']['kernel']
   assert conv_in.shape[2] == 16 + 256 + 32
+
+
+# ------------------------------------------------ STQ evaluator in training
+
+
+def _stq_evaluator(root, tmp_path, predict_fn, batch_size=1):
+  import jax
+  import ml_collections
+
+  from pix2seq_d_jax import sharding
+  from pix2seq_d_jax.data import preprocess
+  from pix2seq_d_jax.evaluators import kitti_step_stq
+
+  config = ml_collections.ConfigDict(dict(
+      type='kitti_step_stq', batch_size=batch_size, length_bucket=4,
+      max_sequences=None, max_frames=None, write_predictions=True))
+  return kitti_step_stq.KittiStepStqEvaluator(
+      name='stq', config=config, predict_fn=predict_fn,
+      source=ks.KittiStepSource(root, 'val'),
+      # The long side (40) is the image and mask size: masks are at frame
+      # resolution, so a perfect mask prediction survives crop and resize.
+      preprocess_fn=lambda raw: preprocess.preprocess_eval(
+          raw, image_size=W, mask_size=W),
+      mesh=sharding.make_mesh([('data', 1)], jax.devices()[:1]), seed=0,
+      workdir=str(tmp_path / 'work'))
+
+
+def test_stq_evaluator_oracle_scores_one(tmp_path):
+  from pix2seq_d_jax.evaluators import EVALUATORS, kitti_step_stq
+
+  root = _write_tree(tmp_path / 'kitti_step', split='val')
+  source = ks.KittiStepSource(root, 'val')
+  # The oracle: batch i (one sequence each) predicts sequence i's ground
+  # truth (classes and instance ids as the source numbers them), padded to
+  # the [1, 4, 40, 40] mask batch the evaluator asks for.
+  calls = []
+
+  def oracle(params, batch_stats, images, rng):
+    del params, batch_stats, rng
+    seq = source.read_sequence(source.sequence_names[len(calls)])
+    calls.append(tuple(images.shape))
+    out = [np.zeros(images.shape[:4], np.int32) for _ in range(2)]
+    for o, key in zip(out, ('semantic', 'instance'), strict=True):
+      o[0, :3, :H, :W] = seq[key]
+    return tuple(out)
+
+  evaluator = _stq_evaluator(root, tmp_path, oracle)
+  assert EVALUATORS['kitti_step_stq'] is type(evaluator)
+  # KITTI-STEP's classes give exactly the STEP benchmark's STQ settings.
+  acc, ref = kitti_step_stq.make_accumulator(evaluator.things), (
+      stq.kitti_step_accumulator())
+  assert (acc.num_classes, acc.things, acc.ignore_label) == (
+      ref.num_classes, ref.things, ref.ignore_label)
+  metrics = evaluator.run({}, {}, step=7)
+  assert calls == [(1, 4, W, W, 3)] * 2  # 3 frames padded to the bucket.
+  assert (metrics['stq'], metrics['aq'], metrics['sq']) == (1.0, 1.0, 1.0)
+  assert (metrics['num_sequences'], metrics['num_frames']) == (2, 6)
+  out = tmp_path / 'work' / 'predictions' / 'stq_step7'
+  written = json.loads((out / 'metrics.json').read_text())
+  assert written['per_sequence']['0013'] == {
+      'stq': 1.0, 'aq': 1.0, 'sq': 1.0, 'frames': 3}
+  # The written STEP PNGs are a prediction folder the CLI scores the same.
+  cli = stq.stq_compute(os.path.join(root, 'panoptic_maps', 'val'), str(out))
+  assert (cli['STQ'], cli['AQ'], cli['SQ']) == (1.0, 1.0, 1.0)
+  sem, track = step_format.read_step_png(out / '0013' / '000001.png')
+  _, gt_sem, gt_inst = _frame('0013', 1)
+  np.testing.assert_array_equal(sem, gt_sem)
+  # Track ids are the source's numbering (crowd and stuff 0).
+  assert set(np.unique(track[gt_sem == CAR]).tolist()) == {0, 1, 2}
+
+
+def test_stq_evaluator_scores_a_class_error_by_hand(tmp_path):
+  # Ground truth everywhere except that every sky pixel is predicted road:
+  # tracks are untouched, so AQ = 1. SQ pools one confusion matrix over all
+  # 6 frames. Road per 12 x 40 frame: 480 px - 80 sky - 80 void - 24 moving
+  # car - 16 crowd car - 8 rider - 4 second car = 268, and 12 fewer where
+  # 0013 shows the person (frames 1, 2): road 4 * 268 + 2 * 256 = 1584,
+  # sky 6 * 80 = 480. Road IoU 1584 / (1584 + 480), sky 0; person, rider
+  # and car 1: five classes with a non-empty union.
+  root = _write_tree(tmp_path / 'kitti_step', split='val')
+  source = ks.KittiStepSource(root, 'val')
+  calls = []
+
+  def predict(params, batch_stats, images, rng):
+    del params, batch_stats, rng
+    seq = source.read_sequence(source.sequence_names[len(calls)])
+    calls.append(1)
+    sem = np.where(seq['semantic'] == SKY + 1, ROAD + 1, seq['semantic'])
+    out = [np.zeros(images.shape[:4], np.int32) for _ in range(2)]
+    out[0][0, :3, :H, :W], out[1][0, :3, :H, :W] = sem, seq['instance']
+    return tuple(out)
+
+  metrics = _stq_evaluator(root, tmp_path, predict).run({}, {}, step=1)
+  sq = (1584 / 2064 + 0.0 + 1.0 + 1.0 + 1.0) / 5
+  assert metrics['aq'] == 1.0
+  assert metrics['sq'] == pytest.approx(sq, abs=1e-12)
+  assert metrics['stq'] == pytest.approx(np.sqrt(sq), abs=1e-12)
+
+
+@pytest.mark.slow
+def test_kitti_step_config_trains_one_step_and_reports_stq(tmp_path):
+  # The shipped KITTI-STEP recipe (clips of frames -2, -1, 0, 20 classes,
+  # 256 instances, evals.stq) on a KITTI-STEP-layout folder, at a toy
+  # square size instead of 1248 / 624 and with the skeleton model, so one
+  # step and one STQ evaluation run on a CPU in seconds.
+  from tests.multiprocess_worker import narrow_model_flags
+
+  data_dir = tmp_path / 'kitti_step'
+  _write_tree(data_dir, split='train')
+  _write_tree(data_dir, split='val')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = str(tmp_path / 'w')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'pix2seq_d_jax.main',
+       '--config=configs/kitti_step.py', f'--workdir={workdir}',
+       f'--config.input.data_dir={data_dir}',
+       '--config.input.image_size=32', '--config.input.mask_size=8',
+       '--config.input.batch_size=1', '--config.input.num_workers=0',
+       '--config.total_steps=1', *narrow_model_flags(),
+       '--config.log_training_steps=1', '--config.evals.stq.batch_size=1',
+       '--config.evals.stq.length_bucket=4',
+       '--config.diffusion.sample_steps=1',
+       '--config.diffusion.sample_steps_later=1'],
+      cwd=repo, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS='cpu',
+               JAX_DISABLE_MOST_OPTIMIZATIONS='1'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  assert rows[0]['step'] == 1 and np.isfinite(rows[0]['train/loss'])
+  scalars = {k: v for r in rows for k, v in r.items()}
+  for key in ('stq', 'aq', 'sq'):
+    assert 0.0 <= scalars[f'eval/stq/{key}'] <= 1.0, key
+  with open(os.path.join(workdir, 'metrics.json')) as f:
+    final = json.load(f)['stq']
+  assert final['num_sequences'] == 2 and final['num_frames'] == 6
+  assert 0.0 <= final['stq'] <= 1.0
+  # STEP PNGs of every val frame, at the frames' size.
+  out = os.path.join(workdir, 'predictions', 'stq_step1')
+  assert sorted(os.listdir(os.path.join(out, '0002'))) == [
+      f'{t:06d}.png' for t in range(3)]
+  sem, _ = step_format.read_step_png(os.path.join(out, '0002', '000000.png'))
+  assert sem.shape == (H, W)

@@ -4,7 +4,7 @@
 evaluator per entry of `config.evals`. Each evaluator takes the jitted
 predict function and the eval data, runs over the whole split with padded,
 masked batches, aggregates exact counts on the host and returns a flat dict
-of metrics (`pq`, `sq`, `rq`, `pq_things`, ...).
+of metrics (`pq`, `sq`, `rq`, `pq_things`, ..., `J&F-Mean`, `stq`).
 """
 
 from __future__ import annotations
@@ -49,4 +49,5 @@ def from_config(evals_config: Any, **shared: Any) -> dict[str, Any]:
 from pix2seq_d_jax.evaluators import (  # noqa: E402,F401
   coco_panoptic,
   davis_video,
+  kitti_step_stq,
 )
