@@ -243,7 +243,7 @@ def _run(
 ) -> dict[str, Any]:
   # ----------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
-  dp = sharding.data_parallel_size(mesh)
+  dp = sharding.data_parallel_size(mesh, config.sharding_rules)
   batch_size = config.input.batch_size
   if batch_size % dp or batch_size % jax.process_count():
     raise config_lib.ConfigError(
@@ -324,7 +324,7 @@ def _train_loop(
         config.evals, predict_fn=exp.jit_eval_predict(meta.num_classes),
         source=exp.source(config.input.eval_split),
         preprocess_fn=experiment.eval_preprocess_fn(config), mesh=mesh,
-        seed=config.seed, workdir=workdir,
+        seed=config.seed, workdir=workdir, rules=config.sharding_rules,
     )
 
   def run_evals(step: int, names: list[str] | None = None) -> dict:
