@@ -50,15 +50,17 @@ def make_accumulator(is_thing: np.ndarray) -> stq.StqAccumulator:
 
   Returns:
     STEP settings over train ids 0..num_classes-2, the thing classes
-    tracked, void 255 and KITTI-STEP's panoptic divisor: for KITTI-STEP
-    exactly `stq.kitti_step_accumulator()`'s.
+    tracked, void 255: for KITTI-STEP the classes of
+    `stq.kitti_step_accumulator()`. The panoptic divisor is the STEP PNG's
+    track range (65536) rather than KITTI's 1000, so any track id a
+    sequence numbers fits; STQ does not depend on it.
   """
   is_thing = np.asarray(is_thing, bool)
   return stq.StqAccumulator(
       num_classes=len(is_thing) - 1,
       things=tuple(int(c) - 1 for c in np.flatnonzero(is_thing) if c > 0),
       ignore_label=kitti_step_data.VOID_TRAIN_ID,
-      max_instances_per_category=stq.KITTI_STEP_MAX_INSTANCES,
+      max_instances_per_category=step_format.MAX_TRACK_ID + 1,
       offset=stq.KITTI_STEP_OFFSET,
   )
 
