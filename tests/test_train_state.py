@@ -9,6 +9,7 @@ import pytest
 
 from configs import common
 from pix2seq_d_jax import experiment, train_state
+from tests.multiprocess_worker import NARROW_MODEL
 
 IMAGE, MASK = 32, 16
 
@@ -55,9 +56,9 @@ def test_weight_decay_only_on_kernels():
 
 def _tiny_config(**diffusion):
   model = common.tiny_model()
-  model.update(backbone_width=8, enc_layers=1, enc_dim=32, enc_mlp_dim=64,
-               enc_heads=2, fuse_dim=16, dec_dim=16, dec_dim_mults=(1, 2),
-               dec_transformer_dim=32, dec_heads=2)
+  # The skeleton model (no transformer layers, one decoder level): the step's
+  # plumbing and numerics are under test, and compiles take seconds.
+  model.update(NARROW_MODEL)
   base = common.get_base_config()
   base.model = model
   base.input.image_size, base.input.mask_size = IMAGE, MASK
