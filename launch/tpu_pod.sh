@@ -2,7 +2,14 @@
 # Runs pix2seq_d_jax on every host of a Cloud TPU VM pod slice.
 #
 #   launch/tpu_pod.sh --tpu=NAME --zone=ZONE [--project=P] [--setup] \
-#       [--dry_run] -- --config=configs/coco.py --workdir=gs://bucket/run ...
+#       [--dry_run] -- --config=configs/coco.py --workdir=gs://bucket/run \
+#       --config.input.data_dir=gs://bucket/coco ...
+#
+# --workdir must be a bucket URL (gs://...), and so must
+# --config.input.data_dir when given: each TPU host has its own disk, so a
+# local path would give every host its own run folder (orbax's multi-host
+# checkpoint needs one shared location) or a dataset only one host has.
+# Every file the framework reads or writes goes through etils.epath.
 #
 # --setup copies this checkout to every host and installs it with the TPU
 # wheels (once per slice). The run itself executes the same command on all
@@ -26,6 +33,19 @@ while [[ $# -gt 0 ]]; do
 done
 if [[ -z "$tpu" || -z "$zone" ]]; then
   echo "launch/tpu_pod.sh: --tpu=NAME and --zone=ZONE are required" >&2
+  exit 2
+fi
+for arg in "$@"; do
+  case "$arg" in
+    --workdir=gs://*|--config.input.data_dir=gs://*) ;;
+    --workdir=*|--config.input.data_dir=*)
+      echo "launch/tpu_pod.sh: ${arg%%=*} must be a gs:// URL on a pod" \
+           "(every host reads and writes it), got ${arg#*=}" >&2
+      exit 2 ;;
+  esac
+done
+if [[ " $* " != *" --workdir=gs://"* ]]; then
+  echo "launch/tpu_pod.sh: pass --workdir=gs://BUCKET/RUN after --" >&2
   exit 2
 fi
 main_args=$(printf ' %q' "$@")

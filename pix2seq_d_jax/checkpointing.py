@@ -31,15 +31,16 @@ first differing parameter path, both shapes and the checkpoint's
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from pix2seq_d_jax import config_lib
+from pix2seq_d_jax.formats import paths
 from pix2seq_d_jax.models import weight_import
 
 PyTree = Any
@@ -54,7 +55,12 @@ class CheckpointMismatchError(config_lib.ConfigError):
 def make_manager(
     workdir: str, *, keep: int, keep_period: int | None = None
 ) -> ocp.CheckpointManager:
-  """An async CheckpointManager under `<workdir>/checkpoints`."""
+  """An async CheckpointManager under `<workdir>/checkpoints`.
+
+  `workdir` may be a bucket URL: orbax writes through `etils.epath` and
+  tensorstore, and on object stores it marks a finished step with
+  `commit_success.txt` instead of renaming a temporary folder.
+  """
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
       keep_period=keep_period,
@@ -63,7 +69,7 @@ def make_manager(
       create=True,
   )
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      paths.to_epath(workdir) / "checkpoints",
       options=options,
       item_names=(STATE, DATA),
   )
@@ -142,16 +148,16 @@ def restore(
 def restore_weights(path: str, abstract_state: PyTree) -> PyTree:
   """Restores the full state from another run's checkpoint folder.
 
-  `path` is a workdir (its latest checkpoint is used), its `checkpoints`
-  folder, or one step folder.
+  `path` (local or a bucket URL) is a workdir (its latest checkpoint is
+  used), its `checkpoints` folder, or one step folder.
 
   Raises:
     FileNotFoundError: naming the path when no finalized checkpoint is there.
   """
-  path = os.path.abspath(os.path.expanduser(path))
-  candidates = [os.path.join(path, "checkpoints"), path]
-  for directory in candidates:
-    if not os.path.isdir(directory):
+  path = paths.absolute(path)
+  root = epath.Path(path)
+  for directory in (root / "checkpoints", root):
+    if not directory.is_dir():
       continue
     manager = ocp.CheckpointManager(
         directory,
@@ -165,8 +171,8 @@ def restore_weights(path: str, abstract_state: PyTree) -> PyTree:
       logging.info("Restored weights from %s step %d", directory, step)
       return state
     manager.close()
-  parent, name = os.path.split(path)
-  if name.isdigit() and os.path.isdir(parent):
+  parent, name = root.parent, root.name
+  if name.isdigit() and parent.is_dir():
     manager = ocp.CheckpointManager(
         parent,
         options=ocp.CheckpointManagerOptions(read_only=True, create=False),
@@ -196,20 +202,21 @@ _FORMAT_HINTS[".keras"] = _FORMAT_HINTS[".h5"]
 
 def _not_a_checkpoint(path: str) -> Exception:
   """The real reason `path` holds neither a checkpoint nor an export."""
-  if not os.path.exists(path):
+  file = epath.Path(path)
+  if not file.exists():
     return FileNotFoundError(f"{path!r} does not exist ({_EXPECTED})")
-  if not os.path.isfile(path):
+  if not file.is_file():
     return FileNotFoundError(
         f"no finalized checkpoint under {path!r} ({_EXPECTED})"
     )
-  suffix = os.path.splitext(path)[1].lower()
+  suffix = file.suffix.lower()
   if suffix not in weight_import.SUFFIXES:
     hint = _FORMAT_HINTS.get(suffix, "")
     return ValueError(
         f"{path!r}: unsupported format {suffix or '(no suffix)'!r}"
         f"{f' ({hint})' if hint else ''}; {_EXPECTED}"
     )
-  with open(path, "rb") as f:
+  with file.open("rb") as f:
     head = f.read(8)
   # np.load(allow_pickle=False) refuses these with a generic message.
   refused = "pickled content refused (loading a pickle can run code)"
@@ -217,9 +224,7 @@ def _not_a_checkpoint(path: str) -> Exception:
     reason = "a single .npy array, not an archive of named arrays"
   elif head[:1] == b"\x80":
     reason = f"a Python pickle: {refused}"
-  elif zipfile.is_zipfile(path) and any(
-      n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist()
-  ):
+  elif _is_torch_archive(file):
     reason = f"a PyTorch torch.save archive: {refused}"
   else:
     try:
@@ -228,6 +233,15 @@ def _not_a_checkpoint(path: str) -> Exception:
     except (OSError, ValueError) as e:
       reason = f"not a ResNet-50 array file: {e}"
   return ValueError(f"{path!r}: {reason}; {_EXPECTED}")
+
+
+def _is_torch_archive(file: epath.Path) -> bool:
+  """True for a `torch.save` zip (it holds a `data.pkl`)."""
+  with file.open("rb") as f:
+    if not zipfile.is_zipfile(f):
+      return False
+    f.seek(0)
+    return any(n.endswith("data.pkl") for n in zipfile.ZipFile(f).namelist())
 
 
 def _path_str(path: tuple[Any, ...]) -> str:
@@ -300,15 +314,14 @@ def check_compatible(
     if extra:
       problem = f"{extra[0]} {stored[extra[0]]} is in it but not in the model"
   if problem:
-    directory = os.fspath(manager.directory)
+    directory = epath.Path(manager.directory)
     workdir = (
-        os.path.dirname(directory)
-        if os.path.basename(directory) == "checkpoints" else directory
+        directory.parent if directory.name == "checkpoints" else directory
     )
     raise CheckpointMismatchError(
         f"checkpoint {directory}/{step} was written with another model "
         f"config: {problem}; use the config it was trained with (see "
-        f"{os.path.join(workdir, 'config.json')}) or another workdir"
+        f"{workdir / 'config.json'}) or another workdir"
     )
 
 

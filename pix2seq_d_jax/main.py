@@ -117,6 +117,13 @@ def _check_workdir(workdir: str) -> str | None:
   return None
 
 
+def _workdir_child(workdir: str, name: str) -> str:
+  """`<workdir>/<name>`; a URL workdir stays a URL (no abspath)."""
+  if "://" in workdir:
+    return f"{workdir.rstrip('/')}/{name}"
+  return os.path.join(os.path.abspath(os.path.expanduser(workdir)), name)
+
+
 def main(argv):
   reporting.configure_terminal(flags.FLAGS.verbosity)
   if len(argv) > 1:
@@ -134,10 +141,11 @@ def main(argv):
   jax.config.update("jax_threefry_partitionable", True)
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     # Persistent compilation cache in the workdir: a rerun (resume, eval)
-    # skips recompiling the train and predict steps.
+    # skips recompiling the train and predict steps. jax reads and writes
+    # it through etils.epath, so a bucket workdir keeps its cache there too.
     jax.config.update(
         "jax_compilation_cache_dir",
-        os.path.join(os.path.abspath(_WORKDIR.value), "jax_cache"),
+        _workdir_child(_WORKDIR.value, "jax_cache"),
     )
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 

@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -81,6 +80,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from pix2seq_d_jax import config_lib, experiment, reporting, sharding
+from pix2seq_d_jax.formats import paths as path_lib
 from pix2seq_d_jax.inference import inputs, writers
 from pix2seq_d_jax.inference import predictor as predictor_lib
 from pix2seq_d_jax.inference import video_predictor as video_lib
@@ -153,7 +153,8 @@ def _batch_size_for(
     config: ml_collections.ConfigDict, num_images: int
 ) -> int:
   # No padding beyond one image per data-parallel device for few inputs.
-  dp = sharding.data_parallel_size(sharding.make_mesh(config.mesh))
+  dp = sharding.data_parallel_size(sharding.make_mesh(config.mesh),
+                                   config.sharding_rules)
   return min(predictor_lib.default_batch_size(config),
              -(-num_images // dp) * dp)
 
@@ -362,7 +363,7 @@ def _main(argv: Sequence[str], cli: dict[str, Any]) -> None:
   else:
     summary = {"images": len(result["images"]), "segments": sum(
         len(a["segments_info"]) for a in result["annotations"])}
-  print(json.dumps({**summary, "output": os.path.abspath(output)}))
+  print(json.dumps({**summary, "output": path_lib.absolute(output)}))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+from etils import epath
+
+from pix2seq_d_jax.formats import atomic, paths
 
 # Libraries whose INFO records are start-up or bookkeeping noise (backend
 # probing, every checkpoint save, data loader workers).
@@ -35,6 +38,50 @@ _LIBRARY_PATHS = (
 _LIBRARY_LOGGERS = ("jax", "orbax", "grain", "tensorflow", "tensorboard")
 # Zero-padded so event files sort in creation order within one process.
 _file_uid = itertools.count()
+
+
+class _ObjectFile:
+  """A binary file on an object store that every `flush` makes durable.
+
+  Objects cannot be appended to, and a bucket file opened for writing
+  (fsspec's gcsfs, for one) uploads nothing before `close`, so a killed run
+  would lose its whole events file. This one keeps the content and uploads
+  all of it at each `flush`; events files get a few records per log step,
+  so the re-upload stays small.
+  """
+
+  def __init__(self, path: epath.Path):
+    self._path = path
+    self._chunks: list[bytes] = []
+    self.closed = False
+
+  def write(self, data: bytes) -> int:
+    self._chunks.append(bytes(data))
+    return len(data)
+
+  def flush(self) -> None:
+    self._path.write_bytes(b"".join(self._chunks))
+
+  def close(self) -> None:
+    if not self.closed:
+      self.flush()
+      self.closed = True
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+  """Appends `text` to `path`; on a bucket, rewrites the object with it.
+
+  Object stores have no append (gcsfs falls back to overwriting), so a
+  remote file is read, extended and written whole; callers append rarely
+  (log steps) to small files.
+  """
+  file = epath.Path(path)
+  if not paths.is_url(path):
+    with file.open("a") as f:
+      f.write(text)
+    return
+  old = file.read_text() if file.exists() else ""
+  file.write_text(old + text)
 
 
 def itstime(
@@ -146,14 +193,16 @@ class EventWriter:
     from tensorboard.summary.writer import record_writer
 
     self._event_pb2 = event_pb2
-    os.makedirs(logdir, exist_ok=True)
+    folder = epath.Path(logdir)
+    folder.mkdir(parents=True, exist_ok=True)
     now = time.time()
-    self.path = os.path.join(
-        logdir,
+    path = folder / (
         f"events.out.tfevents.{int(now):010d}.{socket.gethostname()}."
-        f"{os.getpid()}.{next(_file_uid):04d}.v2",
+        f"{os.getpid()}.{next(_file_uid):04d}.v2"
     )
-    self._file = open(self.path, "wb")
+    self.path = os.fspath(path)
+    self._file = (
+        _ObjectFile(path) if paths.is_url(logdir) else path.open("wb"))
     self._records = record_writer.RecordWriter(self._file)
     self._write(event_pb2.Event(wall_time=now, file_version="brain.Event:2"))
     if purge_from_step is not None:
@@ -237,10 +286,11 @@ def truncate_jsonl(path: str, last_step: int) -> int:
   Unparseable lines (a write cut by a kill) are dropped too. The file is
   replaced atomically, so a crash here never loses the kept rows.
   """
-  if not os.path.exists(path):
+  file = epath.Path(path)
+  if not file.exists():
     return 0
   kept, dropped = [], 0
-  with open(path) as f:
+  with file.open("r") as f:
     for line in f:
       try:
         row = json.loads(line)
@@ -252,10 +302,7 @@ def truncate_jsonl(path: str, last_step: int) -> int:
       else:
         dropped += 1
   if dropped:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(kept))
   return dropped
 
 
@@ -293,7 +340,7 @@ class Reporter:
     self.workdir = workdir
     self.total_steps = total_steps
     self.every_secs = every_secs
-    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self.jsonl_path = os.fspath(epath.Path(workdir) / "metrics.jsonl")
     self.writer = None
     self._last_loss: float | None = None
     self._first: tuple[int, float] | None = None
@@ -326,8 +373,8 @@ class Reporter:
         k: v for k, v in scalars.items() if isinstance(v, int | float)
     }
     self.writer.write_scalars(step, numeric)
-    with open(self.jsonl_path, "a") as f:
-      f.write(json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
+    append_text(self.jsonl_path,
+                json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
     evals: dict[str, list[str]] = {}
     for key, value in scalars.items():
       parts = key.split("/")
@@ -344,11 +391,8 @@ class Reporter:
     """Writes the resolved config as `<workdir>/config.json` and hparams."""
     if not self.is_lead:
       return
-    path = os.path.join(self.workdir, "config.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(config_dict, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    atomic.write_json(epath.Path(self.workdir) / "config.json", config_dict,
+                      indent=2, sort_keys=True, default=str)
     self.writer.write_hparams(
         {k: v for k, v in _flatten(config_dict).items()
          if isinstance(v, int | float | str | bool)}
@@ -454,10 +498,10 @@ def log_parameters(params: Any, workdir: str | None) -> int:
   logging.debug("Parameters:\n%s", table)
   path = None
   if workdir and jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "parameters.txt")
-    with open(path, "w") as f:
-      f.write(table + "\n")
+    folder = epath.Path(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = os.fspath(folder / "parameters.txt")
+    (folder / "parameters.txt").write_text(table + "\n")
   top = params
   while isinstance(top, Mapping) and list(top) == ["params"]:
     top = top["params"]

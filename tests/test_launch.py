@@ -57,6 +57,62 @@ def test_slurm_script_one_task_per_gpu():
   assert _dry("slurm.sh", "--bogus").returncode == 2
 
 
+def test_tpu_pod_passes_bucket_workdir_and_data_dir():
+  out = _dry("tpu_pod.sh", "--tpu=p2sd", "--zone=z", "--dry_run", "--",
+             "--workdir=gs://b/run", "--config.input.data_dir=gs://b/coco")
+  assert out.returncode == 0, out.stderr
+  (run,) = out.stdout.strip().splitlines()
+  assert ("--distributed\\ --workdir=gs://b/run\\ "
+          "--config.input.data_dir=gs://b/coco") in run
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workdir=/tmp/run"], "--workdir must be a gs:// URL"),
+    (["--workdir=gs://b/run", "--config.input.data_dir=/data/coco"],
+     "--config.input.data_dir must be a gs:// URL"),
+    (["--config=configs/coco.py"], "pass --workdir=gs://"),
+])
+def test_tpu_pod_refuses_local_paths(args, message):
+  out = _dry("tpu_pod.sh", "--tpu=p2sd", "--zone=z", "--dry_run", "--", *args)
+  assert out.returncode == 2 and message in out.stderr
+  assert not out.stdout
+
+
+def test_slurm_checks_the_workdir_is_shared_before_training():
+  out = _dry("slurm.sh", "--nodes=2", "--dry_run", "--",
+             "--workdir=/shared/run", "--config.input.data_dir=/shared/coco")
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.splitlines()
+  marker = "/shared/run/.shared_check_${SLURM_JOB_ID}"
+  mkdir = lines.index(f"mkdir -p /shared/run && touch {marker}")
+  check = lines[mkdir + 1]
+  assert check.startswith("srun --ntasks-per-node=1 bash -c")
+  assert f"test -e {marker}" in check
+  train = next(i for i, line in enumerate(lines)
+               if "pix2seq_d_jax.main --distributed" in line)
+  assert mkdir < train and lines[train - 1] == f"rm -f {marker}"
+  assert lines[train].endswith(
+      "--workdir=/shared/run --config.input.data_dir=/shared/coco")
+
+
+def test_slurm_bucket_workdir_needs_no_shared_check():
+  out = _dry("slurm.sh", "--dry_run", "--", "--workdir=gs://b/run")
+  assert out.returncode == 0, out.stderr
+  assert "shared_check" not in out.stdout
+  assert "--distributed --workdir=gs://b/run" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workdir=runs/a"], "--workdir must be an absolute path"),
+    (["--workdir=/s/a", "--config.input.data_dir=data"],
+     "--config.input.data_dir must be an absolute path"),
+    (["--config=configs/coco.py"], "pass --workdir="),
+])
+def test_slurm_refuses_relative_or_missing_paths(args, message):
+  out = _dry("slurm.sh", "--dry_run", "--", *args)
+  assert out.returncode == 2 and message in out.stderr
+
+
 def _local_module():
   spec = importlib.util.spec_from_file_location(
       "launch_local", os.path.join(REPO, "launch", "local.py"))

@@ -32,11 +32,13 @@ import tempfile
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from pix2seq_d_jax.data import register_source
 from pix2seq_d_jax.data.coco_panoptic import CocoPanopticSource, open_layout
 from pix2seq_d_jax.data.source_api import BadExampleError
 from pix2seq_d_jax.formats import coco_panoptic as coco_format
+from pix2seq_d_jax.formats import paths
 
 _DEFAULT_CACHE_DIR = os.path.join(
     tempfile.gettempdir(), 'pix2seq_d_jax', 'cityscapes_panoptic'
@@ -165,7 +167,7 @@ class CityscapesPanopticSource(CocoPanopticSource):
     # A missing city is a setup error, so it fails here, not per example.
     for city in sorted({city_of(im['file_name']) for im in content['images']}):
       city_folder = os.path.join(image_folder, city)
-      if not os.path.isdir(city_folder):
+      if not paths.isdir(city_folder):
         raise FileNotFoundError(
             f'image folder of city {city!r} not found: {city_folder} '
             f'(the city of images in {source_json}).'
@@ -213,15 +215,14 @@ def _write_cached_json(
   Returns:
     Path of `<cache_dir>/<sha256 prefix>/cityscapes_panoptic_{split}.json`.
   """
-  with open(source_json, 'rb') as f:
-    digest = hashlib.sha256(f.read()).hexdigest()[:16]
+  digest = hashlib.sha256(
+      epath.Path(source_json).read_bytes()).hexdigest()[:16]
   path = os.path.join(
       cache_dir, digest, f'cityscapes_panoptic_{split}.json'
   )
-  if not os.path.isfile(path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    # Atomic write: concurrent hosts writing the same content cannot leave a
-    # truncated file for one another.
+  if not paths.isfile(path):
+    # Atomic write (it creates the folder): concurrent hosts writing the
+    # same content cannot leave a truncated file for one another.
     coco_format.write_panoptic_json(
         path,
         normalised['images'],

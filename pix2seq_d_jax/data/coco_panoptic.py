@@ -27,6 +27,7 @@ from pix2seq_d_jax.data.source_api import (
   metadata_from_categories,
 )
 from pix2seq_d_jax.formats import coco_panoptic as coco_format
+from pix2seq_d_jax.formats import paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,18 +57,18 @@ def open_layout(
     raise ValueError(f'split must be one of {SPLITS}, got {split!r}.')
   if max_examples is not None and max_examples < 0:
     raise ValueError(f'max_examples must be >= 0, got {max_examples}.')
-  if not os.path.isdir(root):
+  if not paths.isdir(root):
     # An empty data_dir (the dataset configs' default) must not read as ''.
     raise FileNotFoundError(
         f'{root_what} not found: '
-        f'{repr(os.path.abspath(root)) if root else "an empty path"}; set '
+        f'{repr(paths.absolute(root)) if root else "an empty path"}; set '
         '--config.input.data_dir=DIR to the dataset folder')
   content = coco_format.load_panoptic_json(gt_json)
   for folder, what in (
       (gt_folder, 'panoptic PNG'),
       (image_folder, 'image'),
   ):
-    if not os.path.isdir(folder):
+    if not paths.isdir(folder):
       raise FileNotFoundError(f'{what} folder not found: {folder}')
   return content
 

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from absl import logging
+from etils import epath
 
 from pix2seq_d_jax.data import register_source
 from pix2seq_d_jax.data.source_api import (
@@ -44,6 +45,7 @@ from pix2seq_d_jax.data.source_api import (
 )
 from pix2seq_d_jax.formats import coco_panoptic as coco_format
 from pix2seq_d_jax.formats import davis as davis_format
+from pix2seq_d_jax.formats import paths
 
 TASKS = ('unsupervised', 'semi-supervised')
 VOID_ID = 255
@@ -251,7 +253,7 @@ class ClipSource(SkippingSource):
 
 def _stems(folder: str, ext: str) -> list[str]:
   return sorted(
-      os.path.splitext(f)[0] for f in os.listdir(folder) if f.endswith(ext)
+      os.path.splitext(f)[0] for f in paths.listdir(folder) if f.endswith(ext)
   )
 
 
@@ -313,18 +315,18 @@ class DavisSource(ClipSource):
     if task not in TASKS:
       raise ValueError(f'task must be one of {TASKS}, got {task!r}.')
     check_count(max_sequences, 'max_sequences')
-    if not os.path.isdir(root):
+    if not paths.isdir(root):
       raise FileNotFoundError(
           'DAVIS root not found: '
-          f'{repr(os.path.abspath(root)) if root else "an empty path"}; '
+          f'{repr(paths.absolute(root)) if root else "an empty path"}; '
           'set --config.input.data_dir=DIR to the DAVIS folder')
     image_set = os.path.join(root, 'ImageSets', '2017', f'{split}.txt')
     image_root = os.path.join(root, 'JPEGImages', resolution)
     label_root = os.path.join(root, _ANNOTATION_FOLDERS[task], resolution)
-    if not os.path.isfile(image_set):
+    if not paths.isfile(image_set):
       raise FileNotFoundError(f'DAVIS ImageSets file not found: {image_set}')
     for folder, what in ((image_root, 'frame'), (label_root, task)):
-      if not os.path.isdir(folder):
+      if not paths.isdir(folder):
         raise FileNotFoundError(
             f'DAVIS {what} folder not found: {folder}'
         )
@@ -392,8 +394,8 @@ class DavisSource(ClipSource):
 
 def _read_image_set(path: str) -> list[str]:
   """Reads an ImageSets file: one sequence name per non-empty line."""
-  with open(path, encoding='utf-8') as f:
-    names = [line.strip() for line in f if line.strip()]
+  text = epath.Path(path).read_text(encoding='utf-8')
+  names = [line.strip() for line in text.splitlines() if line.strip()]
   if not names:
     raise ValueError(f'DAVIS ImageSets file {path} lists no sequence.')
   seen = set()
@@ -411,7 +413,7 @@ def _pair_frames(
   image_dir = os.path.join(image_root, name)
   label_dir = os.path.join(label_root, name)
   for folder in (image_dir, label_dir):
-    if not os.path.isdir(folder):
+    if not paths.isdir(folder):
       raise FileNotFoundError(
           f'Folder of sequence {name!r} (listed in {image_set}) not found: '
           f'{folder}'

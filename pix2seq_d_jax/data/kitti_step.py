@@ -38,6 +38,7 @@ from pix2seq_d_jax.data.source_api import (
 )
 from pix2seq_d_jax.formats import coco_panoptic as coco_format
 from pix2seq_d_jax.formats import kitti_step as step_format
+from pix2seq_d_jax.formats import paths
 
 VOID_TRAIN_ID = 255
 THING_TRAIN_IDS = (11, 13)  # person, car: the classes STEP tracks.
@@ -81,7 +82,7 @@ def _sorted_numeric(names: list[str], folder: str, what: str) -> list[str]:
 
 
 def _list_frames(folder: str) -> list[str]:
-  stems = [f[:-4] for f in os.listdir(folder) if f.endswith('.png')]
+  stems = [f[:-4] for f in paths.listdir(folder) if f.endswith('.png')]
   stems = _sorted_numeric(stems, folder, 'frame')
   if stems and int(stems[-1]) >= _FRAMES_PER_SEQUENCE_ID:
     raise ValueError(
@@ -156,18 +157,18 @@ class KittiStepSource(SkippingSource):
                         ('max_examples', max_examples)):
       if value is not None and value < 0:
         raise ValueError(f'{name} must be >= 0, got {value}.')
-    if not os.path.isdir(root):
+    if not paths.isdir(root):
       raise FileNotFoundError(
           'KITTI-STEP root not found: '
-          f'{repr(os.path.abspath(root)) if root else "an empty path"}; '
+          f'{repr(paths.absolute(root)) if root else "an empty path"}; '
           'set --config.input.data_dir=DIR to the KITTI-STEP folder')
     gt_folder = os.path.join(root, 'panoptic_maps', split)
     image_folder = os.path.join(root, 'images', split)
     for folder, what in ((gt_folder, 'panoptic map'), (image_folder, 'image')):
-      if not os.path.isdir(folder):
+      if not paths.isdir(folder):
         raise FileNotFoundError(f'{what} folder not found: {folder}')
-    names = [d for d in os.listdir(gt_folder)
-             if os.path.isdir(os.path.join(gt_folder, d))]
+    names = [d for d in paths.listdir(gt_folder)
+             if paths.isdir(os.path.join(gt_folder, d))]
     names = _sorted_numeric(names, gt_folder, 'sequence')
     if not names:
       raise ValueError(f'no sequence folders in {gt_folder}.')
@@ -178,7 +179,7 @@ class KittiStepSource(SkippingSource):
     self._images: dict[str, dict[str, str]] = {}
     for name in names:
       seq_images = os.path.join(image_folder, name)
-      if not os.path.isdir(seq_images):
+      if not paths.isdir(seq_images):
         raise FileNotFoundError(
             f'image folder of sequence {name!r} not found: {seq_images}'
         )
@@ -190,7 +191,7 @@ class KittiStepSource(SkippingSource):
       self._frames[name] = tuple(frames)
       # Image file per frame stem; KITTI has PNGs, other STEP sets JPEGs.
       by_stem: dict[str, str] = {}
-      for f in os.listdir(seq_images):
+      for f in paths.listdir(seq_images):
         stem, ext = os.path.splitext(f)
         rank = _IMAGE_EXTENSIONS.index(ext.lower()) if (
             ext.lower() in _IMAGE_EXTENSIONS) else None

@@ -23,12 +23,15 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from typing import Any
 
 import numpy as np
 from absl import logging
+from etils import epath
 
 from pix2seq_d_jax.formats import coco_panoptic as coco_format
+from pix2seq_d_jax.formats import paths
 
 # Bump when the generator's output changes, so cached datasets are rebuilt.
 GENERATOR_VERSION = 1
@@ -279,15 +282,51 @@ def full_params(defaults: dict[str, Any], params: dict[str, Any]
   return {**defaults, **params}
 
 
+def is_complete(root: str) -> bool:
+  """Whether a finished synthetic dataset is at `root` (local or a URL).
+
+  A bucket has no folder rename: there `params.json`, uploaded last, marks
+  a complete dataset.
+  """
+  if paths.is_url(root):
+    return (epath.Path(root) / 'params.json').exists()
+  return os.path.isdir(root)
+
+
+def _upload(local: str, root: str) -> None:
+  """Copies the folder `local` to the URL `root`, `params.json` last."""
+  dest = epath.Path(root)
+  files = sorted(
+      os.path.relpath(os.path.join(d, f), local)
+      for d, _, names in os.walk(local) for f in names
+  )
+  files.sort(key=lambda rel: rel == 'params.json')  # Stable: marker last.
+  for rel in files:
+    target = dest / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(os.path.join(local, rel), 'rb') as f:
+      target.write_bytes(f.read())
+
+
 def write_atomically(root: str, write: Any, params: dict[str, Any]) -> None:
   """Runs `write(tmp)` into `<root>.tmp-<pid>`, then renames it to `root`.
 
   `params` is saved as `params.json`. An interrupted run never leaves a
-  partial dataset at `root`.
+  partial dataset at `root`. A URL `root` (`gs://...`) is written into a
+  local temporary folder and uploaded with `params.json` last, the marker
+  `is_complete` looks for: an interrupted upload leaves no marker.
 
   Raises:
     FileExistsError: if `root` already exists.
   """
+  if paths.is_url(root):
+    if is_complete(root):
+      raise FileExistsError(
+          f'Synthetic dataset folder already exists: {root}')
+    with tempfile.TemporaryDirectory() as local:
+      write_atomically(os.path.join(local, 'dataset'), write, params)
+      _upload(os.path.join(local, 'dataset'), root)
+    return
   root = os.path.abspath(root)
   if os.path.exists(root):
     raise FileExistsError(
@@ -325,16 +364,16 @@ def ensure_cached(data_dir: str, prefix: str, defaults: dict[str, Any],
   rename wins; the others discard their copy.
   """
   root = cache_dir(data_dir, prefix, defaults, version, params)
-  if os.path.isdir(root):
+  if is_complete(root):
     return root
-  os.makedirs(data_dir, exist_ok=True)
+  paths.to_epath(data_dir).mkdir(parents=True, exist_ok=True)
   logging.info('Generating synthetic dataset %s in %s', params, root)
   try:
     generate_fn(root, **params)
   except (FileExistsError, OSError):
     # Another process finished first (os.replace onto a non-empty folder fails
     # with OSError); its dataset is identical, so use it.
-    if not os.path.isdir(root):
+    if not is_complete(root):
       raise
   return root
 

@@ -43,6 +43,7 @@ from pix2seq_d_jax.data.source_api import (
 )
 from pix2seq_d_jax.formats import coco_panoptic as coco_format
 from pix2seq_d_jax.formats import davis as davis_format
+from pix2seq_d_jax.formats import paths
 
 # The 133 COCO panoptic categories (id, name) in the order of
 # panoptic_{train,val}2017.json, which is the order of tfds'
@@ -110,15 +111,15 @@ def resolve_builder_dir(data_dir: str, name: str, config: str) -> str:
   Raises:
     FileNotFoundError: if neither layout is found (names both paths).
   """
-  if os.path.isfile(os.path.join(data_dir, 'dataset_info.json')):
+  if paths.isfile(os.path.join(data_dir, 'dataset_info.json')):
     return data_dir
   config_dir = os.path.join(data_dir, name, config)
   versions = []
-  if os.path.isdir(config_dir):
+  if paths.isdir(config_dir):
     versions = [
-        v for v in os.listdir(config_dir)
+        v for v in paths.listdir(config_dir)
         if _VERSION.match(v)
-        and os.path.isfile(os.path.join(config_dir, v, 'dataset_info.json'))
+        and paths.isfile(os.path.join(config_dir, v, 'dataset_info.json'))
     ]
   if not versions:
     raise FileNotFoundError(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from etils import epath
+
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"
 )
@@ -35,10 +37,10 @@ def list_images(inputs: str | Sequence[str]) -> list[str]:
     inputs = [inputs]
   paths = []
   for item in inputs:
-    item = os.path.expanduser(os.fspath(item))
-    if os.path.isdir(item):
+    item = _expand(item)
+    if epath.Path(item).is_dir():
       paths.extend(os.path.join(item, n) for n in _image_names(item))
-    elif os.path.isfile(item):
+    elif epath.Path(item).is_file():
       paths.append(item)
     else:
       raise FileNotFoundError(f"--input={item!r}: no such file or folder")
@@ -50,19 +52,28 @@ def list_images(inputs: str | Sequence[str]) -> list[str]:
   return paths
 
 
+def _expand(path: str | os.PathLike) -> str:
+  """`~` expanded; a URL (`gs://...`) kept as is.
+
+  Never normpath or abspath a URL: both turn `gs://b` into `gs:/b`.
+  """
+  path = os.fspath(path)
+  return path if "://" in path else os.path.expanduser(path)
+
+
 def _image_names(folder: str) -> list[str]:
   return sorted(
-      n for n in os.listdir(folder)
-      if not n.startswith(".")
-      and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS
-      and os.path.isfile(os.path.join(folder, n))
+      p.name for p in epath.Path(folder).iterdir()
+      if not p.name.startswith(".")
+      and p.suffix.lower() in IMAGE_EXTENSIONS
+      and p.is_file()
   )
 
 
 def _subfolders(folder: str) -> list[str]:
   return sorted(
-      n for n in os.listdir(folder)
-      if not n.startswith(".") and os.path.isdir(os.path.join(folder, n))
+      p.name for p in epath.Path(folder).iterdir()
+      if not p.name.startswith(".") and p.is_dir()
   )
 
 
@@ -72,8 +83,8 @@ def is_sequence_root(path: str) -> bool:
   True for a folder that holds no image file directly but at least one
   sub-folder that does; the CLI then predicts a video without `--video`.
   """
-  path = os.path.expanduser(os.fspath(path))
-  if not os.path.isdir(path) or _image_names(path):
+  path = _expand(path)
+  if not epath.Path(path).is_dir() or _image_names(path):
     return False
   return any(_image_names(os.path.join(path, d)) for d in _subfolders(path))
 
@@ -94,15 +105,15 @@ def list_sequences(path: str) -> list[tuple[str, list[str]]]:
     ValueError: a sequence is named like an output folder (overlays,
       trajectories), which would mix results and visualisations.
   """
-  path = os.path.expanduser(os.fspath(path))
-  if not os.path.isdir(path):
+  path = _expand(path)
+  if not epath.Path(path).is_dir():
     raise FileNotFoundError(
         f"--input={path!r}: --video expects a folder of frames or a folder "
         "of sequence folders"
     )
   frames = _image_names(path)
   if frames:
-    name = os.path.basename(os.path.normpath(os.path.abspath(path)))
+    name = epath.Path(path if "://" in path else os.path.abspath(path)).name
     sequences = [(name, [os.path.join(path, n) for n in frames])]
   else:
     sequences = []

@@ -40,8 +40,10 @@ reference, uses 'SAME' (0, 1) padding: a one-pixel shift after the stem.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -52,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors
 from absl import logging
+from etils import epath
 from flax import traverse_util
 from flax.core import meta
 
@@ -160,13 +163,14 @@ def _open_export(
   Arrays are read on demand so the ignored groups (most of a ResNet-50's
   weights are in `layer4`) are never loaded.
   """
-  suffix = suffix or os.path.splitext(path)[1]
-  if not os.path.isfile(path):
+  suffix = suffix or epath.Path(path).suffix
+  if not epath.Path(path).is_file():
     raise FileNotFoundError(f"backbone export {path!r} does not exist or is "
                             "not a file.")
+  local = _local_file(path)
   if suffix == ".npz":
     try:
-      npz = np.load(path, allow_pickle=False)
+      npz = np.load(local, allow_pickle=False)
     except (zipfile.BadZipFile, OSError, ValueError) as e:
       raise ValueError(f"{path}: not a readable .npz archive: {e}") from e
     if not isinstance(npz, np.lib.npyio.NpzFile):
@@ -174,11 +178,35 @@ def _open_export(
                        "archive of named arrays.")
     # The archive is reopened per read so no file handle outlives the call.
     npz.close()
-    return list(npz.files), lambda k: _npz_array(path, k)
+    return list(npz.files), lambda k: _npz_array(local, k)
   if suffix == ".safetensors":
-    return _open_safetensors(path)
+    return _open_safetensors(local)
   raise ValueError(f"backbone export {path!r} has suffix {suffix!r}; "
                    f"expected one of {SUFFIXES}.")
+
+
+def _local_file(path: str) -> str:
+  """`path` itself if local; else a copy in the temp folder, fetched once.
+
+  safetensors maps the file into memory and `np.load` reopens the archive
+  for each array, so an export in a bucket is read from a local copy (keyed
+  by the URL and the object's size and mtime, so a replaced export is
+  fetched again).
+  """
+  if "://" not in path:
+    return path
+  remote = epath.Path(path)
+  stat = remote.stat()
+  key = hashlib.sha256(
+      f"{path}|{stat.length}|{stat.mtime}".encode()).hexdigest()[:16]
+  local = os.path.join(
+      tempfile.gettempdir(), "pix2seq_d_jax_exports", key, remote.name)
+  if not os.path.isfile(local):
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    tmp = f"{local}.tmp-{os.getpid()}"
+    remote.copy(tmp, overwrite=True)
+    os.replace(tmp, local)
+  return local
 
 
 def read_export(path: str) -> dict[str, np.ndarray]:
@@ -235,7 +263,7 @@ def is_backbone_export(path: str) -> bool:
   Returns:
     Whether it is a loadable backbone export.
   """
-  if not os.path.isfile(path) or not path.endswith(SUFFIXES):
+  if not path.endswith(SUFFIXES) or not epath.Path(path).is_file():
     return False
   try:
     keys, _ = _open_export(path)
