@@ -31,7 +31,6 @@ first differing parameter path, both shapes and the checkpoint's
 from __future__ import annotations
 
 import json
-import zipfile
 from typing import Any
 
 import jax
@@ -41,7 +40,6 @@ from etils import epath
 
 from pix2seq_d_jax import config_lib
 from pix2seq_d_jax.formats import paths
-from pix2seq_d_jax.models import weight_import
 
 PyTree = Any
 STATE = "state"
@@ -184,64 +182,20 @@ def restore_weights(path: str, abstract_state: PyTree) -> PyTree:
   raise _not_a_checkpoint(path)
 
 
-_EXPECTED = (
-    "expected a workdir, its checkpoints/ folder, a step folder, or (for "
-    "config.model_init) a ResNet-50 export "
-    f"{' or '.join(weight_import.SUFFIXES)}"
-)
-# Hints for formats people commonly point config.model_init at.
-_FORMAT_HINTS = {
-    ".pth": "a PyTorch pickle; save its state_dict with "
-    "safetensors.torch.save_file(state_dict, 'r50.safetensors')",
-    ".npy": "a single array; save the named arrays with np.savez",
-    ".h5": "a Keras HDF5 file; save the named arrays with np.savez",
-}
-_FORMAT_HINTS[".pt"] = _FORMAT_HINTS[".bin"] = _FORMAT_HINTS[".pth"]
-_FORMAT_HINTS[".keras"] = _FORMAT_HINTS[".h5"]
+_EXPECTED = "expected a workdir, its checkpoints/ folder or a step folder"
 
 
 def _not_a_checkpoint(path: str) -> Exception:
-  """The real reason `path` holds neither a checkpoint nor an export."""
+  """Why `path` holds no checkpoint (files are explained by the caller)."""
   file = epath.Path(path)
   if not file.exists():
     return FileNotFoundError(f"{path!r} does not exist ({_EXPECTED})")
-  if not file.is_file():
-    return FileNotFoundError(
-        f"no finalized checkpoint under {path!r} ({_EXPECTED})"
-    )
-  suffix = file.suffix.lower()
-  if suffix not in weight_import.SUFFIXES:
-    hint = _FORMAT_HINTS.get(suffix, "")
-    return ValueError(
-        f"{path!r}: unsupported format {suffix or '(no suffix)'!r}"
-        f"{f' ({hint})' if hint else ''}; {_EXPECTED}"
-    )
-  with file.open("rb") as f:
-    head = f.read(8)
-  # np.load(allow_pickle=False) refuses these with a generic message.
-  refused = "pickled content refused (loading a pickle can run code)"
-  if head.startswith(b"\x93NUMPY"):
-    reason = "a single .npy array, not an archive of named arrays"
-  elif head[:1] == b"\x80":
-    reason = f"a Python pickle: {refused}"
-  elif _is_torch_archive(file):
-    reason = f"a PyTorch torch.save archive: {refused}"
-  else:
-    try:
-      weight_import.detect_layout(list(weight_import.read_export(path)), path)
-      reason = "readable, yet not routed as an export"
-    except (OSError, ValueError) as e:
-      reason = f"not a ResNet-50 array file: {e}"
-  return ValueError(f"{path!r}: {reason}; {_EXPECTED}")
-
-
-def _is_torch_archive(file: epath.Path) -> bool:
-  """True for a `torch.save` zip (it holds a `data.pkl`)."""
-  with file.open("rb") as f:
-    if not zipfile.is_zipfile(f):
-      return False
-    f.seek(0)
-    return any(n.endswith("data.pkl") for n in zipfile.ZipFile(f).namelist())
+  if file.is_file():
+    return FileNotFoundError(f"{path!r} is a file, not a checkpoint "
+                             f"({_EXPECTED})")
+  return FileNotFoundError(
+      f"no finalized checkpoint under {path!r} ({_EXPECTED})"
+  )
 
 
 def _path_str(path: tuple[Any, ...]) -> str:

@@ -482,6 +482,9 @@ def _init_weights(state: Any, path: str, exp: Any) -> Any:
     return state.replace(
         params=params, batch_stats=batch_stats, ema_params=ema_params
     )
+  if epath.Path(path).is_file():
+    # A file that is not a loadable export: say exactly why.
+    raise weight_import.explain_not_an_export(path)
   loaded = exp.restore_weights(path)
   return state.replace(
       params=loaded.params, batch_stats=loaded.batch_stats,

@@ -18,6 +18,7 @@ import optax
 import pytest
 
 from pix2seq_d_jax import checkpointing, config_lib
+from pix2seq_d_jax.models import weight_import
 
 
 @flax.struct.dataclass
@@ -145,7 +146,13 @@ def test_bad_model_init_says_why(tmp_path, case, exc, fragments):
   }
   path = paths[case]()
   with pytest.raises(exc) as info:
-    checkpointing.restore_weights(path, _abstract(64))
+    if case in ("missing", "empty_dir"):
+      # What config.resume and predict's --checkpoint say.
+      checkpointing.restore_weights(path, _abstract(64))
+    else:
+      # A config.model_init file that is no export (train routes it here).
+      assert not weight_import.is_backbone_export(path)
+      raise weight_import.explain_not_an_export(path)
   message = str(info.value)
   assert repr(path) in message or path in message
   assert "\n" not in message

@@ -557,3 +557,70 @@ def load_backbone_weights(
                len(ignored), len(folds))
   return (_with_backbone(params, updates["params"]),
           _with_backbone(batch_stats, updates["batch_stats"]), report)
+
+
+# ------------------------------------------------- why a file is not one
+
+_EXPECTED = (
+    "expected a workdir, its checkpoints/ folder, a step folder, or a "
+    f"ResNet-50 export {' or '.join(SUFFIXES)}"
+)
+# Hints for formats people commonly point config.model_init at.
+_FORMAT_HINTS = {
+    ".pth": "a PyTorch pickle; save its state_dict with "
+    "safetensors.torch.save_file(state_dict, 'r50.safetensors')",
+    ".npy": "a single array; save the named arrays with np.savez",
+    ".h5": "a Keras HDF5 file; save the named arrays with np.savez",
+}
+_FORMAT_HINTS[".pt"] = _FORMAT_HINTS[".bin"] = _FORMAT_HINTS[".pth"]
+_FORMAT_HINTS[".keras"] = _FORMAT_HINTS[".h5"]
+
+
+def explain_not_an_export(path: str) -> Exception:
+  """The real reason the file `path` is not a loadable ResNet-50 export.
+
+  For `config.model_init` pointing at a file that `is_backbone_export`
+  rejects: a missing file, an unsupported format (with a hint for common
+  ones), a single `.npy` array, a pickle or `torch.save` archive (refused:
+  loading a pickle can run code), an unreadable archive, or arrays whose
+  keys name no known layout.
+
+  Returns:
+    A FileNotFoundError or ValueError with a one-line message naming `path`.
+  """
+  file = epath.Path(path)
+  if not file.exists():
+    return FileNotFoundError(f"{path!r} does not exist ({_EXPECTED})")
+  suffix = file.suffix.lower()
+  if suffix not in SUFFIXES:
+    hint = _FORMAT_HINTS.get(suffix, "")
+    return ValueError(
+        f"{path!r}: unsupported format {suffix or '(no suffix)'!r}"
+        f"{f' ({hint})' if hint else ''}; {_EXPECTED}"
+    )
+  with file.open("rb") as f:
+    head = f.read(8)
+  # np.load(allow_pickle=False) refuses these with a generic message.
+  refused = "pickled content refused (loading a pickle can run code)"
+  if head.startswith(b"\x93NUMPY"):
+    reason = "a single .npy array, not an archive of named arrays"
+  elif head[:1] == b"\x80":
+    reason = f"a Python pickle: {refused}"
+  elif _is_torch_archive(file):
+    reason = f"a PyTorch torch.save archive: {refused}"
+  else:
+    try:
+      detect_layout(list(read_export(path)), path)
+      reason = "readable, yet not routed as an export"
+    except (OSError, ValueError) as e:
+      reason = f"not a ResNet-50 array file: {e}"
+  return ValueError(f"{path!r}: {reason}; {_EXPECTED}")
+
+
+def _is_torch_archive(file: epath.Path) -> bool:
+  """True for a `torch.save` zip (it holds a `data.pkl`)."""
+  with file.open("rb") as f:
+    if not zipfile.is_zipfile(f):
+      return False
+    f.seek(0)
+    return any(n.endswith("data.pkl") for n in zipfile.ZipFile(f).namelist())
