@@ -36,13 +36,13 @@ def to_epath(path: PathLike) -> epath.Path:
 
 
 def isdir(path: PathLike) -> bool:
-  """`os.path.isdir` for local paths and URLs."""
-  return epath.Path(path).is_dir()
+  """`os.path.isdir` for local paths and URLs (False for "", not cwd)."""
+  return bool(os.fspath(path)) and epath.Path(path).is_dir()
 
 
 def isfile(path: PathLike) -> bool:
-  """`os.path.isfile` for local paths and URLs."""
-  return epath.Path(path).is_file()
+  """`os.path.isfile` for local paths and URLs (False for "")."""
+  return bool(os.fspath(path)) and epath.Path(path).is_file()
 
 
 def listdir(path: PathLike) -> list[str]:
