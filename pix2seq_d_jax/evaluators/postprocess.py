@@ -8,7 +8,8 @@ majority thing class of its pixels, stuff classes form one segment each, and
 segments smaller than `min_pixels` become void. The result is a COCO-style id
 map plus `segments_info`. `valid_mask_size` and
 `crop_and_resize_to_original` map mask-resolution predictions (with padding)
-back to the original image size for evaluation. numpy only.
+back to the original image size for evaluation, `sequence_to_original` a
+video sequence's (semantic, instance) masks. numpy only.
 """
 
 from __future__ import annotations
@@ -209,6 +210,38 @@ def crop_and_resize_to_original(
       f"{tuple(valid_size_in_mask)}"
     )
   return preprocess.resize_labels(labels[:h, :w], orig_size)
+
+
+def sequence_to_original(
+  semantic: np.ndarray,
+  instance: np.ndarray,
+  *,
+  valid_size: Sequence[int],
+  orig_size: Sequence[int],
+  image_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Crops and resizes one sequence's mask-size predictions to its frames.
+
+  The valid region is the mask pixels that cover any of the `valid_size`
+  content (`valid_mask_size`), as for images; the resize is nearest.
+
+  Args:
+    semantic, instance: int [T, m, m] predictions of the real frames.
+    valid_size: (h, w) of the resized frame inside the padded image.
+    orig_size: (H, W) of the frames.
+    image_size: S, the padded input size.
+
+  Returns:
+    (semantic, instance), [T, H, W] each, of the inputs' (common) dtype.
+  """
+  valid = valid_mask_size(valid_size, image_size, semantic.shape[-1])
+  size = tuple(int(v) for v in orig_size)
+  # Semantic and instance stacked on a channel axis: one resize per frame.
+  both = np.stack([
+    crop_and_resize_to_original(np.stack(pair, -1), valid, size)
+    for pair in zip(semantic, instance, strict=True)
+  ])
+  return both[..., 0], both[..., 1]
 
 
 def recount_segments(
