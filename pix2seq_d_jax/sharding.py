@@ -18,6 +18,7 @@ error, as it is most likely a typo or a rules table for another mesh.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -181,6 +182,9 @@ def with_activation_rules(
   """`fn` traced under `activation_rules(mesh, rules)`; jit the result."""
   mesh_rules(rules, mesh)  # Fails here, not at the first trace.
 
+  # functools.wraps keeps `fn`'s name, which names the jitted program
+  # (`jit(train_step)`) in logs, profiles and compile counts.
+  @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     with activation_rules(mesh, rules):
       return fn(*args, **kwargs)

@@ -384,6 +384,9 @@ def _train_loop(
       step += 1
       if block:
         jax.block_until_ready(metrics)
+      # The input position after this step's batch, for its checkpoint: taken
+      # before the next batch is read ahead.
+      data_state = train_iter.get_state()
       # While the device computes: the next batch (input overlaps compute).
       next_local = next(train_iter) if step < total_steps else None
       log_now = reporting.itstime(step, config.log_training_steps,
@@ -413,8 +416,7 @@ def _train_loop(
           log_t0, log_step = time.time(), step
       reporter.step_done(step)
       if ckpt_now or (stopping and last_good_ckpt != step):
-        checkpointing.save(manager, step, state, train_iter.get_state(),
-                           force=True)
+        checkpointing.save(manager, step, state, data_state, force=True)
         last_good_ckpt = step
       if stopping:
         break
