@@ -49,9 +49,12 @@ MESHES = {
 def _config():
   config = common.get_base_config()
   config.model = common.tiny_model()
-  config.model.update(backbone_width=8, enc_layers=1, enc_dim=32,
-                      enc_mlp_dim=64, enc_heads=2, fuse_dim=16, dec_dim=16,
-                      dec_dim_mults=(1, 2), dec_transformer_dim=32,
+  # Small, but with every weight kind the rules name: one encoder
+  # transformer block (embed, mlp, heads), convolutions (conv_out).
+  config.model.update(backbone_width=8, backbone_depths=(1,), enc_layers=1,
+                      enc_dim=32, enc_mlp_dim=64, enc_heads=2, fuse_dim=16,
+                      dec_dim=16, dec_dim_mults=(1,),
+                      dec_transformer_layers=0, dec_transformer_dim=32,
                       dec_heads=2, enc_dropout=0.0)
   config.input.image_size, config.input.mask_size = IMAGE, MASK
   return config
