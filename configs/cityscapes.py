@@ -3,7 +3,7 @@ r"""Cityscapes panoptic (19 train classes: 11 stuff + 8 things), Pix2Seq-D R50.
 Read from the layout that cityscapesScripts' panoptic conversion writes
 (`leftImg8bit/`, `gtFine/cityscapes_panoptic_{split}.json` and PNG folders);
 the loader comes with the real-datasets issue. The model and diffusion recipe
-are the COCO ones (PIX2SEQ_D.md); image 1024 / mask 512, as the COCO
+are the COCO ones (paper); image 1024 / mask 512, as the COCO
 high-res stage, since the reference records no Cityscapes-specific sizes.
 Initialise from a COCO checkpoint with `--config.model_init=DIR`.
 

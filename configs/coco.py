@@ -1,6 +1,6 @@
 r"""COCO 2017 panoptic: the paper's Pix2Seq-D ResNet-50 recipe (94.5M params).
 
-Two stages, as in the reference sweeps (PIX2SEQ_D.md section 4):
+Two stages, as in the reference code's sweeps:
 
 * `:stage=low_res` (default) pretraining, 800 epochs, batch 512, lr 1e-4 with
   5 warmup epochs, linear decay to 0.1x, large-scale jitter [1, 3], colour

@@ -1,6 +1,6 @@
 r"""DAVIS 2017 unsupervised video object segmentation, Pix2Seq-D R50.
 
-The paper's video recipe (PIX2SEQ_D.md section 4): image 512x1024, mask
+The paper's video recipe (paper, section 4): image 512x1024, mask
 256x512, conditioning on the predicted masks of frames -2 and -1, frame
 dropout 0.2, at most 16 instances, initialised from a COCO checkpoint
 (`--config.model_init=DIR`). Expected (paper): J&F 68.4 / J 65.1 / F 71.7 on

@@ -1,6 +1,6 @@
 r"""KITTI-STEP video panoptic segmentation, Pix2Seq-D R50.
 
-The reference video recipe for KITTI-STEP (PIX2SEQ_D.md section 4; the
+The reference video recipe for KITTI-STEP (the
 reference's `config_diffusion_panoptic_video.py` sweep): image 384x1248, mask
 192x624, conditioning on the masks of frames -2 and -1, frame dropout 0.2,
 instance ids 0..255 (`max_instances_per_image` 256 incl. 0), no scale or

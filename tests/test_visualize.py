@@ -71,3 +71,36 @@ def test_save_png_round_trip(tmp_path):
   path = tmp_path / "sub" / "x.png"
   visualize.save_png(path, rgb)
   np.testing.assert_array_equal(np.asarray(Image.open(path)), rgb)
+
+
+def test_overlay_labels_big_segments_and_lists_small_ones_in_a_legend():
+  # A 120x160 image: a large stuff segment, a 40x60 thing, and a 3x3 thing
+  # far smaller than any label.
+  h, w = 120, 160
+  image = np.full((h, w, 3), 128, np.uint8)
+  ids = np.ones((h, w), np.int32)
+  ids[10:50, 20:80] = 2
+  ids[100:103, 140:143] = 3
+  info = [{"id": 1, "category_id": 1, "isthing": False},
+          {"id": 2, "category_id": 2, "isthing": True},
+          {"id": 3, "category_id": 3, "isthing": True}]
+  names = {1: "sky", 2: "car", 3: "bird"}
+  out = visualize.overlay(image, ids, info, names)
+  assert out.shape[1:] == (2 * w + 4, 3) and out.shape[0] > h
+  panel = out[:h, w + 4:]
+  blended = visualize.blend(image, visualize.colorize(ids, info), 0.5)
+  changed = np.any(panel != blended, axis=-1)
+  # The small segment is untouched on the panel: its name is in the legend.
+  assert not changed[100:103, 140:143].any()
+  # The car's label is drawn on the car.
+  assert changed[10:50, 20:80].any()
+  # The legend shows the bird's colour swatch.
+  bird = visualize.segment_colors(ids, info)[3]
+  legend = out[h:]
+  assert np.all(legend == bird, axis=-1).any()
+  # Text scales with the image.
+  assert visualize.label_font_size(480, 640) > visualize.label_font_size(
+      120, 160) >= 8
+  # When every label fits on its segment there is no legend strip.
+  big = visualize.overlay(image, ids, info[:2], names)
+  assert big.shape == (h, 2 * w + 4, 3)

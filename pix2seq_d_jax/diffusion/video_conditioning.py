@@ -3,7 +3,7 @@
 Pix2Seq-D segments and tracks video by giving the decoder, besides the noisy
 bits and the image features, the panoptic masks of the preceding frames
 (`proceeding_frames`, e.g. (-2, -1)): instance ids then carry over from frame
-to frame without any matching step (PIX2SEQ_D.md section 4). Each earlier
+to frame without any matching step (paper, section 4). Each earlier
 frame's (semantic, instance) map is written as analog bits, the same code and
 scale b as the target, and the frames are concatenated on channels in the
 order of `proceeding_frames`. In training the maps are ground truth and each

@@ -276,13 +276,24 @@ def _pair_color(key: int) -> tuple[int, int, int]:
   return round(255 * r), round(255 * g), round(255 * b)
 
 
+def label_font_size(height: int, width: int) -> int:
+  """Label text height in pixels for an image: 1/30 of its shorter side."""
+  return max(8, round(min(height, width) / 30))
+
+
 def overlay(
     image: np.ndarray,
     segment_ids: np.ndarray,
     segments_info: Sequence[dict[str, Any]],
     names: dict[int, str],
 ) -> np.ndarray:
-  """Lays out image | image blended with segments, class names at centroids.
+  """Lays out image | image blended with segments, and names the classes.
+
+  Text scales with the image (`label_font_size`). A segment's class name is
+  drawn on it, centred on its centroid and kept inside its bounding box,
+  only when the label fits in that box; the names of smaller segments go to
+  a legend strip below (a swatch of the segment's colour and the name), so
+  a label never hides a small object.
 
   Args:
     image: uint8 [H, W, 3].
@@ -291,19 +302,30 @@ def overlay(
     names: category id -> class name.
 
   Returns:
-    uint8 [H, 2 * W + 4, 3].
+    uint8 [H + legend, 2 * W + 4, 3]; the legend strip is absent (0 rows)
+    when every label fits on its segment.
   """
   h, w, _ = image.shape
+  colors = segment_colors(segment_ids, segments_info)
   rgb = colorize(segment_ids, segments_info)
   panel = Image.fromarray(blend(image, rgb, _OVERLAY_ALPHA))
   draw = ImageDraw.Draw(panel)
-  font = ImageFont.load_default()
+  font = ImageFont.load_default(size=label_font_size(h, w))
   ys, xs = np.nonzero(segment_ids)
   ids = segment_ids[ys, xs]
   n = int(segment_ids.max(initial=0)) + 1
   count = np.bincount(ids, minlength=n)
   cy = np.bincount(ids, ys, minlength=n) / np.maximum(count, 1)
   cx = np.bincount(ids, xs, minlength=n) / np.maximum(count, 1)
+  y0 = np.full(n, h)
+  x0 = np.full(n, w)
+  y1 = np.full(n, -1)
+  x1 = np.full(n, -1)
+  np.minimum.at(y0, ids, ys)
+  np.minimum.at(x0, ids, xs)
+  np.maximum.at(y1, ids, ys)
+  np.maximum.at(x1, ids, xs)
+  legend = []
   for seg in segments_info:
     i = int(seg["id"])
     if i >= n or count[i] == 0:
@@ -311,16 +333,46 @@ def overlay(
     text = names.get(int(seg["category_id"]), str(seg["category_id"]))
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     tw, th = right - left + 2, bottom - top + 2
-    # Centred on the centroid, moved inside the panel when near an edge.
-    x = int(min(max(cx[i] - tw / 2, 0), max(w - tw, 0)))
-    y = int(min(max(cy[i] - th / 2, 0), max(h - th, 0)))
+    if tw > x1[i] - x0[i] + 1 or th > y1[i] - y0[i] + 1:
+      legend.append((colors.get(i, (0, 0, 0)), text))
+      continue
+    x = int(min(max(cx[i] - tw / 2, x0[i]), x1[i] + 1 - tw))
+    y = int(min(max(cy[i] - th / 2, y0[i]), y1[i] + 1 - th))
     draw.rectangle((x, y, x + tw - 1, y + th - 1), fill=(0, 0, 0))
     draw.text((x + 1 - left, y + 1 - top), text, fill=(255, 255, 255),
               font=font)
   canvas = np.full((h, 2 * w + _OVERLAY_GAP, 3), 255, np.uint8)
   canvas[:, :w] = image
   canvas[:, w + _OVERLAY_GAP:] = np.asarray(panel)
-  return canvas
+  if not legend:
+    return canvas
+  return np.concatenate([canvas, _legend(legend, canvas.shape[1], font)])
+
+
+def _legend(entries: Sequence[tuple[tuple[int, int, int], str]], width: int,
+            font: Any) -> np.ndarray:
+  """Rows of `[swatch] name` entries, wrapped to `width`; uint8 RGB."""
+  measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  _, top, _, bottom = measure.textbbox((0, 0), "Ag", font=font)
+  line = bottom - top + 4
+  pad = max(2, line // 4)
+  layout, x, row = [], pad, 0
+  for color, text in entries:
+    left, _, right, _ = measure.textbbox((0, 0), text, font=font)
+    item = line + pad + (right - left) + 2 * pad
+    if x + item > width and x > pad:
+      x, row = pad, row + 1
+    layout.append((x, row, color, text, left))
+    x += item
+  strip = Image.new("RGB", (width, (row + 1) * line + pad), (255, 255, 255))
+  draw = ImageDraw.Draw(strip)
+  for x, r, color, text, left in layout:
+    y = pad + r * line
+    draw.rectangle((x, y, x + line - 3, y + line - 3), fill=color,
+                   outline=(0, 0, 0))
+    draw.text((x + line + pad - left, y - top + 1), text, fill=(0, 0, 0),
+              font=font)
+  return np.asarray(strip)
 
 
 def save_trajectory(frames: np.ndarray, png_path: str, gif_path: str) -> None:
