@@ -24,7 +24,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from pix2seq_d_jax.formats import atomic
+from pix2seq_d_jax.formats import atomic, paths
 
 PathLike = atomic.PathLike
 
@@ -144,8 +144,9 @@ def _read_pixels(
   path = epath.Path(source)
   if not path.is_file():
     raise FileNotFoundError(f'{missing} not found: {name}')
-  with path.open('rb') as f:
-    return _decode(f, what, name, mode), name
+  # One read of the whole (small) file, then decode from memory.
+  return _decode(io.BytesIO(paths.read_bytes(source)), what, name,
+                 mode), name
 
 
 def read_rgb_image(

@@ -48,3 +48,19 @@ def isfile(path: PathLike) -> bool:
 def listdir(path: PathLike) -> list[str]:
   """`os.listdir` (entry names) for local paths and URLs."""
   return [p.name for p in epath.Path(path).iterdir()]
+
+
+def read_bytes(path: PathLike) -> bytes:
+  """The whole file at `path`, local or in a bucket, in one read.
+
+  For a URL served by fsspec (etils' backend without TensorFlow) this is a
+  single `cat_file` request: opening the file instead goes through gcsfs's
+  default read-ahead cache, whose background prefetcher deadlocks when
+  grain's reader threads open bucket files concurrently.
+  """
+  file = epath.Path(path)
+  fs_of = getattr(getattr(file, "_backend", None), "fs", None)
+  if is_url(path) and callable(fs_of):
+    return fs_of(os.fspath(path)).cat_file(os.fspath(path))
+  return file.read_bytes()
+
