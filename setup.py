@@ -27,6 +27,8 @@ _INSTALL_REQUIRES = [
 _EXTRAS = {
     "test": [
         "pytest>=8,<10",
+        # The suite runs its files on 2 worker processes (pyproject addopts).
+        "pytest-xdist>=3.5,<4",
         "chex>=0.1.90,<0.2",
         "ruff>=0.6",
         # tests/test_notebook.py runs notebooks/demo.ipynb headless.

@@ -300,6 +300,8 @@ def run_benchmark(
     conv_spatial: int = 64,
     conv_channels: int = 256,
     ceiling_repeats: int = 5,
+    sampling: bool = True,
+    host_overhead: bool = True,
 ) -> dict[str, Any]:
   """Measures ceilings, the train step and sampling; returns a JSON dict.
 
@@ -313,6 +315,9 @@ def run_benchmark(
     conv_spatial: input height and width of the convolution ceiling.
     conv_channels: channels of the convolution ceiling.
     ceiling_repeats: timed runs per ceiling operation.
+    sampling: also time the encoder, a decoder pass and the samplers.
+    host_overhead: also measure the loop's host overhead
+      (`measure_host_overhead`). `format_table` needs both.
 
   Returns:
     Nested dict: `setup`, `ceilings`, `train`, `sampling`,
@@ -403,6 +408,10 @@ def run_benchmark(
           lowered.as_text().encode()).hexdigest(),
   }
 
+  if not sampling:
+    results["peak_rss_bytes"] = peak_rss_bytes()
+    return results
+
   # ------------------------------------------------------------- sampling
   params, batch_stats = state.ema_params, state.batch_stats
   image = batch["image"]
@@ -475,7 +484,8 @@ def run_benchmark(
       None if at_20 is None else at_20 / (encoder_s + 20 * decoder_s))
   sampling["ratio_20_source"] = source
   results["sampling"] = sampling
-  results["host_overhead"] = measure_host_overhead(config)
+  if host_overhead:
+    results["host_overhead"] = measure_host_overhead(config)
   results["peak_rss_bytes"] = peak_rss_bytes()
   return results
 

@@ -126,7 +126,9 @@ def test_benchmark_step_is_the_training_step_with_every_lever():
   results = benchmark.run_benchmark(
       config, steps_list=(1, 2), train_iters=1, sample_repeats=1,
       matmul_size=32, conv_spatial=8, conv_channels=8, ceiling_repeats=1,
+      sampling=False, host_overhead=False,
   )
+  assert "sampling" not in results and "host_overhead" not in results
   assert results["setup"]["video"] and results["setup"]["remat"] == "both"
   assert np.isfinite(results["train"]["final_loss"])
 
