@@ -18,7 +18,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from pix2seq_d_jax.formats import atomic
+from pix2seq_d_jax.formats import atomic, coco_panoptic
 
 # Largest id a palette PNG can hold.
 MAX_ID = 255
@@ -101,18 +101,10 @@ def write_palette_png(path: atomic.PathLike, ids: np.ndarray) -> None:
     ValueError: `ids` is not an integer [h, w] map within [0, 255].
   """
   ids = np.asarray(ids)
-  if ids.ndim != 2 or not (
-      np.issubdtype(ids.dtype, np.integer) or ids.dtype == bool
-  ):
-    raise ValueError(
-        f'write_palette_png({path}): expected integer ids [h, w], got '
-        f'{ids.dtype} {ids.shape}.'
-    )
-  if ids.size and (ids.min() < 0 or ids.max() > MAX_ID):
-    raise ValueError(
-        f'write_palette_png({path}): ids must lie in [0, {MAX_ID}], got '
-        f'range [{ids.min()}, {ids.max()}].'
-    )
+  if ids.dtype == bool:
+    ids = ids.astype(np.uint8)
+  ids = coco_panoptic.check_id_map(ids, f'write_palette_png({path})',
+                                   max_id=MAX_ID)
   img = Image.fromarray(ids.astype(np.uint8))
   img.putpalette(_PALETTE.ravel().tolist())
   buffer = io.BytesIO()
