@@ -80,6 +80,11 @@ def _encode_data_state(data_state: Any) -> dict:
     return {"kind": "none"}
   if isinstance(data_state, bytes):
     return {"kind": "bytes", "value": data_state.decode("utf-8")}
+  if isinstance(data_state, list):
+    # One state per process (process order): each host reads its own shard,
+    # so each resumes from its own position.
+    return {"kind": "per_process",
+            "value": [_encode_data_state(s) for s in data_state]}
   return {"kind": "json", "value": json.loads(json.dumps(data_state))}
 
 
@@ -89,6 +94,8 @@ def _decode_data_state(payload: dict) -> Any:
     return payload["value"].encode("utf-8")
   if kind == "json":
     return payload["value"]
+  if kind == "per_process":
+    return [_decode_data_state(p) for p in payload["value"]]
   return None
 
 

@@ -287,6 +287,7 @@ def _run(
       elif config.model_init:
         state = _init_weights(state, config.model_init, exp)
     start_step = int(_fetch(state.step))
+    data_state = _own_data_state(data_state)
 
     reporter = reporting.Reporter(
         workdir, total_steps=total_steps,
@@ -416,7 +417,8 @@ def _train_loop(
           log_t0, log_step = time.time(), step
       reporter.step_done(step)
       if ckpt_now or (stopping and last_good_ckpt != step):
-        checkpointing.save(manager, step, state, data_state, force=True)
+        checkpointing.save(manager, step, state,
+                           _all_data_states(data_state), force=True)
         last_good_ckpt = step
       if stopping:
         break
@@ -435,6 +437,33 @@ def _train_loop(
   reporter.flush()
   _log_results(results, workdir)
   return results
+
+
+def _all_data_states(local: Any) -> list[Any]:
+  """Every process's input-iterator state, in process order.
+
+  Each process reads its own shard, so each needs its own position back on
+  resume (grain refuses another shard's state). All processes call this at
+  the same checkpoint step.
+  """
+  text = local.decode("utf-8") if isinstance(local, bytes) else local
+  records = evaluators.base.gather_records(
+      [{"index": jax.process_index(), "state": text}])
+  return [r["state"].encode("utf-8") if isinstance(local, bytes)
+          else r["state"] for r in records]
+
+
+def _own_data_state(restored: Any) -> Any:
+  """This process's iterator state from a checkpoint (None: start fresh)."""
+  if not isinstance(restored, list):
+    return restored  # Written by one process (or by an earlier version).
+  if len(restored) != jax.process_count():
+    logging.warning(
+        "The checkpoint holds the input positions of %d processes, this run "
+        "has %d: the data order restarts (the model state is restored).",
+        len(restored), jax.process_count())
+    return None
+  return restored[jax.process_index()]
 
 
 def _check_finite(tracker: dict, last_good_ckpt: int | None,

@@ -217,6 +217,16 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(
   for i in range(2):
     log = open(os.path.join(log_dir, f"process_{i}.log")).read()
     assert f"Stopped by signal at step {saved[0]}" in log, log[-2000:]
+  # The checkpoint holds each process's own input position (grain refuses
+  # another shard's), so the same job resumes on both processes.
+  _launch(["--config=configs/synthetic.py:tiny",
+           f"--config.input.data_dir={data_dir}",
+           f"--config.total_steps={saved[0] + 2}", "--config.ckpt_steps=100000",
+           "--config.log_training_steps=1", "--mode=train"],
+          workdir, cache, num_processes=2)
+  with open(jsonl) as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert steps == list(range(1, saved[0] + 3)), steps
 
 
 def _launch(args, workdir, cache, *, num_processes):
