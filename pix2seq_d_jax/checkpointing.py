@@ -2,8 +2,9 @@
 
 A checkpoint at step N holds two items: `state` (the TrainState, saved with
 `StandardSave` so shardings are kept and a checkpoint written on N devices
-restores on M) and `data` (the input iterator's state as JSON, so a resumed
-run sees exactly the batches an uninterrupted run would have seen).
+restores on M) and `data` (the input iterator's state of every process as
+JSON, so each resumed process sees exactly the batches of its shard that an
+uninterrupted run would have seen).
 
 Protocol (why a crash never damages the last good checkpoint): orbax writes
 each step into `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` only
