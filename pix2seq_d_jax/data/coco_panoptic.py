@@ -99,7 +99,7 @@ def segments_to_maps(
     `segment_ids` (the caller decides how to report them).
   """
   # Same result as np.unique(ids, return_inverse=True), which costs ~8x more
-  # on a COCO-sized map (measured by `data.throughput`).
+  # on a COCO-sized map (measured by `input_benchmark`).
   uniq = np.unique(ids)
   inverse = np.searchsorted(uniq, ids)
   # Position of each PNG id within the segment list (-1 = void or unlisted).

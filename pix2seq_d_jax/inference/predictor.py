@@ -87,7 +87,7 @@ class Predictor:
 
   A frame-conditioned (video) model segments each image as the first frame
   of a sequence: zero maps stand for the earlier frames, and the image uses
-  the key of frame 0 of `predict_video`'s sampler, so an image gets the
+  the key of frame 0 of the video sampler, so an image gets the
   masks a 1-frame sequence would get.
 
   Build one with `predict.load_predictor(config, checkpoint)`, or from an

@@ -153,7 +153,7 @@ def write_clip_predictions(
     sequences: (sequence name, frame paths) pairs, e.g.
       `inputs.list_sequences`.
     output: results folder (created): `<seq>/<frame>.png` object ids
-      (`evaluation.davis.write_palette_png`) and `overlays/<seq>/<frame>.png`.
+      (`formats.davis.write_palette_png`) and `overlays/<seq>/<frame>.png`.
 
   Returns:
     Sequence name -> the PNG names written in `<output>/<seq>/`, in order.
