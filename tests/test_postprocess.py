@@ -103,3 +103,32 @@ def test_crop_and_resize_to_original():
   assert out.dtype == np.int32
   with pytest.raises(ValueError, match="valid_size_in_mask"):
     postprocess.crop_and_resize_to_original(labels, (5, 3), (4, 6))
+
+
+def test_min_pixels_counts_original_pixels():
+  # A 3x10 = 30 mask-pixel thing in a 10x10 mask of a 10x14 image covers
+  # 3x14 = 42 original pixels: kept with min_pixels=40 although it has 30
+  # pixels at mask size.
+  semantic = np.ones((10, 10), np.int32)
+  instance = np.zeros((10, 10), np.int32)
+  semantic[2:5, :], instance[2:5, :] = 2, 5
+  is_thing = np.array([False, False, True])
+  ids, segments = postprocess.panoptic_at_original(
+      semantic, instance, valid_size_in_mask=(10, 10), orig_size=(10, 14),
+      is_thing=is_thing, min_pixels=40)
+  things = [s for s in segments if s["isthing"]]
+  assert len(things) == 1 and things[0]["area"] == 42
+  assert int((ids == things[0]["id"]).sum()) == 42
+  # At mask size the same rule would have dropped it (30 < 40).
+  _, at_mask = postprocess.masks_to_panoptic(
+      semantic, instance, is_thing=is_thing, min_pixels=40)
+  assert not [s for s in at_mask if s["isthing"]]
+  # 38 original pixels (a 2-pixel-high strip 19 pixels long) is dropped.
+  semantic2 = np.ones((12, 19), np.int32)
+  instance2 = np.zeros((12, 19), np.int32)
+  semantic2[4:6, :], instance2[4:6, :] = 2, 3
+  ids2, segments2 = postprocess.panoptic_at_original(
+      semantic2, instance2, valid_size_in_mask=(12, 19), orig_size=(12, 19),
+      is_thing=is_thing, min_pixels=40)
+  assert not [s for s in segments2 if s["isthing"]]
+  assert int((ids2 == 0).sum()) == 38  # The dropped thing became void.

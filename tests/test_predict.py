@@ -319,11 +319,13 @@ def test_video_values_are_instance_ids_of_thing_segments(video):
       (value,) = np.unique(objects[panoptic == seg_id])
       values.append(int(value))
     # The instance ids that survive post-processing, computed from the
-    # decoded masks: thing pixels, at least min_pixels of them. Segments
-    # are numbered in instance-id order, so the k-th thing segment carries
-    # the k-th kept id.
-    thing_px = meta.is_thing[pred.semantic]
-    ids, counts = np.unique(pred.instance[thing_px], return_counts=True)
+    # decoded masks resized to the frame: thing pixels, at least min_pixels
+    # of them in original pixels. Segments are numbered in instance-id
+    # order, so the k-th thing segment carries the k-th kept id.
+    semantic = preprocess.resize_labels(pred.semantic, panoptic.shape)
+    instance = preprocess.resize_labels(pred.instance, panoptic.shape)
+    thing_px = meta.is_thing[semantic]
+    ids, counts = np.unique(instance[thing_px], return_counts=True)
     kept = [int(i) for i, c in zip(ids, counts, strict=True)
             if i > 0 and c >= video["min_pixels"]]
     assert values == kept, (seq, frame)

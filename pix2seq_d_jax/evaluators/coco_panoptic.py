@@ -26,7 +26,7 @@ from absl import logging
 from etils import epath
 
 from pix2seq_d_jax import sharding
-from pix2seq_d_jax.data import pipeline, preprocess
+from pix2seq_d_jax.data import pipeline
 from pix2seq_d_jax.evaluation import panoptic
 from pix2seq_d_jax.evaluators import base, postprocess, register, visualize
 from pix2seq_d_jax.formats import atomic
@@ -141,13 +141,12 @@ class CocoPanopticEvaluator(base.Evaluator):
     valid_h, valid_w = (int(v) for v in host["valid_size"][j])
     valid = postprocess.valid_mask_size(
         (valid_h, valid_w), host["image"].shape[1], semantic.shape[0])
-    ids, segments = postprocess.masks_to_panoptic(
-        semantic[: valid[0], : valid[1]],
-        instance[: valid[0], : valid[1]],
-        is_thing=self.meta.is_thing,
+    # Resized to the image first, then segments and the size rule there.
+    ids, segments = postprocess.panoptic_at_original(
+        semantic, instance, valid_size_in_mask=valid,
+        orig_size=(orig_h, orig_w), is_thing=self.meta.is_thing,
         min_pixels=self.config.min_pixels,
     )
-    ids = preprocess.resize_labels(ids, (orig_h, orig_w))
     segments = [
         {k: v for k, v in seg.items() if k != "isthing"}
         for seg in postprocess.recount_segments(

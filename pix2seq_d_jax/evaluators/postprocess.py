@@ -212,6 +212,40 @@ def crop_and_resize_to_original(
   return preprocess.resize_labels(labels[:h, :w], orig_size)
 
 
+def panoptic_at_original(
+  semantic: np.ndarray,
+  instance: np.ndarray,
+  *,
+  valid_size_in_mask: Sequence[int],
+  orig_size: Sequence[int],
+  is_thing: Sequence[bool] | np.ndarray,
+  min_pixels: int = 40,
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+  """Panoptic segments of a mask-resolution prediction at the image's size.
+
+  As the reference does: the padding is cropped and the class and instance
+  maps are resized to the original image size first (nearest), then the
+  segments are built (`masks_to_panoptic`) there, so `min_pixels` counts
+  original pixels: a segment of 30 mask pixels that covers 42 original ones
+  is kept with `min_pixels=40`.
+
+  Args:
+    semantic, instance: int [m, m'] predictions (with padding).
+    valid_size_in_mask: (h, w) of the unpadded region (`valid_mask_size`).
+    orig_size: (H, W) of the original image.
+    is_thing: bool [num_classes].
+    min_pixels: the smallest segment kept, in original pixels.
+
+  Returns:
+    `masks_to_panoptic`'s (segment ids int32 [H, W], segments info).
+  """
+  both = crop_and_resize_to_original(
+      np.stack([np.asarray(semantic), np.asarray(instance)], -1),
+      valid_size_in_mask, orig_size)
+  return masks_to_panoptic(both[..., 0], both[..., 1], is_thing=is_thing,
+                           min_pixels=min_pixels)
+
+
 def sequence_to_original(
   semantic: np.ndarray,
   instance: np.ndarray,

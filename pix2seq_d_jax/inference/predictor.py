@@ -234,11 +234,12 @@ class Predictor:
         ex["valid_size"], self.config.input.image_size,
         self.config.input.mask_size)
     semantic, instance = (x[: valid[0], : valid[1]] for x in out[:2])
-    ids, segments = postprocess.masks_to_panoptic(
-        semantic, instance, is_thing=self.meta.is_thing,
-        min_pixels=self.min_pixels,
+    # Resized to the image first, then segments and the size rule there.
+    ids, segments = postprocess.panoptic_at_original(
+        semantic, instance, valid_size_in_mask=valid,
+        orig_size=[int(v) for v in ex["orig_size"]],
+        is_thing=self.meta.is_thing, min_pixels=self.min_pixels,
     )
-    ids = preprocess.resize_labels(ids, [int(v) for v in ex["orig_size"]])
     trajectory = None
     if self.with_trajectory:
       trajectory = tuple(x[:, : valid[0], : valid[1]] for x in out[2:])
