@@ -258,20 +258,23 @@ def test_remat_keeps_the_update_and_lowers_temporary_memory():
     config = _tiny_config()
     config.model.update(enc_dropout=0.0)
     exp, state, _ = _setup(config, lr=1e-3, remat=remat)
+    # What training and the benchmark compile (`Experiment.lower_train_step`).
+    programs[remat] = exp.lower_train_step().as_text()
+    if remat == "blocks_dots":
+      continue  # Same blocks as `blocks`, another policy: lowered only.
     compiled = jax.jit(exp.train_step_fn()).lower(
         state, batch, jax.random.key(7)).compile()
     new_state, metrics = compiled(state, batch, jax.random.key(7))
     results[remat] = (new_state, float(metrics["loss"]),
                       compiled.memory_analysis().temp_size_in_bytes)
-    # What training and the benchmark compile (`Experiment.lower_train_step`).
-    programs[remat] = exp.lower_train_step().as_text()
   plain, loss, mem = results["none"]
-  for remat in ("both", "blocks", "blocks_dots"):
+  for remat in ("both", "blocks"):
     remat_state, remat_loss, _ = results[remat]
     assert remat_loss == pytest.approx(loss, rel=1e-6), remat
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                  remat_state.params, plain.params)
     assert programs[remat] != programs["none"], remat
+  assert programs["blocks_dots"] != programs["none"]
   # One optimization barrier per rematerialised region: none, the two
   # parts, or every block.
   barriers = {k: v.count("optimization_barrier") for k, v in programs.items()}
