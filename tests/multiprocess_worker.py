@@ -7,8 +7,9 @@ With the last three arguments the process joins a `jax.distributed` job on
 loopback (one CPU device per process); without them it runs alone. Either
 way it builds the tiny model's sharded state with `experiment.create`, trains
 3 steps on FIXED seeded global batches of which this process feeds only its
-rows (through `sharding.global_batch`), blocking every step (STACK.md
-pitfall 2), then reads one epoch of its training data shard. It writes
+rows (through `sharding.global_batch`), blocking every step (queued CPU
+steps with collectives deadlock), then reads one epoch of its training data
+shard. It writes
 `params_<i>.npz` (its replica of the parameters, keyed by tree path) and
 `result_<i>.json` (losses, image ids read, process and device counts).
 Run with JAX_PLATFORMS=cpu and the repository root on PYTHONPATH.
