@@ -11,6 +11,19 @@ import ml_collections
 from ml_collections import config_dict
 
 
+def size_field(value: int | tuple[int, int]) -> config_dict.FieldReference:
+  """A config field for an image or mask size: an int or an (h, w) pair.
+
+  The field is typed `object`, so a dataset config may set either form and
+  ml_collections parses a command-line override as a Python literal:
+  `--config.input.image_size=64` gives 64 (a square) and
+  `--config.input.image_size='(32,64)'` (or `=32,64`) gives (32, 64). An
+  int-typed field would refuse the pair, a tuple-typed one would turn `=64`
+  into (64,). `config_lib.size_hw` normalises and checks the value.
+  """
+  return config_dict.FieldReference(value, field_type=object)
+
+
 def paper_model() -> ml_collections.ConfigDict:
   """Pix2Seq-D ResNet-50 model of the paper's COCO recipe (reference code)."""
   return ml_collections.ConfigDict(
@@ -84,8 +97,9 @@ def get_base_config() -> ml_collections.ConfigDict:
           train_split="train",
           eval_split="val",
           batch_size=512,
-          image_size=256,
-          mask_size=64,
+          # Sizes: an int (a square) or (height, width); see size_field.
+          image_size=size_field(256),
+          mask_size=size_field(64),
           # Classes incl. void; filled from the dataset metadata when None.
           num_classes=config_dict.placeholder(int),
           max_instances=101,
@@ -103,13 +117,14 @@ def get_base_config() -> ml_collections.ConfigDict:
           frames_dropout=0.1,
           # Parameters of the synthetic generator (source='synthetic' only).
           synthetic=ml_collections.ConfigDict(
-              dict(num_train=2000, num_val=100, image_size=64, seed=0)
+              dict(num_train=2000, num_val=100, image_size=size_field(64),
+                   seed=0)
           ),
           # Parameters of the synthetic video generator
           # (source='synthetic_video' only).
           synthetic_video=ml_collections.ConfigDict(
-              dict(num_train=64, num_val=8, num_frames=8, image_size=64,
-                   seed=0)
+              dict(num_train=64, num_val=8, num_frames=8,
+                   image_size=size_field(64), seed=0)
           ),
       )
   )

@@ -11,6 +11,7 @@ anything is built so that a bad value fails with one line naming the field.
 from __future__ import annotations
 
 import ast
+import numbers
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -153,6 +154,54 @@ def steps(
   return max(1, int(round(value * data_size / batch_size)))
 
 
+def size_hw(value: Any, field: str = "size") -> tuple[int, int]:
+  """An image or mask size as (height, width): n -> (n, n), (h, w) as is.
+
+  Sizes are given as one int (a square) or a (height, width) pair, in
+  configs, on the command line and in function arguments; every reader
+  normalises them here so that a bad value fails in one place.
+
+  Args:
+    value: a positive int, or a sequence (tuple, list, array) of two
+      positive ints.
+    field: the name reported in the error, e.g. `config.input.image_size`.
+
+  Returns:
+    (height, width) as Python ints.
+
+  Raises:
+    ConfigError: for anything else (bools, floats, strings, other lengths,
+      non-positive sides).
+  """
+
+  def side(v: Any) -> int | None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+      return None
+    return int(v) if v > 0 else None
+
+  if (n := side(value)) is not None:
+    return n, n
+  if not isinstance(value, str | bytes | Mapping):
+    try:
+      sides = [side(v) for v in value]
+    except TypeError:  # Not iterable (a float, None, a 0-d array).
+      sides = []
+    if len(sides) == 2 and None not in sides:
+      return sides[0], sides[1]
+  raise ConfigError(
+      f"{field}={value!r}: expected a positive integer (a square) or a "
+      "(height, width) pair of positive integers"
+  )
+
+
+def input_sizes(
+    inp: Mapping[str, Any],
+) -> tuple[tuple[int, int], tuple[int, int]]:
+  """(image (h, w), mask (h, w)) of a `config.input`, via `size_hw`."""
+  return (size_hw(inp["image_size"], "config.input.image_size"),
+          size_hw(inp["mask_size"], "config.input.mask_size"))
+
+
 def _require(cond: bool, field: str, value: Any, expected: str) -> None:
   if not cond:
     raise ConfigError(f"config.{field}={value!r}: expected {expected}")
@@ -184,6 +233,56 @@ def _diffusion_choices() -> dict[str, tuple[str, ...]]:
   }
 
 
+def _validate_sizes(inp: ml_collections.ConfigDict, levels: int) -> None:
+  """Per-axis rules of `input.image_size` and `input.mask_size`.
+
+  On each axis the mask divides the image with a stride in (1, 2, 4), the
+  same stride on both axes (the pyramid merge resizes by one factor), the
+  mask is divisible by 2**levels (the U-Net's down-samplings) and the image
+  by 16 (the ResNet's output stride). Errors name the field and the axis.
+  """
+  image, mask = input_sizes(inp)
+  strides = []
+  for axis, s, m in zip(("height", "width"), image, mask, strict=True):
+    _require(
+        s % m == 0,
+        "input.mask_size",
+        inp.mask_size,
+        f"a divisor of input.image_size={inp.image_size!r} on each axis; "
+        f"the {axis} {m} does not divide {s}",
+    )
+    strides.append(s // m)
+    _require(
+        strides[-1] in (1, 2, 4),
+        "input.mask_size",
+        inp.mask_size,
+        f"image_size / mask_size in (1, 2, 4) on the {axis}, got "
+        f"{s} / {m} = {strides[-1]} (the pyramid merge produces stride-4 "
+        "features at most)",
+    )
+    _require(
+        m % (2**levels) == 0,
+        "input.mask_size",
+        inp.mask_size,
+        f"a {axis} divisible by 2**(len(model.dec_dim_mults)-1) = "
+        f"{2**levels}, got {m}",
+    )
+    _require(
+        s % 16 == 0,
+        "input.image_size",
+        inp.image_size,
+        f"a {axis} that is a multiple of 16 (the ResNet's output stride), "
+        f"got {s}",
+    )
+  _require(
+      strides[0] == strides[1],
+      "input.mask_size",
+      inp.mask_size,
+      f"the same image_size / mask_size stride on both axes, got "
+      f"{strides[0]} on the height and {strides[1]} on the width",
+  )
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the whole config before anything is built.
 
@@ -195,40 +294,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     ConfigError: naming the field, its value and what was expected.
   """
   inp, diff, model = config.input, config.diffusion, config.model
-  for field in ("image_size", "mask_size", "batch_size"):
-    _require(
-        isinstance(inp[field], int) and inp[field] > 0,
-        f"input.{field}",
-        inp[field],
-        "a positive integer",
-    )
   _require(
-      inp.image_size % inp.mask_size == 0,
-      "input.mask_size",
-      inp.mask_size,
-      f"a divisor of input.image_size={inp.image_size}",
+      isinstance(inp.batch_size, int) and inp.batch_size > 0,
+      "input.batch_size",
+      inp.batch_size,
+      "a positive integer",
   )
-  stride = inp.image_size // inp.mask_size
-  _require(
-      stride in (1, 2, 4),
-      "input.mask_size",
-      inp.mask_size,
-      f"image_size / mask_size in (1, 2, 4), got {stride} (the pyramid merge "
-      "produces stride-4 features at most)",
-  )
-  levels = len(model.dec_dim_mults) - 1
-  _require(
-      inp.mask_size % (2**levels) == 0,
-      "input.mask_size",
-      inp.mask_size,
-      f"divisible by 2**(len(model.dec_dim_mults)-1) = {2**levels}",
-  )
-  _require(
-      inp.image_size % 16 == 0,
-      "input.image_size",
-      inp.image_size,
-      "a multiple of 16 (the ResNet's output stride)",
-  )
+  _validate_sizes(inp, len(model.dec_dim_mults) - 1)
   bits = diff.bits_per_channel
   _require(
       1 <= bits <= 16, "diffusion.bits_per_channel", bits, "1..16"

@@ -11,6 +11,9 @@ random per image; weight (1/(c+1))**p per segment of c pixels). Crowd regions
 keep their class with instance 0 and are weighted like any other pixel; void
 pixels (semantic 0) stay in the loss as in the reference; only padding gets
 weight 0. Both `preprocess_train` and `preprocess_eval` return fixed shapes.
+Sizes are an int (a square) or a (height, width) pair
+(`config_lib.size_hw`); images are scaled to fit the (height, width) box
+keeping their aspect ratio, as the reference's scale jitter and eval resize.
 """
 
 from __future__ import annotations
@@ -21,16 +24,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pix2seq_d_jax import config_lib
+
 Example = dict[str, Any]
 # Spatial label maps moved together with the image by the geometric ops.
 _LABEL_KEYS = ('semantic', 'instance', 'crowd', 'valid')
-
-
-def _size_hw(size: int | Sequence[int]) -> tuple[int, int]:
-  if isinstance(size, int | np.integer):
-    return int(size), int(size)
-  h, w = size
-  return int(h), int(w)
 
 
 def _resize_window(
@@ -75,7 +73,7 @@ def resize_image(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
   Returns:
     [height, width, c] of the input dtype.
   """
-  return _resize_window(image, _size_hw(size))
+  return _resize_window(image, config_lib.size_hw(size, 'resize_image size'))
 
 
 def _nearest_index(in_len: int, out_len: int) -> np.ndarray:
@@ -103,7 +101,7 @@ def resize_labels(x: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
     ValueError: on a bad rank, an empty input or a non-positive size.
   """
   x = np.asarray(x)
-  out_h, out_w = _size_hw(size)
+  out_h, out_w = config_lib.size_hw(size, 'resize_labels size')
   if x.ndim not in (2, 3):
     raise ValueError(
         f'resize_labels: expected [h, w] or [h, w, c], got shape {x.shape}.'
@@ -118,8 +116,15 @@ def resize_labels(x: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
   return x[rows[:, None], cols[None, :]]
 
 
-def _scaled_size(h: int, w: int, longer: float) -> tuple[int, int]:
-  f = longer / max(h, w)
+def _scaled_size(
+    h: int, w: int, box: tuple[float, float]
+) -> tuple[int, int]:
+  """(h, w) scaled by one factor to fit the (height, width) `box`.
+
+  The factor is min(box_h / h, box_w / w), the reference's aspect-keeping
+  resize; for a square box it makes the longer side the box's side.
+  """
+  f = min(box[0] / h, box[1] / w)
   return max(int(round(h * f)), 1), max(int(round(w * f)), 1)
 
 
@@ -127,9 +132,9 @@ def _resize_crop_pad(
     example: Example,
     new_hw: tuple[int, int],
     offset: tuple[int, int],
-    output_size: int,
+    output_size: tuple[int, int],
 ) -> Example:
-  """Resizes to new_hw, crops output_size at offset and pads bottom/right.
+  """Resizes to new_hw, crops output_size (h, w) at offset, pads bottom/right.
 
   Only the crop window of the resized maps is computed.
   """
@@ -137,10 +142,10 @@ def _resize_crop_pad(
   h, w = example['image'].shape[:2]
   if 'valid' not in out:
     out['valid'] = np.ones((h, w), np.bool_)
-  (new_h, new_w), (oy, ox) = new_hw, offset
-  ch, cw = min(output_size, new_h - oy), min(output_size, new_w - ox)
+  (new_h, new_w), (oy, ox), (out_h, out_w) = new_hw, offset, output_size
+  ch, cw = min(out_h, new_h - oy), min(out_w, new_w - ox)
   image = _resize_window(example['image'], new_hw, (oy, ox, ch, cw))
-  padded = np.zeros((output_size, output_size) + image.shape[2:], image.dtype)
+  padded = np.zeros((out_h, out_w) + image.shape[2:], image.dtype)
   padded[:ch, :cw] = image
   out['image'] = padded
   rows = _nearest_index(h, new_h)[oy : oy + ch]
@@ -149,7 +154,7 @@ def _resize_crop_pad(
     if key not in out:
       continue
     lab = np.take(np.take(out[key], rows, axis=0), cols, axis=1)
-    pad = np.zeros((output_size, output_size) + lab.shape[2:], lab.dtype)
+    pad = np.zeros((out_h, out_w) + lab.shape[2:], lab.dtype)
     pad[:ch, :cw] = lab
     out[key] = pad
   out['valid_size'] = np.array([ch, cw], np.int32)
@@ -160,44 +165,47 @@ def large_scale_jitter(
     example: Example,
     rng: np.random.Generator,
     *,
-    output_size: int,
+    output_size: int | Sequence[int],
     scale_range: tuple[float, float] = (1.0, 1.0),
 ) -> Example:
-  """Large-scale jitter: random rescale, random crop, pad to a square.
+  """Large-scale jitter: random rescale, random crop, pad to the output size.
 
-  The image is scaled so its longer side is `output_size * s`, s ~
-  U(scale_range); a random `output_size` square is cropped where the result
-  is larger, and the rest is padded at the bottom/right (image 0, semantic 0
-  = void, instance 0, crowd False, valid False).
+  With output (H, W) and s ~ U(scale_range), the image is scaled by one
+  factor to fit (H * s, W * s) (for a square output: its longer side is
+  H * s); a random (H, W) window is cropped where the result is larger, and
+  the rest is padded at the bottom/right (image 0, semantic 0 = void,
+  instance 0, crowd False, valid False).
 
   Args:
     example: dict with image uint8 [h, w, 3] and label maps semantic/instance
       int32 [h, w], crowd bool [h, w], optionally valid bool [h, w].
     rng: randomness source.
-    output_size: side of the square output.
+    output_size: (H, W) of the output, or an int for a square.
     scale_range: (min, max) of s.
 
   Returns:
-    A new dict with the maps at [output_size, output_size], `valid` bool
-    [output_size, output_size] (True on image content) and `valid_size` int32
-    [2] (content height, width); other keys are passed through.
+    A new dict with the maps at [H, W], `valid` bool [H, W] (True on image
+    content) and `valid_size` int32 [2] (content height, width); other keys
+    are passed through.
 
   Raises:
     ValueError: on an invalid output_size or scale_range.
   """
+  out_h, out_w = config_lib.size_hw(output_size, 'large_scale_jitter '
+                                    'output_size')
   lo, hi = scale_range
-  if output_size < 1 or not 0 < lo <= hi:
+  if not 0 < lo <= hi:
     raise ValueError(
-        f'large_scale_jitter: need output_size >= 1 and 0 < min <= max of '
-        f'scale_range, got output_size={output_size}, scale_range='
-        f'{scale_range}.'
+        f'large_scale_jitter: need 0 < min <= max of scale_range, got '
+        f'scale_range={scale_range}.'
     )
   h, w = example['image'].shape[:2]
   s = rng.uniform(lo, hi) if hi > lo else lo
-  new_h, new_w = _scaled_size(h, w, output_size * s)
-  oy = int(rng.integers(0, max(new_h - output_size, 0) + 1))
-  ox = int(rng.integers(0, max(new_w - output_size, 0) + 1))
-  return _resize_crop_pad(example, (new_h, new_w), (oy, ox), output_size)
+  new_h, new_w = _scaled_size(h, w, (out_h * s, out_w * s))
+  oy = int(rng.integers(0, max(new_h - out_h, 0) + 1))
+  ox = int(rng.integers(0, max(new_w - out_w, 0) + 1))
+  return _resize_crop_pad(
+      example, (new_h, new_w), (oy, ox), (out_h, out_w))
 
 
 def random_flip(example: Example, rng: np.random.Generator) -> Example:
@@ -377,12 +385,19 @@ def loss_weights(
   return weights.astype(np.float32)
 
 
-def _validate_sizes(image_size: int, mask_size: int) -> None:
-  if image_size < 1 or mask_size < 1 or image_size % mask_size:
-    raise ValueError(
-        f'image_size ({image_size}) must be a positive multiple of mask_size '
-        f'({mask_size}).'
-    )
+def _validate_sizes(
+    image_size: int | Sequence[int], mask_size: int | Sequence[int]
+) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Both sizes as (h, w); the image a multiple of the mask on each axis."""
+  image = config_lib.size_hw(image_size, 'image_size')
+  mask = config_lib.size_hw(mask_size, 'mask_size')
+  for axis, s, m in zip(('height', 'width'), image, mask, strict=True):
+    if s % m:
+      raise ValueError(
+          f'image_size={image_size!r}: the {axis} {s} must be a multiple of '
+          f'mask_size={mask_size!r} on that axis ({m}).'
+      )
+  return image, mask
 
 
 def _finish(
@@ -408,8 +423,8 @@ def preprocess_train(
     raw: Example,
     rng: np.random.Generator,
     *,
-    image_size: int,
-    mask_size: int,
+    image_size: int | Sequence[int],
+    mask_size: int | Sequence[int],
     max_instances: int,
     scale_range: tuple[float, float] = (1.0, 1.0),
     flip: bool = True,
@@ -421,23 +436,25 @@ def preprocess_train(
   Args:
     raw: a `CocoPanopticSource` example.
     rng: randomness source (grain derives it from seed, index and epoch).
-    image_size: S, side of the square image.
-    mask_size: m, side of the square label maps; S % m == 0.
+    image_size: (H, W) of the image, or an int for a square.
+    mask_size: (h', w') of the label maps, or an int; H % h' == W % w' == 0.
     max_instances: instance ids are drawn from 1..max_instances-1.
-    scale_range: large-scale jitter range of the longer side / S.
+    scale_range: large-scale jitter range of the scale s (the image is
+      scaled to fit (H * s, W * s)).
     flip: random left-right flip.
     color_jitter_strength: 0 disables colour jitter.
     loss_weight_power: p of the small-instance weighting.
 
   Returns:
-    image float32 [S, S, 3] in [0, 1]; semantic, instance int32 [m, m];
-    loss_weight float32 [m, m]; image_id int32 []; orig_size int32 [2] (raw
-    h, w); valid_size int32 [2] (content h, w inside the padded S x S image).
+    image float32 [H, W, 3] in [0, 1]; semantic, instance int32 [h', w'];
+    loss_weight float32 [h', w']; image_id int32 []; orig_size int32 [2]
+    (raw h, w); valid_size int32 [2] (content h, w inside the padded H x W
+    image).
 
   Raises:
-    ValueError: if S is not a multiple of m.
+    ValueError: if a size is malformed or H, W are not multiples of h', w'.
   """
-  _validate_sizes(image_size, mask_size)
+  image_size, mask_size = _validate_sizes(image_size, mask_size)
   ex = {k: raw[k] for k in ('image', 'semantic', 'instance', 'crowd')}
   if flip:
     ex = random_flip(ex, rng)
@@ -464,8 +481,8 @@ def preprocess_train_clip(
     rng: np.random.Generator,
     *,
     proceeding_frames: Sequence[int],
-    image_size: int,
-    mask_size: int,
+    image_size: int | Sequence[int],
+    mask_size: int | Sequence[int],
     max_instances: int,
     scale_range: tuple[float, float] = (1.0, 1.0),
     flip: bool = True,
@@ -490,14 +507,14 @@ def preprocess_train_clip(
 
   Returns:
     The target frame's fields as `preprocess_train` returns them, plus
-    cond_semantic / cond_instance int32 [F, m, m], the ground-truth maps of
-    the conditioning frames in `proceeding_frames` order.
+    cond_semantic / cond_instance int32 [F, h', w'], the ground-truth maps
+    of the conditioning frames in `proceeding_frames` order.
 
   Raises:
-    ValueError: if the clip is too short for `proceeding_frames` or S is not
-      a multiple of m.
+    ValueError: if the clip is too short for `proceeding_frames` or the
+      image size is not a multiple of the mask size.
   """
-  _validate_sizes(image_size, mask_size)
+  image_size, mask_size = _validate_sizes(image_size, mask_size)
   length = raw['image'].shape[0]
   frames = tuple(proceeding_frames)
   if not frames or length <= max(-f for f in frames):
@@ -529,8 +546,8 @@ def preprocess_train_clip(
       np.concatenate(instances), rng, max_instances,
       semantic=np.concatenate(semantics),
   )
-  instance = instance.reshape(length, mask_size, mask_size)
-  semantic = semantic.reshape(length, mask_size, mask_size)
+  instance = instance.reshape(length, *mask_size)
+  semantic = semantic.reshape(length, *mask_size)
   weight = loss_weights(
       semantic[-1], instance[-1], loss_weight_power, valids[-1])
   target = {'image': raw['image'][-1], 'image_id': raw['image_id']}
@@ -544,29 +561,30 @@ def preprocess_train_clip(
 def preprocess_eval(
     raw: Example,
     *,
-    image_size: int,
-    mask_size: int,
+    image_size: int | Sequence[int],
+    mask_size: int | Sequence[int],
     loss_weight_power: float = 0.2,
 ) -> Example:
   """Deterministic evaluation preprocessing into fixed shapes.
 
-  The image is resized keeping its aspect ratio so the longer side is S, then
-  padded at the bottom/right; label maps follow with nearest neighbour;
-  instance ids are kept as read (no random ids, no overflow dropping).
+  The image is resized keeping its aspect ratio to fit the (H, W) image
+  size (for a square: the longer side is H), then padded at the
+  bottom/right; label maps follow with nearest neighbour; instance ids are
+  kept as read (no random ids, no overflow dropping).
 
   Args:
     raw: a `CocoPanopticSource` example.
-    image_size: S.
-    mask_size: m; S % m == 0.
+    image_size: (H, W), or an int for a square.
+    mask_size: (h', w'), or an int; H % h' == W % w' == 0.
     loss_weight_power: p for `loss_weight` (eval losses).
 
   Returns:
     The same fields and shapes as `preprocess_train`.
 
   Raises:
-    ValueError: if S is not a multiple of m.
+    ValueError: if a size is malformed or H, W are not multiples of h', w'.
   """
-  _validate_sizes(image_size, mask_size)
+  image_size, mask_size = _validate_sizes(image_size, mask_size)
   ex = {k: raw[k] for k in ('image', 'semantic', 'instance', 'crowd')}
   h, w = ex['image'].shape[:2]
   ex = _resize_crop_pad(
