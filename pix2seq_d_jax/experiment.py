@@ -64,9 +64,10 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   for key in ("backbone_depths", "dec_dim_mults"):
     kwargs[key] = tuple(kwargs[key])
   frames = config.input.get("proceeding_frames") or ()
+  _, mask_hw = config_lib.input_sizes(config.input)
   return models.get_model(
       name,
-      mask_size=(config.input.mask_size, config.input.mask_size),
+      mask_size=mask_hw,
       num_bits=num_bits,
       num_outputs=losses.num_output_channels(
           d.loss_type, num_bits, d.softmax_groups
@@ -133,10 +134,11 @@ def train_preprocess_fn(config: ml_collections.ConfigDict) -> Callable:
         proceeding_frames=tuple(inp.proceeding_frames))
   else:
     fn = preprocess.preprocess_train
+  image_hw, mask_hw = config_lib.input_sizes(inp)
   return functools.partial(
       fn,
-      image_size=inp.image_size,
-      mask_size=inp.mask_size,
+      image_size=image_hw,
+      mask_size=mask_hw,
       max_instances=inp.max_instances,
       scale_range=tuple(inp.scale_range),
       flip=inp.flip,
@@ -147,26 +149,28 @@ def train_preprocess_fn(config: ml_collections.ConfigDict) -> Callable:
 
 def eval_preprocess_fn(config: ml_collections.ConfigDict) -> Callable:
   """The evaluation preprocessing (resize, pad, no augmentation)."""
+  image_hw, mask_hw = config_lib.input_sizes(config.input)
   return functools.partial(
-      preprocess.preprocess_eval,
-      image_size=config.input.image_size,
-      mask_size=config.input.mask_size,
-  )
+      preprocess.preprocess_eval, image_size=image_hw, mask_size=mask_hw)
 
 
 def batch_spec(
     config: ml_collections.ConfigDict, batch_size: int
 ) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes and dtypes of a global training batch (what the step reads)."""
-  s, m = config.input.image_size, config.input.mask_size
+  """Shapes and dtypes of a global training batch (what the step reads).
+
+  Images are [b, H, W, 3] and label maps [b, h', w'] at the config's
+  (height, width) image and mask sizes.
+  """
+  (sh, sw), m = config_lib.input_sizes(config.input)
   spec = {
-      "image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.float32),
-      "semantic": jax.ShapeDtypeStruct((batch_size, m, m), jnp.int32),
-      "instance": jax.ShapeDtypeStruct((batch_size, m, m), jnp.int32),
-      "loss_weight": jax.ShapeDtypeStruct((batch_size, m, m), jnp.float32),
+      "image": jax.ShapeDtypeStruct((batch_size, sh, sw, 3), jnp.float32),
+      "semantic": jax.ShapeDtypeStruct((batch_size, *m), jnp.int32),
+      "instance": jax.ShapeDtypeStruct((batch_size, *m), jnp.int32),
+      "loss_weight": jax.ShapeDtypeStruct((batch_size, *m), jnp.float32),
   }
   if is_video(config):
-    frames = (batch_size, len(config.input.proceeding_frames), m, m)
+    frames = (batch_size, len(config.input.proceeding_frames), *m)
     spec["cond_semantic"] = jax.ShapeDtypeStruct(frames, jnp.int32)
     spec["cond_instance"] = jax.ShapeDtypeStruct(frames, jnp.int32)
   return spec
@@ -398,6 +402,21 @@ class Experiment:
     )
 
 
+def _square_init_model(model: nn.Module) -> nn.Module:
+  """The model `train_state.make_init_fn` initialises: square at the height.
+
+  `make_init_fn` feeds square dummy inputs (one side per size). No
+  parameter depends on the spatial size (convolutions, dense layers and
+  norms; positions are fixed sinusoids, `models.transformer`), so the
+  variables of a rectangular (h, w) model are those of the same model at
+  (h, h), whose inputs pass the same per-axis rules (`config_lib.validate`);
+  the real model then applies them at (h, w). A square model is returned
+  unchanged.
+  """
+  h, w = model.mask_size
+  return model if h == w else model.clone(mask_size=(h, h))
+
+
 def create(
     config: ml_collections.ConfigDict,
     mesh: Mesh | None = None,
@@ -429,9 +448,9 @@ def create(
   model = build_model(config)
   tx, lr_schedule = train_state.make_optimizer(
       config.optax, total_steps=total, warmup_steps=warmup)
+  (image_h, _), (mask_h, _) = config_lib.input_sizes(config.input)
   init_fn = train_state.make_init_fn(
-      model, tx, image_size=config.input.image_size,
-      mask_size=config.input.mask_size,
+      _square_init_model(model), tx, image_size=image_h, mask_size=mask_h,
       num_bits=2 * config.diffusion.bits_per_channel,
   )
   with jax.set_mesh(mesh):
