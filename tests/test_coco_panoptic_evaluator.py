@@ -30,12 +30,12 @@ def val_source(tmp_path_factory):
   return coco_panoptic.CocoPanopticSource(root, "val")
 
 
-def _oracle(source, transform=None):
+def _oracle(source, transform=None, size=SIZE):
   """A predict_fn that looks the GT up by the image's pixel sum."""
   table = {}
   for i in range(len(source)):
-    ex = preprocess.preprocess_eval(source[i], image_size=SIZE,
-                                    mask_size=SIZE)
+    ex = preprocess.preprocess_eval(source[i], image_size=size,
+                                    mask_size=size)
     key = round(float(ex["image"].sum()), 2)
     sem, inst = ex["semantic"], ex["instance"]
     if transform is not None:
@@ -52,21 +52,25 @@ def _oracle(source, transform=None):
   return predict
 
 
-def _evaluator(source, predict, workdir, batch_size=2):
+def _evaluator(source, predict, workdir, batch_size=2, size=SIZE):
   config = ml_collections.ConfigDict(dict(
       type="coco_panoptic", batch_size=batch_size, max_examples=None,
       min_pixels=1, num_overlays=2, every_steps=None))
   return evaluator_lib.CocoPanopticEvaluator(
       name="panoptic", config=config, predict_fn=predict, source=source,
       preprocess_fn=lambda raw: preprocess.preprocess_eval(
-          raw, image_size=SIZE, mask_size=SIZE),
+          raw, image_size=size, mask_size=size),
       mesh=sharding.make_mesh([("data", 1)], jax.devices()[:1]), seed=0,
       workdir=workdir)
 
 
+# A square input, and a (height, width) one: the 64x64 images in a 64x96
+# input, padded on the right, are cropped back before scoring.
+@pytest.mark.parametrize("size", [SIZE, (SIZE, 96)])
 def test_oracle_scores_one_and_files_agree_with_pq_compute(val_source,
-                                                           tmp_path):
-  ev = _evaluator(val_source, _oracle(val_source), str(tmp_path))
+                                                           tmp_path, size):
+  ev = _evaluator(val_source, _oracle(val_source, size=size), str(tmp_path),
+                  size=size)
   metrics = ev.run({}, {}, step=7)
   # 5 images in batches of 2: the padded copy must not be counted.
   assert metrics["num_images"] == 5

@@ -274,7 +274,7 @@ def test_config_validates_and_builds_the_video_model():
 # ------------------------------------------------ STQ evaluator in training
 
 
-def _stq_evaluator(root, tmp_path, predict_fn, batch_size=1):
+def _stq_evaluator(root, tmp_path, predict_fn, batch_size=1, size=None):
   import jax
   import ml_collections
 
@@ -288,22 +288,27 @@ def _stq_evaluator(root, tmp_path, predict_fn, batch_size=1):
   return kitti_step_stq.KittiStepStqEvaluator(
       name='stq', config=config, predict_fn=predict_fn,
       source=ks.KittiStepSource(root, 'val'),
-      # The long side (40) is the image and mask size: masks are at frame
-      # resolution, so a perfect mask prediction survives crop and resize.
+      # The long side (40) is the image and mask size (or `size`, fitting
+      # the frames unscaled): masks are at frame resolution, so a perfect
+      # mask prediction survives crop and resize.
       preprocess_fn=lambda raw: preprocess.preprocess_eval(
-          raw, image_size=W, mask_size=W),
+          raw, image_size=size or W, mask_size=size or W),
       mesh=sharding.make_mesh([('data', 1)], jax.devices()[:1]), seed=0,
       workdir=str(tmp_path / 'work'))
 
 
-def test_stq_evaluator_oracle_scores_one(tmp_path):
+# A square input (the 12x40 frames padded below to 40x40), and a
+# rectangular one (padded on the right to 12x48).
+@pytest.mark.parametrize('size', [None, (12, 48)])
+def test_stq_evaluator_oracle_scores_one(tmp_path, size):
   from pix2seq_d_jax.evaluators import EVALUATORS, kitti_step_stq
 
   root = _write_tree(tmp_path / 'kitti_step', split='val')
   source = ks.KittiStepSource(root, 'val')
   # The oracle: batch i (one sequence each) predicts sequence i's ground
   # truth (classes and instance ids as the source numbers them), padded to
-  # the [1, 4, 40, 40] mask batch the evaluator asks for.
+  # the [1, 4, 40, 40] (or [1, 4, 12, 48]) mask batch the evaluator asks
+  # for.
   calls = []
 
   def oracle(params, batch_stats, images, rng):
@@ -315,7 +320,7 @@ def test_stq_evaluator_oracle_scores_one(tmp_path):
       o[0, :3, :H, :W] = seq[key]
     return tuple(out)
 
-  evaluator = _stq_evaluator(root, tmp_path, oracle)
+  evaluator = _stq_evaluator(root, tmp_path, oracle, size=size)
   assert EVALUATORS['kitti_step_stq'] is type(evaluator)
   # KITTI-STEP's classes give exactly the STEP benchmark's STQ settings.
   acc, ref = kitti_step_stq.make_accumulator(evaluator.things), (
@@ -323,7 +328,8 @@ def test_stq_evaluator_oracle_scores_one(tmp_path):
   assert (acc.num_classes, acc.things, acc.ignore_label) == (
       ref.num_classes, ref.things, ref.ignore_label)
   metrics = evaluator.run({}, {}, step=7)
-  assert calls == [(1, 4, W, W, 3)] * 2  # 3 frames padded to the bucket.
+  # 3 frames padded to the bucket.
+  assert calls == [(1, 4, *(size or (W, W)), 3)] * 2
   assert (metrics['stq'], metrics['aq'], metrics['sq']) == (1.0, 1.0, 1.0)
   assert (metrics['num_sequences'], metrics['num_frames']) == (2, 6)
   out = tmp_path / 'work' / 'predictions' / 'stq_step7'
@@ -372,8 +378,9 @@ def test_stq_evaluator_scores_a_class_error_by_hand(tmp_path):
 def test_kitti_step_config_trains_one_step_and_reports_stq(tmp_path):
   # The shipped KITTI-STEP recipe (clips of frames -2, -1, 0, 20 classes,
   # 256 instances, evals.stq) on a KITTI-STEP-layout folder, at a toy
-  # square size instead of 1248 / 624 and with the skeleton model, so one
-  # step and one STQ evaluation run on a CPU in seconds.
+  # rectangular size (image 16x48, mask 4x12: the 12x40 frames fit at
+  # 1.2x) instead of 384x1248 / 192x624 and with the skeleton model, so
+  # one step and one STQ evaluation run on a CPU in seconds.
   from tests.multiprocess_worker import narrow_model_flags
 
   data_dir = tmp_path / 'kitti_step'
@@ -385,7 +392,7 @@ def test_kitti_step_config_trains_one_step_and_reports_stq(tmp_path):
       [sys.executable, '-m', 'pix2seq_d_jax.main',
        '--config=configs/kitti_step.py', f'--workdir={workdir}',
        f'--config.input.data_dir={data_dir}',
-       '--config.input.image_size=32', '--config.input.mask_size=8',
+       '--config.input.image_size=(16,48)', '--config.input.mask_size=4,12',
        '--config.input.batch_size=1', '--config.input.num_workers=0',
        '--config.total_steps=1', *narrow_model_flags(),
        '--config.log_training_steps=1', '--config.evals.stq.batch_size=1',

@@ -157,6 +157,33 @@ def test_shapes_dtypes_and_encode_decode_equals_call():
                              atol=1e-5)
 
 
+def test_rectangular_model_has_the_square_parameters():
+  # (h, w) = (MASK, 2 * MASK) masks of (IMAGE, 2 * IMAGE) images: the same
+  # parameters as the square model (positions are fixed sinusoids of the
+  # 2x4 token grid), applied on the rectangle.
+  rect = models.get_model('pix2seq_d', **{**TINY, 'mask_size': (MASK,
+                                                                2 * MASK)})
+  image = jax.random.uniform(jax.random.key(1), (B, IMAGE, 2 * IMAGE, 3))
+  x_t = 0.1 * jax.random.normal(jax.random.key(2), (B, MASK, 2 * MASK, BITS))
+  gamma = jnp.full((B,), 0.5)
+  abstract = _abstract(rect, image, x_t, gamma)
+  assert jax.tree.map(lambda x: x.shape, abstract['params']) == jax.tree.map(
+      lambda x: x.shape, _abstract_params())
+  variables = _random_variables(abstract)
+  enc = jax.jit(functools.partial(rect.apply, method='encode', train=False))(
+      variables, image)
+  assert enc['tokens'].shape == (B, (IMAGE // 16) * (2 * IMAGE // 16), 32)
+  assert enc['features'].shape == (B, MASK, 2 * MASK, FUSE)
+  out = jax.jit(functools.partial(rect.apply, method='decode', train=False))(
+      variables, x_t, gamma, enc)
+  assert out.shape == (B, MASK, 2 * MASK, OUTPUTS)
+  assert np.all(np.isfinite(out)) and float(jnp.std(out)) > 1e-2
+  with pytest.raises(ValueError, match=r'x_t shape \(2, 16, 16, 16\); '
+                     r'expected \(2, 16, 32, 16\)'):
+    rect.apply(variables, x_t[:, :, :MASK], gamma, enc, train=False,
+               method='decode')
+
+
 def test_batch_stats_train_updates_eval_keeps():
   variables, fns = _tiny()
   image, _, _, _ = _inputs(4)

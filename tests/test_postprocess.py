@@ -92,6 +92,38 @@ def test_valid_mask_size_hand_cases():
     postprocess.valid_mask_size((1, 1), 0, 4)
 
 
+def test_valid_mask_size_rectangles():
+  # A 20x70 image fits (32, 64) as 18x64, masks at (16, 32): stride 2.
+  assert postprocess.valid_mask_size((18, 64), (32, 64), (16, 32)) == (9, 32)
+  # KITTI: 375x1242 fits 384x1248 as 377x1248; masks 192x624.
+  assert postprocess.valid_mask_size(
+      (377, 1248), (384, 1248), (192, 624)) == (189, 624)
+  # The axes are not swapped: a tall image padded on the right.
+  assert postprocess.valid_mask_size((32, 10), (32, 64), (8, 16)) == (8, 3)
+  # An int size is a square, as before.
+  assert postprocess.valid_mask_size((10, 64), (64, 64), (16, 16)) == (
+      postprocess.valid_mask_size((10, 64), 64, 16))
+  with pytest.raises(ValueError, match=r"mask_size=\(16, 0\)"):
+    postprocess.valid_mask_size((1, 1), (32, 64), (16, 0))
+
+
+def test_sequence_to_original_rectangle():
+  # Frames of 3x8 fit an (8, 32) input at min(8/3, 32/8) = 8/3 as 8x21;
+  # masks at (4, 16) (stride 2) keep ceil(8/2) = 4 rows and ceil(21/2) = 11
+  # columns, resized to 3x8 by the pixel-centre rule: output i reads
+  # floor((2i + 1) * n / (2 N)).
+  rng = np.random.default_rng(0)
+  semantic = rng.integers(1, 5, (2, 4, 16)).astype(np.int32)
+  instance = rng.integers(0, 3, (2, 4, 16)).astype(np.int32)
+  sem, inst = postprocess.sequence_to_original(
+      semantic, instance, valid_size=(8, 21), orig_size=(3, 8),
+      image_size=(8, 32))
+  assert sem.shape == inst.shape == (2, 3, 8)
+  rows, cols = [0, 2, 3], [0, 2, 3, 4, 6, 7, 8, 10]
+  np.testing.assert_array_equal(sem, semantic[:, rows][:, :, cols])
+  np.testing.assert_array_equal(inst, instance[:, rows][:, :, cols])
+
+
 def test_crop_and_resize_to_original():
   labels = np.array(
     [[1, 2, 3, 0], [4, 5, 6, 0], [0, 0, 0, 0], [0, 0, 0, 0]], np.int32

@@ -2,18 +2,19 @@
 
 A checkpoint is written the way training writes it (no training step runs);
 `predict_images` then segments two JPEGs of different sizes and aspect
-ratios and a grey PNG. The outputs are checked against the inputs and the
-dataset's own JSON: original sizes, ids listed with exact areas and boxes,
-dataset category ids, overlay and trajectory geometry, and identical
-results for the same seed whatever the batch and the trajectory option.
+ratios and a grey PNG, at a rectangular (32, 64) input with (16, 32) masks.
+The outputs are checked against the inputs and the dataset's own JSON:
+original sizes, ids listed with exact areas and boxes, dataset category
+ids, overlay and trajectory geometry, and identical results for the same
+seed whatever the batch and the trajectory option.
 Video input: a fake DAVIS `JPEGImages/480p/` folder of two sequences gives
 DAVIS-palette PNGs at each frame's size whose values are the instance ids of
 the thing segments that the same frames get when predicted as images.
-Frame-conditioned model (`synthetic.py:video,tiny`, untrained but for a
-random output layer): two sequences of 3 and 5 frames give PNGs equal to
-`result_ids` of the video predict function run by the test itself, the same
-with another length bucket and batch size through the CLI, and a single
-image is segmented as the first frame of a sequence.
+Frame-conditioned model (`synthetic.py:video,tiny` at a (32, 48) input,
+untrained but for a random output layer): two sequences of 3 and 5 frames
+give PNGs equal to `result_ids` of the video predict function run by the
+test itself, the same with another length bucket and batch size through the
+CLI, and a single image is segmented as the first frame of a sequence.
 """
 
 import glob
@@ -63,10 +64,16 @@ def _write_inputs(folder):
   open(os.path.join(folder, ".hidden.png"), "w").close()
 
 
+# The image model predicts at a (height, width) input: every input below is
+# fit into 32x64 and its 16x32 masks are cropped and resized back.
+RECT_IMAGE, RECT_MASK = (32, 64), (16, 32)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   root = tmp_path_factory.mktemp("predict")
   config = synthetic.get_config("tiny")
+  config.input.image_size, config.input.mask_size = RECT_IMAGE, RECT_MASK
   config.input.data_dir = str(root / "data")
   state = experiment.create(config, total_steps=4).init_state(
       jax.random.key(1))
@@ -153,13 +160,16 @@ def test_overlays(run):
 def test_trajectory_strip_and_gif(run):
   config = run["config"]
   steps = config.diffusion.sample_steps
-  size, mask = config.input.image_size, config.input.mask_size
+  (size_h, size_w), (mask_h, _) = RECT_IMAGE, RECT_MASK
+  stride = size_h // mask_h
   for name, h, w, _ in INPUTS:
     stem = os.path.splitext(name)[0]
-    scale = size / max(h, w)
-    # Content of the padded mask: the resized image divided by the stride.
-    mh = math.ceil(round(h * scale) / (size // mask))
-    mw = math.ceil(round(w * scale) / (size // mask))
+    # The image fits the 32x64 box at one scale (48x30 -> 32x20, 20x70 ->
+    # 18x64, 33x33 -> 32x32); the content of the padded mask is the
+    # resized image divided by the stride.
+    scale = min(size_h / h, size_w / w)
+    mh = math.ceil(round(h * scale) / stride)
+    mw = math.ceil(round(w * scale) / stride)
     folder = os.path.join(run["out"], "trajectories")
     strip = Image.open(os.path.join(folder, f"{stem}.png"))
     assert strip.size == (steps * mw, mh)
@@ -357,6 +367,8 @@ def test_video_single_sequence_end_to_end(run, video):
 # Sequences of different lengths for the video model: name -> frames.
 CLIPS = {"long": 5, "short": 3}
 CLIP_HW = (40, 50)
+# The video model's (height, width) input and masks.
+VIDEO_IMAGE, VIDEO_MASK = (32, 48), (16, 24)
 
 
 def _randomise_output_layer(params):
@@ -374,6 +386,7 @@ def video_run(tmp_path_factory):
   """`synthetic.py:video,tiny` checkpoint; its predictions, bucket 4."""
   root = tmp_path_factory.mktemp("predict_video")
   config = synthetic.get_config("video,tiny")
+  config.input.image_size, config.input.mask_size = VIDEO_IMAGE, VIDEO_MASK
   config.input.data_dir = str(root / "data")
   exp = experiment.create(config, total_steps=4)
   state = exp.init_state(jax.random.key(2))
@@ -430,7 +443,7 @@ def test_video_model_ids_are_result_ids_of_the_video_sampler(video_run):
   # on the unpadded sequence, crop the padding of the masks, resize to the
   # frame size and map with result_ids.
   config, meta = video_run["config"], video_run["meta"]
-  size, m = config.input.image_size, config.input.mask_size
+  size, m = VIDEO_IMAGE, VIDEO_MASK
   n, (h, w) = CLIPS["long"], CLIP_HW
   paths = [os.path.join(video_run["videos"], "long", f"{k:05d}.jpg")
            for k in range(n)]
@@ -443,8 +456,10 @@ def test_video_model_ids_are_result_ids_of_the_video_sampler(video_run):
   state = video_run["state"]
   semantic, instance = sample(state.ema_params, state.batch_stats,
                               frames[None], jax.random.key(config.seed))
-  # 40x50 -> 26x32 inside the 32x32 input -> 13x16 of the 16x16 mask.
-  vh, vw = math.ceil(round(h * size / w) * m / size), m
+  # 40x50 fits 32x48 at min(32/40, 48/50) = 0.8 as 32x40 -> 16x20 of the
+  # 16x24 mask (stride 2).
+  assert semantic.shape == instance.shape == (1, n, *VIDEO_MASK)
+  vh, vw = 16, 20
 
   # Pixel-centre nearest neighbour in exact integers: output pixel i reads
   # input pixel floor((i + 0.5) * n / N) (PIL's float version rounds some
@@ -489,6 +504,7 @@ def test_cli_video_model_same_pngs_for_any_bucket(video_run, tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "pix2seq_d_jax.predict",
        "--config=configs/synthetic.py:video,tiny",
+       "--config.input.image_size=(32,48)", "--config.input.mask_size=16,24",
        f"--config.input.data_dir={video_run['config'].input.data_dir}",
        f"--checkpoint={video_run['workdir']}",
        f"--input={video_run['videos']}", f"--output={out}",

@@ -292,3 +292,84 @@ def test_resize_window_equals_crop_of_full_resize():
     np.testing.assert_allclose(
         pp._resize_window(img, size, window), full, atol=1
     )
+
+
+# ----------------------------------------------------------- rectangles
+
+
+def test_preprocess_eval_fits_a_rectangle_and_pads_the_rest():
+  # 20x70 into (32, 64): one factor min(32/20, 64/70) = 64/70, so the
+  # content is round(20 * 64/70) = 18 rows by 64 columns, padded below.
+  ex = _block_example(20, 70, block=5)
+  out = pp.preprocess_eval(ex, image_size=(32, 64), mask_size=(16, 32))
+  assert out['image'].shape == (32, 64, 3)
+  assert out['semantic'].shape == out['instance'].shape == (16, 32)
+  assert out['loss_weight'].shape == (16, 32)
+  np.testing.assert_array_equal(out['valid_size'], [18, 64])
+  np.testing.assert_array_equal(out['orig_size'], [20, 70])
+  assert (out['image'][18:] == 0).all() and out['image'][:18].max() > 0
+  # Mask rows 0..8 cover the 18 content rows; the rest is padding.
+  assert (out['semantic'][9:] == 0).all()
+  assert (out['loss_weight'][9:] == 0).all()
+  assert out['semantic'][:9].min() > 0
+  # A tall image in the same box: scaled to fit the height, padded right.
+  tall = pp.preprocess_eval(_block_example(64, 20, block=4),
+                            image_size=(32, 64), mask_size=(16, 32))
+  np.testing.assert_array_equal(tall['valid_size'], [32, 10])
+  assert (tall['image'][:, 10:] == 0).all()
+  # A square size gives exactly what the int spelling gives.
+  for a, b in zip(pp.preprocess_eval(ex, image_size=32, mask_size=16).values(),
+                  pp.preprocess_eval(ex, image_size=(32, 32),
+                                     mask_size=(16, 16)).values(),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_lsj_rectangle_scales_into_the_box_and_crops(seed):
+  # 30x50 into (24, 48) at s = 2: factor min(48/30, 96/50) = 1.6 -> 48x80,
+  # a random 24x48 window of it; alignment stays exact.
+  ex = _block_example(30, 50, block=10, seed=seed)
+  out = pp.large_scale_jitter(ex, np.random.default_rng(seed),
+                              output_size=(24, 48), scale_range=(2.0, 2.0))
+  assert out['image'].shape == (24, 48, 3)
+  assert out['semantic'].shape == out['valid'].shape == (24, 48)
+  assert out['valid'].all()
+  np.testing.assert_array_equal(out['valid_size'], [24, 48])
+  inner = _uniform_3x3(out['semantic'])
+  np.testing.assert_allclose(out['image'][inner],
+                             LUT[out['semantic'][inner]], atol=1)
+  # s = 0.5: 30x50 fits (12, 24) at min(12/30, 24/50) = 0.4 -> 12x20.
+  small = pp.large_scale_jitter(ex, np.random.default_rng(seed),
+                                output_size=(24, 48), scale_range=(0.5, 0.5))
+  np.testing.assert_array_equal(small['valid_size'], [12, 20])
+  assert small['valid'].sum() == 12 * 20 and small['valid'][:12, :20].all()
+
+
+def test_preprocess_train_and_clip_rectangle_shapes():
+  ex = _block_example(24, 36, block=4)
+  kw = dict(image_size=(32, 64), mask_size=(8, 16), max_instances=8,
+            scale_range=(0.5, 1.5), flip=True, color_jitter_strength=0.5)
+  out = pp.preprocess_train(ex, np.random.default_rng(3), **kw)
+  assert out['image'].shape == (32, 64, 3)
+  for key in ('semantic', 'instance', 'loss_weight'):
+    assert out[key].shape == (8, 16), key
+  np.testing.assert_allclose(out['loss_weight'].sum(), 8 * 16, rtol=1e-5)
+  clip = {k: np.stack([v] * 3) for k, v in ex.items() if k != 'image_id'}
+  clip['image_id'] = ex['image_id']
+  out = pp.preprocess_train_clip(clip, np.random.default_rng(3),
+                                 proceeding_frames=(-2, -1), **kw)
+  assert out['image'].shape == (32, 64, 3)
+  assert out['cond_semantic'].shape == out['cond_instance'].shape == (
+      2, 8, 16)
+  # Identical frames, one augmentation: the conditioning maps equal the
+  # target's.
+  np.testing.assert_array_equal(out['cond_semantic'][1], out['semantic'])
+  np.testing.assert_array_equal(out['cond_instance'][0], out['instance'])
+  with pytest.raises(ValueError, match=r'the width 64 must be a multiple '
+                     r'of mask_size=\(8, 24\)'):
+    pp.preprocess_train(ex, np.random.default_rng(0),
+                        **{**kw, 'mask_size': (8, 24)})
+  with pytest.raises(ValueError, match=r'image_size=\(32, 64, 3\): expected '
+                     r'a positive integer \(a square\) or a \(height, width\)'):
+    pp.preprocess_eval(ex, image_size=(32, 64, 3), mask_size=8)

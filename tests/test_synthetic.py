@@ -1,6 +1,7 @@
 """Tests of the synthetic panoptic generator and its cache."""
 
 import filecmp
+import json
 import os
 
 import numpy as np
@@ -119,3 +120,41 @@ def test_ensure_synthetic_caches(tmp_path, monkeypatch):
   assert synthetic.dataset_dir(str(tmp_path), **{**small, 'seed': 1}) != first
   with pytest.raises(TypeError, match='bogus'):
     synthetic.dataset_dir(str(tmp_path), bogus=1)
+
+
+def test_rectangular_dataset_and_size_spellings(tmp_path):
+  root = str(tmp_path / 'rect')
+  synthetic.generate(root, num_train=2, num_val=1, image_size=(24, 40),
+                     seed=3)
+  with open(os.path.join(root, 'params.json')) as f:
+    assert json.load(f)['image_size'] == [24, 40]
+  src = coco_panoptic.CocoPanopticSource(root, 'train')
+  content = pf.load_panoptic_json(src.metadata.gt_json)
+  assert {(im['height'], im['width']) for im in content['images']} == {
+      (24, 40)}
+  for i, ann in enumerate(content['annotations']):
+    ex = src[i]
+    assert ex['image'].shape == (24, 40, 3)
+    assert ex['semantic'].shape == ex['instance'].shape == (24, 40)
+    # Segments tile the frame (no void) with exact areas.
+    assert sum(s['area'] for s in ann['segments_info']) == 24 * 40
+    assert 1 <= sum(s['category_id'] <= 4 for s in ann['segments_info']) <= 6
+  # A square renders the same whichever way it is spelled, and 32, (32, 32)
+  # and [32, 32] name one cached dataset; a rectangle another.
+  square = [synthetic._render_scene(np.random.default_rng([3, 0, 1]), s)
+            for s in (32, (32, 32))]
+  for a, b in zip(*square, strict=True):
+    if isinstance(a, np.ndarray):
+      np.testing.assert_array_equal(a, b)
+    else:
+      assert a == b
+  names = {synthetic.dataset_dir(str(tmp_path), image_size=s)
+           for s in (32, (32, 32), [32, 32])}
+  assert len(names) == 1
+  assert synthetic.dataset_dir(str(tmp_path), image_size=(32, 48)) not in names
+  with pytest.raises(ValueError, match=r'image_size=\(8, 40\): expected '
+                     r'sides >= 16'):
+    synthetic.generate(str(tmp_path / 'bad'), image_size=(8, 40))
+  with pytest.raises(ValueError, match=r'synthetic image_size=\(16, 16, 3\)'):
+    synthetic.generate(str(tmp_path / 'bad'), image_size=(16, 16, 3))
+  assert not os.path.exists(tmp_path / 'bad')

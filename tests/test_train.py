@@ -64,11 +64,18 @@ def _ckpt_steps(workdir):
   return sorted(int(n) for n in names if n.isdigit())
 
 
+# The finished run is rectangular throughout: 48x80 synthetic scenes, fit
+# into a 32x64 input (as 32x53, padded on the right) with 16x32 masks.
+RECT_FLAGS = ("--config.input.image_size=(32,64)",
+              "--config.input.mask_size=16,32",
+              "--config.input.synthetic.image_size=(48,80)")
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("e2e")
   workdir, data_dir = str(root / "work"), str(root / "data")
-  proc = _run(workdir, data_dir)
+  proc = _run(workdir, data_dir, *RECT_FLAGS)
   return workdir, data_dir, proc.stdout + proc.stderr
 
 
@@ -86,6 +93,9 @@ def test_run_writes_metrics_checkpoints_predictions(finished_run):
   assert final["step"] == 4
   pq = final["panoptic"]
   assert 0.0 <= pq["pq"] <= 1.0 and pq["num_images"] == 4
+  with open(os.path.join(workdir, "config.json")) as f:
+    sizes = json.load(f)["input"]
+  assert (sizes["image_size"], sizes["mask_size"]) == ([32, 64], [16, 32])
   # Predictions in COCO panoptic format, one PNG per val image.
   pred_dir = os.path.join(workdir, "predictions", "panoptic_step4")
   with open(os.path.join(pred_dir, "panoptic.json")) as f:
@@ -95,6 +105,7 @@ def test_run_writes_metrics_checkpoints_predictions(finished_run):
     png = np.asarray(Image.open(os.path.join(pred_dir, "panoptic",
                                              ann["file_name"]))).astype(
                                                  np.int64)
+    assert png.shape == (48, 80, 3)  # Back at the scene's size.
     ids = png[..., 0] + 256 * png[..., 1] + 65536 * png[..., 2]
     listed = {s["id"] for s in ann["segments_info"]}
     assert set(np.unique(ids)) - {0} == listed
@@ -104,7 +115,8 @@ def test_run_writes_metrics_checkpoints_predictions(finished_run):
                                     "*.png"))
   assert len(overlays) == 4
   strip = np.asarray(Image.open(overlays[0]))
-  assert strip.shape[1] >= 3 * 64 and strip.shape[2] == 3
+  assert strip.shape[0] >= 48 and strip.shape[1] >= 3 * 80
+  assert strip.shape[2] == 3
 
 
 def test_sigterm_checkpoints_and_rerun_resumes(tmp_path):

@@ -15,9 +15,13 @@ from pix2seq_d_jax import data, sharding
 from pix2seq_d_jax.data import preprocess, synthetic_video
 from pix2seq_d_jax.evaluation import davis as davis_eval
 from pix2seq_d_jax.evaluators import davis_video
+from pix2seq_d_jax.formats import davis as davis_format
 from tests.multiprocess_worker import narrow_model_flags
 
-PARAMS = dict(num_train=3, num_val=2, num_frames=5, image_size=32, seed=1)
+# Rectangular frames (height 32, width 48): the generator, the DAVIS reader,
+# the evaluator and the entry point below all work on (h, w).
+PARAMS = dict(num_train=3, num_val=2, num_frames=5, image_size=(32, 48),
+              seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +40,8 @@ def test_synthetic_video_layout_and_motion(video_root):
   for name in src.sequence_names:
     seq = src.read_sequence(name)
     inst = seq["instance"]
-    assert inst.shape == (5, 32, 32)
+    assert inst.shape == (5, 32, 48)
+    assert seq["image"].shape == (5, 32, 48, 3)
     # Every object of the sequence is in the first frame (the DAVIS scorer
     # counts objects there), and ids are 1..n.
     ids = set(np.unique(inst[0])) - {0}
@@ -142,10 +147,11 @@ def test_davis_evaluator_scores_an_oracle_one(video_root, tmp_path):
     b, length = frames.shape[:2]
     index = len(calls)
     calls.append(frames.shape)
-    inst = np.zeros((b, length, 32, 32), np.int32)
+    # Masks at the (32, 64) input: the 32x48 frames plus 16 padded columns.
+    inst = np.zeros((b, length, 32, 64), np.int32)
     for row in range(b):
       seq = gt[names[min(index * b + row, len(names) - 1)]]
-      inst[row, :len(seq)] = seq
+      inst[row, :len(seq), :, :48] = seq
     return jnp.asarray(np.where(inst > 0, 2, 1)), jnp.asarray(inst)
 
   mesh = sharding.make_mesh([("data", -1)])
@@ -155,10 +161,10 @@ def test_davis_evaluator_scores_an_oracle_one(video_root, tmp_path):
   evaluator = davis_video.DavisVideoEvaluator(
       name="davis", config=config, predict_fn=oracle, source=src,
       preprocess_fn=lambda raw: preprocess.preprocess_eval(
-          raw, image_size=32, mask_size=32),
+          raw, image_size=(32, 64), mask_size=(32, 64)),
       mesh=mesh, seed=0, workdir=str(tmp_path))
   metrics = evaluator.run({}, {}, step=3)
-  assert calls == [(1, 8, 32, 32, 3)] * 2  # 5 frames padded to the bucket.
+  assert calls == [(1, 8, 32, 64, 3)] * 2  # 5 frames padded to the bucket.
   assert metrics["J&F-Mean"] == 1.0 and metrics["J-Recall"] == 1.0
   assert metrics["num_objects"] == sum(int(g[0].max()) for g in gt.values())
   # The written PNGs are a DAVIS results folder the CLI scores the same.
@@ -171,15 +177,16 @@ def test_davis_evaluator_scores_an_oracle_one(video_root, tmp_path):
 @pytest.mark.slow
 def test_davis_config_trains_one_step_on_a_davis_layout(video_root, tmp_path):
   # The shipped DAVIS recipe (clips of frames -2, -1, 0, frame dropout,
-  # 3 classes, 16 instances) on a DAVIS-layout folder, at a toy resolution
-  # with the skeleton model so one step runs on a CPU in seconds (the
-  # paper-size model is built with jax.eval_shape in test_config_lib).
+  # 3 classes, 16 instances) on a DAVIS-layout folder, at a toy rectangular
+  # resolution (32x48 frames in a 32x64 input, 8x16 masks) with the
+  # skeleton model so one step runs on a CPU in seconds (the paper-size
+  # model is built with jax.eval_shape in test_config_lib).
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   workdir = str(tmp_path / "w")
   proc = subprocess.run(
       [sys.executable, "-m", "pix2seq_d_jax.main", "--config=configs/davis.py",
        f"--workdir={workdir}", f"--config.input.data_dir={video_root}",
-       "--config.input.image_size=32", "--config.input.mask_size=8",
+       "--config.input.image_size=(32,64)", "--config.input.mask_size=8,16",
        "--config.input.batch_size=1", "--config.total_steps=1",
        *narrow_model_flags(),
        "--config.log_training_steps=1", "--config.evals.davis.batch_size=1",
@@ -198,5 +205,9 @@ def test_davis_config_trains_one_step_on_a_davis_layout(video_root, tmp_path):
   with open(os.path.join(workdir, "metrics.json")) as f:
     davis = json.load(f)["davis"]
   assert 0.0 <= davis["J&F-Mean"] <= 1.0 and davis["num_objects"] >= 1
-  assert len(os.listdir(os.path.join(
-      workdir, "predictions", "davis_step1", "val-0000"))) == 5
+  folder = os.path.join(workdir, "predictions", "davis_step1", "val-0000")
+  assert sorted(os.listdir(folder)) == [f"{t:05d}.png" for t in range(5)]
+  # Predictions cropped back and resized to the 32x48 frames.
+  for name in sorted(os.listdir(folder)):
+    ids = davis_format.read_palette_png(os.path.join(folder, name))
+    assert ids.shape == (32, 48) and ids.max() <= 16

@@ -9,6 +9,9 @@ earlier ones). Class is recoverable from colour family and shape, so a tiny
 model learns it in minutes on a CPU, yet the task keeps the real difficulties:
 occlusion, small instances, several instances of a class. Images are lossless
 PNGs; labels are COCO panoptic PNG + JSON, read back by `CocoPanopticSource`.
+Images are square (`image_size=n`) or rectangular (`image_size=(h, w)`);
+shape sizes follow the shorter side, band and Voronoi layouts the whole
+frame, and a square size renders exactly what it always did.
 `write_coco_layout` writes the same scenes cropped to COCO's image sizes,
 as JPEGs, for the input benchmark.
 Generation is deterministic per seed (each image has its own
@@ -30,6 +33,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from pix2seq_d_jax import config_lib
 from pix2seq_d_jax.formats import coco_panoptic as coco_format
 from pix2seq_d_jax.formats import paths
 
@@ -78,15 +82,41 @@ def categories() -> list[dict[str, Any]]:
   return cats
 
 
-def _stuff_layout(rng: np.random.Generator, size: int) -> np.ndarray:
-  """Returns int [size, size] stuff class indices (into STUFF_CLASSES)."""
+def image_hw(image_size: Any) -> tuple[int, int]:
+  """A generator's `image_size` (an int or (h, w)) as (h, w), each >= 16.
+
+  Raises:
+    ValueError: a malformed size or a side below 16.
+  """
+  h, w = config_lib.size_hw(image_size, 'synthetic image_size')
+  if min(h, w) < 16:
+    raise ValueError(
+        f'synthetic image_size={image_size!r}: expected sides >= 16.')
+  return h, w
+
+
+def size_param(image_size: Any) -> int | list[int]:
+  """`image_size` as stored in `params.json` and the cache key.
+
+  A square is its side (so existing caches keep their names whichever
+  spelling asks for them), a rectangle the list [h, w].
+  """
+  h, w = image_hw(image_size)
+  return h if h == w else [h, w]
+
+
+def _stuff_layout(rng: np.random.Generator, hw: tuple[int, int]
+                  ) -> np.ndarray:
+  """Returns int [h, w] stuff class indices (into STUFF_CLASSES)."""
+  height, width = hw
   num = int(rng.integers(2, 4))
   classes = rng.choice(len(STUFF_CLASSES), size=num, replace=False)
-  yy, xx = np.mgrid[0:size, 0:size]
+  yy, xx = np.mgrid[0:height, 0:width]
   kind = int(rng.integers(3))
   if kind < 2:  # horizontal or vertical bands
     coord = yy if kind == 0 else xx
-    cuts = np.sort(rng.uniform(0.2, 0.8, size=num - 1)) * size
+    cuts = np.sort(rng.uniform(0.2, 0.8, size=num - 1)) * (
+        height if kind == 0 else width)
     # A little waviness so band edges are not always straight lines.
     other = xx if kind == 0 else yy
     wave = rng.uniform(0, 2.5) * np.sin(
@@ -95,31 +125,35 @@ def _stuff_layout(rng: np.random.Generator, size: int) -> np.ndarray:
     band = np.searchsorted(cuts, coord + wave)
     return classes[band]
   # Voronoi partition with one or two seeds per class.
-  seeds = rng.uniform(0, size, size=(num + int(rng.integers(0, 2)), 2))
+  seeds = rng.uniform(0, np.array(hw, np.float64),
+                      size=(num + int(rng.integers(0, 2)), 2))
   owner = np.concatenate([np.arange(num), rng.integers(0, num, len(seeds))])
   d2 = (yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2
   return classes[owner[np.argmin(d2, axis=-1)]]
 
 
-def _stuff_texture(rng: np.random.Generator, cls: int, size: int) -> np.ndarray:
-  """Returns float [size, size, 3] colour of stuff class `cls` everywhere."""
+def _stuff_texture(rng: np.random.Generator, cls: int,
+                   hw: tuple[int, int]) -> np.ndarray:
+  """Returns float [h, w, 3] colour of stuff class `cls` everywhere."""
+  height, width = hw
   base = np.array(STUFF_CLASSES[cls][1], np.float32)
-  yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+  yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+  yy, xx = yy / height, xx / width
   name = STUFF_CLASSES[cls][0]
-  noise = rng.normal(0, 1, size=(size, size, 1)).astype(np.float32)
+  noise = rng.normal(0, 1, size=(height, width, 1)).astype(np.float32)
   if name == 'sky':
     tex = (0.5 - yy)[..., None] * 40 + noise * 3
   elif name == 'grass':
     tex = noise * 18
   elif name == 'water':
     phase = rng.uniform(0, 2 * np.pi)
-    tex = np.sin(yy * size * 0.9 + phase)[..., None] * 14 + noise * 4
+    tex = np.sin(yy * height * 0.9 + phase)[..., None] * 14 + noise * 4
   else:  # wall: a brick grid of darker mortar lines
-    brick = max(size // 8, 3)
-    row = (yy * size).astype(int) // brick
+    brick = max(min(height, width) // 8, 3)
+    row = (yy * height).astype(int) // brick
     shift = (row % 2) * (brick // 2)
-    mortar = ((yy * size).astype(int) % brick == 0) | (
-        ((xx * size).astype(int) + shift) % (2 * brick) == 0
+    mortar = ((yy * height).astype(int) % brick == 0) | (
+        ((xx * width).astype(int) + shift) % (2 * brick) == 0
     )
     tex = np.where(mortar, -45.0, 0.0)[..., None] + noise * 5
   jitter = rng.uniform(-12, 12, size=3).astype(np.float32)
@@ -127,12 +161,18 @@ def _stuff_texture(rng: np.random.Generator, cls: int, size: int) -> np.ndarray:
 
 
 def _shape_mask(
-    rng: np.random.Generator, cls: int, size: int, min_extent: float
+    rng: np.random.Generator, cls: int, hw: tuple[int, int],
+    min_extent: float
 ) -> np.ndarray:
-  """Returns bool [size, size] for one random instance of thing `cls`."""
-  yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-  r = rng.uniform(min_extent, 0.26 * size)
-  cy, cx = rng.uniform(r * 0.5, size - r * 0.5, size=2)
+  """Returns bool [h, w] for one random instance of thing `cls`.
+
+  The shape's size follows the shorter side; its centre is anywhere in the
+  frame that keeps most of it inside.
+  """
+  height, width = hw
+  yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+  r = rng.uniform(min_extent, 0.26 * min(height, width))
+  cy, cx = rng.uniform(r * 0.5, np.array(hw, np.float64) - r * 0.5, size=2)
   dy, dx = yy - cy, xx - cx
   name = THING_CLASSES[cls][0]
   if name == 'circle':
@@ -149,7 +189,7 @@ def _shape_mask(
   # rotation keeps it from being confused with an axis-aligned shape.
   theta0 = rng.uniform(0, 2 * np.pi)
   angles = theta0 + np.array([0, 2, 4]) * np.pi / 3
-  inside = np.ones((size, size), np.bool_)
+  inside = np.ones(hw, np.bool_)
   for ang in angles:
     # Edge normals point outward; the inradius of a triangle with
     # circumradius 1.2 r is 0.6 r.
@@ -158,36 +198,38 @@ def _shape_mask(
 
 
 def _render_scene(
-    rng: np.random.Generator, size: int
+    rng: np.random.Generator, size: int | tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-  """Draws one scene.
+  """Draws one scene of `size` (an int for a square, or (h, w)).
 
   Returns:
-    image uint8 [size, size, 3], ids int32 [size, size] (panoptic segment
-    ids, no void) and segments_info (areas and boxes from the final map).
+    image uint8 [h, w, 3], ids int32 [h, w] (panoptic segment ids, no void)
+    and segments_info (areas and boxes from the final map).
   """
+  hw = image_hw(size)
+  height, width = hw
   num_things = len(THING_CLASSES)
-  scale = (size / 64.0) ** 2
+  scale = (height / 64.0) * (width / 64.0)
   # Visible area below this (after occlusion) is not allowed for any instance.
   min_visible = max(int(round(20 * scale)), 4)
-  min_extent = max(2.8 * size / 64.0, 2.0)
+  min_extent = max(2.8 * min(height, width) / 64.0, 2.0)
 
-  stuff = _stuff_layout(rng, size)
-  image = np.zeros((size, size, 3), np.float32)
+  stuff = _stuff_layout(rng, hw)
+  image = np.zeros((height, width, 3), np.float32)
   for cls in np.unique(stuff):
     mask = stuff == cls
-    image[mask] = _stuff_texture(rng, int(cls), size)[mask]
+    image[mask] = _stuff_texture(rng, int(cls), hw)[mask]
   # Segment ids: stuff class c -> (num_things + c + 1) * 1000 (= category id
   # * 1000); thing instance k of category id c -> c * 1000 + k.
   ids = ((num_things + stuff + 1) * 1000).astype(np.int32)
 
-  inst_map = np.zeros((size, size), np.int32)  # 0 = no instance yet
+  inst_map = np.zeros(hw, np.int32)  # 0 = no instance yet
   inst_class = []
   target = int(rng.integers(1, _MAX_THINGS + 1))
   for _ in range(target):
     cls = int(rng.integers(num_things))
     for _ in range(8):  # placement attempts
-      mask = _shape_mask(rng, cls, size, min_extent)
+      mask = _shape_mask(rng, cls, hw, min_extent)
       if mask.sum() < min_visible:
         continue
       new_map = np.where(mask, len(inst_class) + 1, inst_map)
@@ -200,7 +242,7 @@ def _render_scene(
         inst_class.append(cls)
         base = np.array(THING_CLASSES[cls][1], np.float32)
         color = base + rng.uniform(-22, 22, size=3)
-        shade = rng.normal(0, 4, size=(size, size, 1))
+        shade = rng.normal(0, 4, size=(height, width, 1))
         image = np.where(mask[..., None], color + shade, image)
         break
 
@@ -237,7 +279,8 @@ def _segments_info(ids: np.ndarray) -> list[dict[str, Any]]:
   return segments
 
 
-def _write_split(root: str, split: str, num: int, size: int, seed: int) -> None:
+def _write_split(root: str, split: str, num: int, size: tuple[int, int],
+                 seed: int) -> None:
   images, annotations = [], []
   base_id = 0 if split == 'train' else _VAL_ID_OFFSET
   for i in range(num):
@@ -253,7 +296,8 @@ def _write_split(root: str, split: str, num: int, size: int, seed: int) -> None:
         ids,
     )
     images.append(
-        {'id': image_id, 'file_name': name, 'height': size, 'width': size}
+        {'id': image_id, 'file_name': name, 'height': size[0],
+         'width': size[1]}
     )
     annotations.append(
         {'image_id': image_id, 'file_name': name, 'segments_info': segments}
@@ -347,8 +391,14 @@ def write_atomically(root: str, write: Any, params: dict[str, Any]) -> None:
 
 def cache_dir(data_dir: str, prefix: str, defaults: dict[str, Any],
               version: int, params: dict[str, Any]) -> str:
-  """`<data_dir>/<prefix>-<hash of the full parameters and version>`."""
+  """`<data_dir>/<prefix>-<hash of the full parameters and version>`.
+
+  `image_size` enters as `size_param` gives it: 64, (64, 64) and [64, 64]
+  name one dataset, as they render the same images.
+  """
   full = {**full_params(defaults, params), 'version': version}
+  if 'image_size' in full:
+    full['image_size'] = size_param(full['image_size'])
   key = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()
   return os.path.join(data_dir, f'{prefix}-{key[:12]}')
 
@@ -383,7 +433,7 @@ def generate(
     *,
     num_train: int = _PARAM_DEFAULTS['num_train'],
     num_val: int = _PARAM_DEFAULTS['num_val'],
-    image_size: int = _PARAM_DEFAULTS['image_size'],
+    image_size: int | tuple[int, int] = _PARAM_DEFAULTS['image_size'],
     seed: int = _PARAM_DEFAULTS['seed'],
 ) -> None:
   """Writes a synthetic panoptic dataset (train and val) in the COCO layout.
@@ -395,7 +445,7 @@ def generate(
     root: destination folder; must not exist yet.
     num_train: number of train images (>= 1).
     num_val: number of val images (>= 1).
-    image_size: side of the square images (>= 16).
+    image_size: side of square images, or (height, width); sides >= 16.
     seed: base seed; equal arguments give byte-identical files.
 
   Raises:
@@ -406,17 +456,16 @@ def generate(
     raise ValueError(
         f'num_train and num_val must be >= 1, got {num_train}, {num_val}.'
     )
-  if image_size < 16:
-    raise ValueError(f'image_size must be >= 16, got {image_size}.')
+  hw = image_hw(image_size)
 
   def write(tmp):
     for split, num in (('train', num_train), ('val', num_val)):
-      _write_split(tmp, split, num, image_size, seed)
+      _write_split(tmp, split, num, hw, seed)
 
   params = {
       'num_train': num_train,
       'num_val': num_val,
-      'image_size': image_size,
+      'image_size': size_param(hw),
       'seed': seed,
       'version': GENERATOR_VERSION,
   }

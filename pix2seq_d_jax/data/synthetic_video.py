@@ -9,7 +9,8 @@ the DAVIS scorer takes the object count from the first annotation. Frames
 are JPEGs, annotations palette PNGs whose value is the object id (1..n, 0
 background) in both `Annotations/` and `Annotations_unsupervised/`, and
 `ImageSets/2017/{train,val}.txt` list the sequences, so `DavisSource` and
-the DAVIS J&F scorer read it like the real dataset. Generation is
+the DAVIS J&F scorer read it like the real dataset. Frames are square
+(`image_size=n`) or rectangular (`image_size=(h, w)`). Generation is
 deterministic per seed, atomic and cached by a hash of the parameters
 (`synthetic.ensure_cached`).
 """
@@ -61,24 +62,25 @@ def _bounce(pos: float, vel: float, lo: float, hi: float) -> tuple:
   return pos, vel
 
 
-def render_sequence(rng: np.random.Generator, size: int,
+def render_sequence(rng: np.random.Generator, size: int | tuple[int, int],
                     num_frames: int) -> tuple[np.ndarray, np.ndarray]:
-  """Draws one sequence.
+  """Draws one sequence of frames of `size` (an int or (h, w)).
 
   Returns:
-    frames uint8 [T, size, size, 3] and object ids uint8 [T, size, size]
-    (0 background, k = the k-th object from the back).
+    frames uint8 [T, h, w, 3] and object ids uint8 [T, h, w] (0 background,
+    k = the k-th object from the back).
   """
-  stuff = synthetic._stuff_layout(rng, size)
-  background = np.zeros((size, size, 3), np.float32)
+  hw = synthetic.image_hw(size)
+  stuff = synthetic._stuff_layout(rng, hw)
+  background = np.zeros(hw + (3,), np.float32)
   for cls in np.unique(stuff):
     region = stuff == cls
-    background[region] = synthetic._stuff_texture(rng, int(cls), size)[region]
-  min_extent = max(3.5 * size / 64.0, 2.0)
+    background[region] = synthetic._stuff_texture(rng, int(cls), hw)[region]
+  min_extent = max(3.5 * min(hw) / 64.0, 2.0)
   objects = []
   for _ in range(int(rng.integers(1, _MAX_OBJECTS + 1))):
     cls = int(rng.integers(len(synthetic.THING_CLASSES)))
-    mask = synthetic._shape_mask(rng, cls, size, min_extent)
+    mask = synthetic._shape_mask(rng, cls, hw, min_extent)
     ys, xs = np.nonzero(mask)
     if len(ys) < 8:
       continue
@@ -90,29 +92,29 @@ def render_sequence(rng: np.random.Generator, size: int,
         'mask': _shift(mask, -int(y0), -int(x0)),
         'size': (int(h), int(w)),
         'pos': [float(y0), float(x0)],
-        'vel': list(rng.uniform(-0.06, 0.06, size=2) * size),
+        'vel': list(rng.uniform(-0.06, 0.06, size=2) * np.array(hw)),
         'color': base + rng.uniform(-22, 22, size=3),
     })
-  frames = np.zeros((num_frames, size, size, 3), np.uint8)
-  ids = np.zeros((num_frames, size, size), np.uint8)
+  frames = np.zeros((num_frames, *hw, 3), np.uint8)
+  ids = np.zeros((num_frames, *hw), np.uint8)
   for t in range(num_frames):
     image = background.copy()
     for k, obj in enumerate(objects):
       mask = _shift(obj['mask'], int(round(obj['pos'][0])),
                     int(round(obj['pos'][1])))
-      shade = rng.normal(0, 4, size=(size, size, 1))
+      shade = rng.normal(0, 4, size=hw + (1,))
       image = np.where(mask[..., None], obj['color'] + shade, image)
       ids[t][mask] = k + 1
       for axis in (0, 1):
         obj['pos'][axis], obj['vel'][axis] = _bounce(
             obj['pos'][axis], obj['vel'][axis], 0.0,
-            float(size - obj['size'][axis]))
+            float(hw[axis] - obj['size'][axis]))
     frames[t] = np.clip(np.round(image), 0, 255).astype(np.uint8)
   return frames, ids
 
 
 def _write_split(root: str, split: str, num: int, num_frames: int,
-                 size: int, seed: int) -> None:
+                 size: tuple[int, int], seed: int) -> None:
   names = []
   for i in range(num):
     rng = np.random.default_rng([seed, _SPLIT_INDEX[split], i, 7])
@@ -141,7 +143,7 @@ def generate(root: str, **params: Any) -> None:
     root: destination; must not exist (built in a temporary folder and
       renamed, so an interrupted run leaves nothing at `root`).
     **params: num_train, num_val (sequences, >= 1), num_frames (>= 2),
-      image_size (>= 16), seed.
+      image_size (an int or (height, width), sides >= 16), seed.
 
   Raises:
     ValueError: on invalid counts or sizes; TypeError on unknown names.
@@ -151,14 +153,13 @@ def generate(root: str, **params: Any) -> None:
     raise ValueError(
         f'synthetic video: need num_train, num_val >= 1 and num_frames >= 2, '
         f'got {p}.')
-  if p['image_size'] < 16:
-    raise ValueError(
-        f'synthetic video: image_size must be >= 16, got {p["image_size"]}.')
+  hw = synthetic.image_hw(p['image_size'])
+  p['image_size'] = synthetic.size_param(hw)
 
   def write(tmp):
     for split in ('train', 'val'):
-      _write_split(tmp, split, p[f'num_{split}'], p['num_frames'],
-                   p['image_size'], p['seed'])
+      _write_split(tmp, split, p[f'num_{split}'], p['num_frames'], hw,
+                   p['seed'])
 
   synthetic.write_atomically(root, write, {**p, 'version': GENERATOR_VERSION})
 

@@ -140,7 +140,7 @@ class CocoPanopticEvaluator(base.Evaluator):
     orig_h, orig_w = (int(v) for v in host["orig_size"][j])
     valid_h, valid_w = (int(v) for v in host["valid_size"][j])
     valid = postprocess.valid_mask_size(
-        (valid_h, valid_w), host["image"].shape[1], semantic.shape[0])
+        (valid_h, valid_w), host["image"].shape[1:3], semantic.shape[:2])
     # Resized to the image first, then segments and the size rule there.
     ids, segments = postprocess.panoptic_at_original(
         semantic, instance, valid_size_in_mask=valid,

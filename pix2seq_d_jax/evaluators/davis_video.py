@@ -68,7 +68,7 @@ def sequence_object_ids(
     *,
     valid_size: tuple[int, int] | np.ndarray,
     orig_size: tuple[int, int] | np.ndarray,
-    image_size: int,
+    image_size: int | tuple[int, int],
     is_thing: np.ndarray,
 ) -> np.ndarray:
   """DAVIS object ids of one sequence from its mask-resolution predictions.
@@ -79,7 +79,7 @@ def sequence_object_ids(
 
   Args:
     semantic, instance, valid_size, orig_size, image_size: as in
-      `postprocess.sequence_to_original` (int [T, m, m] predictions).
+      `postprocess.sequence_to_original` (int [T, h', w'] predictions).
     is_thing: bool [num_classes].
 
   Returns:

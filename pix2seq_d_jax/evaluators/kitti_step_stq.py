@@ -65,14 +65,14 @@ def sequence_step_ids(
     *,
     valid_size: tuple[int, int] | np.ndarray,
     orig_size: tuple[int, int] | np.ndarray,
-    image_size: int,
+    image_size: int | tuple[int, int],
     is_thing: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
   """STEP (train ids, track ids) of one sequence's mask-size predictions.
 
   Args:
     semantic, instance, valid_size, orig_size, image_size: as in
-      `postprocess.sequence_to_original` (int [T, m, m] predictions).
+      `postprocess.sequence_to_original` (int [T, h', w'] predictions).
     is_thing: bool [num_classes].
 
   Returns:

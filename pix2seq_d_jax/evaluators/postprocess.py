@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from pix2seq_d_jax import config_lib
 from pix2seq_d_jax.data import preprocess
 
 
@@ -147,35 +148,34 @@ def masks_to_panoptic(
 
 
 def valid_mask_size(
-  valid_size: Sequence[int], image_size: int, mask_size: int
+  valid_size: Sequence[int],
+  image_size: int | Sequence[int],
+  mask_size: int | Sequence[int],
 ) -> tuple[int, int]:
   """The mask pixels that cover an image's unpadded content.
 
-  Images are resized into the top-left (h, w) = `valid_size` of an
-  `image_size` square and masks are predicted at `mask_size`, so the stride
-  is image_size / mask_size and the valid mask region is
-  ceil(valid / stride) = ceil(valid * mask_size / image_size) pixels (at
-  least one), computed in integers so no rounding can drop a row.
+  Images are resized into the top-left (h, w) = `valid_size` of the padded
+  (H, W) `image_size` and masks are predicted at (h', w') `mask_size`, so on
+  each axis the stride is H / h' (W / w') and the valid mask region is
+  ceil(valid / stride) = ceil(valid * h' / H) pixels (at least one),
+  computed in integers so no rounding can drop a row.
 
   Args:
     valid_size: (h, w) of the content inside the padded input image.
-    image_size: S, the side of the padded input image.
-    mask_size: m, the side of the predicted masks.
+    image_size: (H, W) of the padded input image, or an int for a square.
+    mask_size: (h', w') of the predicted masks, or an int for a square.
 
   Returns:
-    (h, w) in mask pixels, each in [1, mask_size].
+    (h, w) in mask pixels, in [1, h'] and [1, w'].
 
   Raises:
-    ValueError: on non-positive sizes.
+    ValueError: on malformed or non-positive sizes.
   """
-  if image_size <= 0 or mask_size <= 0:
-    raise ValueError(
-      f"image_size and mask_size: expected positive, got {image_size} and "
-      f"{mask_size}"
-    )
+  image = config_lib.size_hw(image_size, "image_size")
+  mask = config_lib.size_hw(mask_size, "mask_size")
   h, w = (
-    min(mask_size, max(1, -(-int(v) * mask_size // image_size)))
-    for v in valid_size
+    min(m, max(1, -(-int(v) * m // s)))
+    for v, s, m in zip(valid_size, image, mask, strict=True)
   )
   return h, w
 
@@ -188,11 +188,11 @@ def crop_and_resize_to_original(
   """Removes bottom/right padding and resizes to the original image size.
 
   Images are resized keeping their aspect ratio and padded at the bottom and
-  right to a square, so the valid part of a mask prediction is its top-left
-  (h, w) corner.
+  right to the input size, so the valid part of a mask prediction is its
+  top-left (h, w) corner.
 
   Args:
-    labels: [m, m'] or [m, m', c] mask-resolution labels.
+    labels: [h', w'] or [h', w', c] mask-resolution labels.
     valid_size_in_mask: (h, w) of the unpadded region in mask pixels.
     orig_size: (H, W) of the original image.
 
@@ -230,7 +230,7 @@ def panoptic_at_original(
   is kept with `min_pixels=40`.
 
   Args:
-    semantic, instance: int [m, m'] predictions (with padding).
+    semantic, instance: int [h', w'] predictions (with padding).
     valid_size_in_mask: (h, w) of the unpadded region (`valid_mask_size`).
     orig_size: (H, W) of the original image.
     is_thing: bool [num_classes].
@@ -252,7 +252,7 @@ def sequence_to_original(
   *,
   valid_size: Sequence[int],
   orig_size: Sequence[int],
-  image_size: int,
+  image_size: int | Sequence[int],
 ) -> tuple[np.ndarray, np.ndarray]:
   """Crops and resizes one sequence's mask-size predictions to its frames.
 
@@ -260,15 +260,15 @@ def sequence_to_original(
   content (`valid_mask_size`), as for images; the resize is nearest.
 
   Args:
-    semantic, instance: int [T, m, m] predictions of the real frames.
+    semantic, instance: int [T, h', w'] predictions of the real frames.
     valid_size: (h, w) of the resized frame inside the padded image.
     orig_size: (H, W) of the frames.
-    image_size: S, the padded input size.
+    image_size: the padded input's (height, width), or an int (a square).
 
   Returns:
     (semantic, instance), [T, H, W] each, of the inputs' (common) dtype.
   """
-  valid = valid_mask_size(valid_size, image_size, semantic.shape[-1])
+  valid = valid_mask_size(valid_size, image_size, semantic.shape[-2:])
   size = tuple(int(v) for v in orig_size)
   # Semantic and instance stacked on a channel axis: one resize per frame.
   both = np.stack([

@@ -1,8 +1,8 @@
 """The evaluation loop shared by the whole-sequence video evaluators.
 
 `VideoSequenceEvaluator` segments every eval sequence with the video predict
-function: each frame is preprocessed as for images (resize the longer side
-to the image size, pad), each sequence padded to a multiple of
+function: each frame is preprocessed as for images (resize to fit the
+(height, width) image size, pad), each sequence padded to a multiple of
 `length_bucket` frames (repeating the last frame, so one compiled program
 serves every length in a bucket), and the masks of the real frames cropped
 and resized to the original frame size (nearest,
@@ -128,7 +128,7 @@ class VideoSequenceEvaluator(base.Evaluator):
     """Preprocessed frames of sequence `index` and its ground truth.
 
     Returns:
-      ({'image': float32 [T, S, S, 3], 'valid_size': (h, w) of the content,
+      ({'image': float32 [T, H, W, 3], 'valid_size': (h, w) of the content,
       'orig_size': (H, W)}, `ground_truth(...)`).
     """
     seq = self.source.read_sequence(self.names[index])
@@ -177,7 +177,7 @@ class VideoSequenceEvaluator(base.Evaluator):
         pred = self.to_predictions(*postprocess.sequence_to_original(
             semantic[row, :t], instance[row, :t],
             valid_size=frames["valid_size"], orig_size=frames["orig_size"],
-            image_size=frames["image"].shape[1]))
+            image_size=frames["image"].shape[1:3]))
         name = self.names[j]
         if write:
           self.write_sequence(out_dir, name, pred)

@@ -186,20 +186,20 @@ class Predictor:
     )
 
   def preprocess(self, image: np.ndarray) -> dict[str, np.ndarray]:
-    """Resizes (longer side = image_size) and pads one uint8 [h, w, 3] image.
+    """Resizes (to fit image_size) and pads one uint8 [h, w, 3] image.
 
     Returns:
-      `preprocess.preprocess_eval`'s dict (image float32 [S, S, 3],
-      orig_size and valid_size int32 [2], ...).
+      `preprocess.preprocess_eval`'s dict (image float32 [H, W, 3] at the
+      config's (height, width) image size, orig_size and valid_size int32
+      [2], ...).
     """
     h, w = image.shape[:2]
     zeros = np.zeros((h, w), np.int32)
     raw = {"image": image, "semantic": zeros, "instance": zeros,
            "crowd": zeros.astype(bool), "image_id": 0}
+    image_hw, mask_hw = config_lib.input_sizes(self.config.input)
     return preprocess.preprocess_eval(
-        raw, image_size=self.config.input.image_size,
-        mask_size=self.config.input.mask_size,
-    )
+        raw, image_size=image_hw, mask_size=mask_hw)
 
   def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
     """Segments images in fixed-size batches (the last one padded).
@@ -231,8 +231,7 @@ class Predictor:
 
   def _postprocess(self, ex: dict, out: list[np.ndarray]) -> Prediction:
     valid = postprocess.valid_mask_size(
-        ex["valid_size"], self.config.input.image_size,
-        self.config.input.mask_size)
+        ex["valid_size"], *config_lib.input_sizes(self.config.input))
     semantic, instance = (x[: valid[0], : valid[1]] for x in out[:2])
     # Resized to the image first, then segments and the size rule there.
     ids, segments = postprocess.panoptic_at_original(

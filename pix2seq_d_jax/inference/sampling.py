@@ -34,8 +34,9 @@ def masks_sampler(
 
   `sample_masks(variables, encoded, rng, steps, cond_map=None)` samples the
   analog bits of the images whose encoder output is `encoded` (only the
-  decoder runs in the sampler's scan) and decodes them into int32 [b, m, m]
-  (semantic, instance) maps, plus the trajectory when asked.
+  decoder runs in the sampler's scan) and decodes them into int32
+  [b, h', w'] (semantic, instance) maps at the model's (h', w') mask_size,
+  plus the trajectory when asked.
   """
   num_bits = 2 * d.bits_per_channel
 
@@ -96,7 +97,7 @@ def make_predict_fn(
   """Returns `predict(params, batch_stats, image, rng) -> (semantic, instance)`.
 
   The image encoder runs once; only the decoder runs inside the sampler's
-  `jax.lax.scan` over steps. Outputs are int32 [b, m, m] at mask resolution.
+  `jax.lax.scan` over steps. Outputs are int32 [b, h', w'] at mask resolution.
   Video models (`model.cond_channels > 0`) get the conditioning of a first
   frame (zero maps for every earlier frame); use `make_video_predict_fn` to
   walk a sequence.
@@ -148,7 +149,7 @@ def make_video_predict_fn(
   rng a PRNG key; frame t uses key fold_in(rng, t).
 
   Returns:
-    (semantic, instance), int32 [b, T, m, m].
+    (semantic, instance), int32 [b, T, h', w'].
   """
   d = diff_config
   k = video_conditioning.history_length(proceeding_frames)

@@ -222,7 +222,8 @@ class VideoPredictor(predictor.Predictor):
         ids = davis_video.sequence_object_ids(
             sem, inst, valid_size=examples[0]["valid_size"],
             orig_size=examples[0]["orig_size"],
-            image_size=self.config.input.image_size,
+            image_size=config_lib.size_hw(
+                self.config.input.image_size, "config.input.image_size"),
             is_thing=self.meta.is_thing,
         )
         frames = [self._postprocess(ex, [s, i])
