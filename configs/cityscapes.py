@@ -3,8 +3,15 @@ r"""Cityscapes panoptic (19 train classes: 11 stuff + 8 things), Pix2Seq-D R50.
 Read from the layout that cityscapesScripts' panoptic conversion writes
 (`leftImg8bit/`, `gtFine/cityscapes_panoptic_{split}.json` and PNG folders);
 the loader comes with the real-datasets issue. The model and diffusion recipe
-are the COCO ones (paper); image 1024 / mask 512, as the COCO
-high-res stage, since the reference records no Cityscapes-specific sizes.
+are the COCO ones (paper). Sizes: image 1024x2048 / mask 512x1024
+(height x width), the full Cityscapes frame at the COCO high-res stage's
+scale and mask stride 2 (the reference records no Cityscapes-specific
+sizes). Frames are not padded or shrunk, and the mask keeps the high-res
+stage's detail. It is twice the COCO high-res stage's pixels: the encoder
+attends over a 64x128 token grid (8192 tokens, 4x the attention of 1024
+squared) and the decoder runs at 512x1024, so plan on one example per
+accelerator and the memory levers (`--config.remat`,
+`--config.grad_accum_steps`) where that does not fit.
 Initialise from a COCO checkpoint with `--config.model_init=DIR`.
 
   python -m pix2seq_d_jax.main --config=configs/cityscapes.py \
@@ -24,8 +31,8 @@ def get_config(arg: str | None = None):
   config.input.num_classes = 20  # 19 train classes + void.
   config.input.max_instances = 101
   config.input.batch_size = 16
-  config.input.image_size = 1024
-  config.input.mask_size = 512
+  config.input.image_size = (1024, 2048)  # (height, width)
+  config.input.mask_size = (512, 1024)
   config.input.scale_range = (0.5, 2.0)
   config.input.color_jitter = 0.0
   # grain worker processes per host (see README, "Input that keeps up").

@@ -8,8 +8,9 @@ DAVIS 2017 val. Training reads clips of 3 frames (the target and the two
 before it, whose ground-truth masks condition the decoder); evaluation
 segments every val sequence frame by frame, conditioned on the model's own
 earlier masks, writes DAVIS palette PNGs and reports J&F with the official
-unsupervised protocol. Until rectangular sizes are supported a square 512
-image / 256 mask stands in for 512x1024.
+unsupervised protocol. DAVIS 480p frames (854x480) are scaled to fit
+512x1024 keeping their aspect ratio (about 512x911) and padded on the
+right.
 
   python -m pix2seq_d_jax.main --config=configs/davis.py \
       --config.input.data_dir=/data/DAVIS --config.model_init=COCO_DIR \
@@ -32,8 +33,8 @@ def get_config(arg: str | None = None):
   config.input.num_classes = 3  # Void, background and object.
   config.input.max_instances = 16
   config.input.batch_size = 16
-  config.input.image_size = 512
-  config.input.mask_size = 256
+  config.input.image_size = (512, 1024)  # (height, width)
+  config.input.mask_size = (256, 512)
   config.input.scale_range = (1.0, 2.0)
   config.input.color_jitter = 0.0
   config.input.proceeding_frames = (-2, -1)

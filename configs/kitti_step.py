@@ -11,9 +11,12 @@ checkpoint (`--config.model_init=DIR`). Metric: STQ (deeplab2 rules,
 hold to. Data: the deeplab2 layout read by the 'kitti_step' source, 19
 Cityscapes classes + void (person and car tracked).
 
-Until rectangular sizes are supported, a square 1248 / 624 stands in for
-384x1248 / 192x624: a KITTI frame (about 1242x375) resized on its long side
-keeps the paper's scale and is padded below, at 3.25x the pixels.
+A KITTI frame (about 375x1242) is scaled to fit 384x1248 keeping its
+aspect ratio and padded at the bottom and right. Per axis the sizes meet the
+paper model's rules: 384 and 1248 are multiples of 16 (a 24x78 stride-16
+grid for the encoder), the mask is half the image on both axes, and 192 and
+624 are divisible by 2**(len(dec_dim_mults) - 1) = 8 (a 24x78 U-Net
+bottleneck).
 `evals.stq` ('kitti_step_stq') segments whole val sequences with the video
 sampler every 5000 steps and at the end, reports `eval/stq/{stq,aq,sq}` and
 writes STEP PNGs that `python -m pix2seq_d_jax.evaluation.stq` scores the
@@ -42,9 +45,8 @@ def get_config(arg: str | None = None):
   config.input.num_classes = 20  # 19 Cityscapes train classes + void.
   config.input.max_instances = 256
   config.input.batch_size = 32
-  # Paper: 384x1248 image, 192x624 mask; square stand-in (module docstring).
-  config.input.image_size = 1248
-  config.input.mask_size = 624
+  config.input.image_size = (384, 1248)  # (height, width), as the paper.
+  config.input.mask_size = (192, 624)
   config.input.scale_range = (1.0, 1.0)
   config.input.color_jitter = 0.0
   config.input.proceeding_frames = (-2, -1)

@@ -94,6 +94,11 @@ def test_config_errors(tmp_path, outside):
   line = _run([workdir, "--config.input.nope=1"], outside)
   _check(line, "--config.input.nope=1", "nope")
   assert not (tmp_path / "w").exists()
+  # A (height, width) override is parsed as a pair and checked per axis.
+  line = _run([workdir, "--config.input.image_size=(32,72)",
+               "--config.input.mask_size=16,36"], REPO)
+  _check(line, "config.input.image_size=(32, 72)", "a width that is a "
+         "multiple of 16", "got 72")
 
 
 def test_predict_config_errors(tmp_path, outside):

@@ -3,6 +3,7 @@
 import importlib
 
 import ml_collections
+import numpy as np
 import pytest
 
 from pix2seq_d_jax import config_lib
@@ -47,6 +48,87 @@ def test_shipped_configs_validate(name):
   config_lib.validate(config)
 
 
+# The reference's (height, width) sizes; COCO and synthetic stay square.
+SHIPPED_SIZES = {
+    "synthetic": ((64, 64), (32, 32)),
+    "coco": ((512, 512), (256, 256)),
+    "cityscapes": ((1024, 2048), (512, 1024)),
+    "davis": ((512, 1024), (256, 512)),
+    "kitti_step": ((384, 1248), (192, 624)),
+}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_config_sizes(name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  assert config_lib.input_sizes(config.input) == SHIPPED_SIZES[name]
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [(64, (64, 64)), ((32, 64), (32, 64)), ([48, 16], (48, 16)),
+     (np.int64(8), (8, 8)), (np.array([4, 12]), (4, 12))],
+)
+def test_size_hw_accepts_an_int_or_a_pair(value, expected):
+  hw = config_lib.size_hw(value, "config.input.image_size")
+  assert hw == expected and all(type(v) is int for v in hw)
+
+
+@pytest.mark.parametrize(
+    "value", [0, -8, True, 64.0, "64", "(32,64)", None, (32,), (8, 16, 32),
+              (32, 0), (32, -4), (32.0, 64), (True, 4), {32: 64}],
+)
+def test_size_hw_rejects_anything_else_naming_the_field(value):
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.size_hw(value, "config.input.mask_size")
+  assert str(e.value) == (
+      f"config.input.mask_size={value!r}: expected a positive integer (a "
+      "square) or a (height, width) pair of positive integers")
+
+
+@pytest.mark.parametrize(
+    "image,mask,field,message",
+    [
+        # Image not a multiple of 16 on the width only.
+        ((32, 72), (32, 72), "input.image_size",
+         "a width that is a multiple of 16 (the ResNet's output stride), "
+         "got 72"),
+        # Mask does not divide the image on the width.
+        ((32, 64), (16, 24), "input.mask_size",
+         "the width 24 does not divide 64"),
+        # Stride 8 on the height.
+        ((64, 64), (8, 32), "input.mask_size",
+         "image_size / mask_size in (1, 2, 4) on the height, got 64 / 8 = 8"),
+        # Stride 2 on the height, 4 on the width.
+        ((32, 64), (16, 16), "input.mask_size",
+         "the same image_size / mask_size stride on both axes, got 2 on the "
+         "height and 4 on the width"),
+        # Width 12 of the mask is not divisible by 2**3 (paper decoder).
+        ((64, 48), (16, 12), "input.mask_size",
+         "a width divisible by 2**(len(model.dec_dim_mults)-1) = 8, got 12"),
+        ((32, 64, 96), (16, 32), "input.image_size",
+         "expected a positive integer (a square) or a (height, width) pair"),
+    ],
+)
+def test_validate_checks_each_axis_and_names_it(image, mask, field, message):
+  config = _synthetic()
+  config.model.dec_dim_mults = (1, 1, 2, 2)  # Masks divisible by 8.
+  config.input.image_size, config.input.mask_size = image, mask
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config)
+  assert message in str(e.value)
+  assert str(e.value).startswith(f"config.{field}=")
+
+
+def test_validate_accepts_a_rectangle():
+  config = _synthetic()
+  config.input.image_size, config.input.mask_size = (32, 64), (16, 32)
+  config_lib.validate(config)
+  # Lists (a config read back from JSON) and a pair with an int mask.
+  config.input.image_size, config.input.mask_size = [64, 32], [32, 16]
+  config_lib.validate(config)
+
+
 def _synthetic():
   return importlib.import_module("configs.synthetic").get_config()
 
@@ -74,6 +156,36 @@ def test_validate_names_field_and_expectation(field, value, message):
   assert f"config.{field}" in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "overrides,image,mask",
+    [
+        (["--config.input.image_size=64"], 64, 16),
+        (["--config.input.image_size=(32,64)",
+          "--config.input.mask_size=16,32"], (32, 64), (16, 32)),
+        (["--config.input.image_size=[48, 96]",
+          "--config.input.mask_size=(24,48)"], [48, 96], (24, 48)),
+    ],
+)
+def test_command_line_sizes_parse_as_int_or_pair(monkeypatch, overrides,
+                                                  image, mask):
+  # The entry points' flag: a locked config file with --config.* overrides
+  # (ml_collections reads the overrides from sys.argv).
+  from absl import flags
+  from ml_collections import config_flags
+
+  argv = ["prog", "--config=configs/synthetic.py:tiny", *overrides]
+  monkeypatch.setattr("sys.argv", argv)
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values,
+                                  lock_config=True)
+  flag_values(argv)
+  config = flag_values.config
+  assert (config.input.image_size, config.input.mask_size) == (image, mask)
+  config_lib.validate(config)
+  assert config_lib.input_sizes(config.input) == (
+      config_lib.size_hw(image), config_lib.size_hw(mask))
+
+
 def test_locked_config_rejects_unknown_field():
   config = _synthetic()
   config.lock()
@@ -94,15 +206,64 @@ def test_coco_stages_and_bad_stage():
 
 @pytest.mark.parametrize("name", ["coco", "cityscapes", "davis"])
 def test_paper_configs_build_the_94_5m_model(name):
+  import jax
   from clu import parameter_overview
 
   from pix2seq_d_jax import experiment
 
   config = importlib.import_module(f"configs.{name}").get_config()
   # Abstract only (jax.eval_shape): nothing of the 94.5M model is allocated.
-  abstract = experiment.create(config, total_steps=10).abstract_state
+  exp = experiment.create(config, total_steps=10)
+  abstract = exp.abstract_state
   count = parameter_overview.count_parameters(abstract.params)
   assert abs(count - 94.5e6) / 94.5e6 < 0.02, count
   if name == "davis":  # Conditioning on 2 earlier frames' 16 bits each.
     conv_in = abstract.params["decoder"]["conv_in"]["kernel"]
     assert conv_in.shape[2] == 16 + 256 + 32
+  if name != "coco":  # Rectangular: parameters as at a square size.
+    square = config.copy_and_resolve_references()
+    square.input.image_size = (512, 512)
+    square.input.mask_size = (256, 256)
+    square_params = experiment.create(square, total_steps=10).abstract_state
+    assert jax.tree.map(lambda x: x.shape, abstract.params) == jax.tree.map(
+        lambda x: x.shape, square_params.params)
+
+
+@pytest.mark.parametrize("name", ["cityscapes", "davis", "kitti_step"])
+def test_rectangular_paper_configs_run_at_their_size(name):
+  # The 94.5M model's forward pass traced (jax.eval_shape, no compile) at
+  # the config's (height, width): encoder tokens on the stride-16 grid,
+  # decoder logits at the mask size.
+  import jax
+
+  from pix2seq_d_jax import experiment
+  from pix2seq_d_jax.diffusion import losses
+
+  config = importlib.import_module(f"configs.{name}").get_config()
+  (h, w), (mh, mw) = SHIPPED_SIZES[name]
+  exp = experiment.create(config, total_steps=10)
+  spec = exp.batch_spec(1)
+  assert spec["image"].shape == (1, h, w, 3)
+  assert spec["semantic"].shape == spec["loss_weight"].shape == (1, mh, mw)
+  if name != "cityscapes":  # Video: two conditioning frames' masks.
+    assert spec["cond_semantic"].shape == (1, 2, mh, mw)
+  model, state = exp.model, exp.abstract_state
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  bits = 2 * config.diffusion.bits_per_channel
+  x_t = jax.ShapeDtypeStruct((1, mh, mw, bits), "float32")
+  gamma = jax.ShapeDtypeStruct((1,), "float32")
+  cond = None
+  if model.cond_channels:
+    cond = jax.ShapeDtypeStruct((1, mh, mw, model.cond_channels), "float32")
+  encoded = jax.eval_shape(
+      lambda v, im: model.apply(v, im, train=False, method="encode"),
+      variables, spec["image"])
+  assert encoded["tokens"].shape == (1, (h // 16) * (w // 16), 512)
+  assert encoded["features"].shape == (1, mh, mw, 256)
+  out = jax.eval_shape(
+      lambda v, x, g, e, c: model.apply(v, x, g, e, cond_map=c, train=False,
+                                        method="decode"),
+      variables, x_t, gamma, encoded, cond)
+  outputs = losses.num_output_channels(
+      config.diffusion.loss_type, bits, config.diffusion.softmax_groups)
+  assert out.shape == (1, mh, mw, outputs)
