@@ -255,6 +255,7 @@ def test_config_validates_and_builds_the_video_model():
   from clu import parameter_overview
 
   from pix2seq_d_jax import experiment
+  from tests.test_config_lib import check_rectangular_forward
 
   config = importlib.import_module('configs.kitti_step').get_config()
   config_lib.validate(config)
@@ -263,12 +264,15 @@ def test_config_validates_and_builds_the_video_model():
   assert tuple(config.input.proceeding_frames) == (-2, -1)
   assert config.input.frames_dropout == 0.2
   assert config.evals.stq.type == 'kitti_step_stq'
-  abstract = experiment.create(config, total_steps=10).abstract_state
+  exp = experiment.create(config, total_steps=10)
+  abstract = exp.abstract_state
   count = parameter_overview.count_parameters(abstract.params)
   assert abs(count - 94.5e6) / 94.5e6 < 0.02, count
   # Noisy bits (16) + image features (256) + 2 earlier frames x 16 bits.
   conv_in = abstract.params['decoder']['conv_in']['kernel']
   assert conv_in.shape[2] == 16 + 256 + 32
+  # Traced at 384x1248 / 192x624 (a 24x78 token grid), no compile.
+  check_rectangular_forward(exp, 'kitti_step')
 
 
 # ------------------------------------------------ STQ evaluator in training
