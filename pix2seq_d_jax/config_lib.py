@@ -237,9 +237,10 @@ def _validate_sizes(inp: ml_collections.ConfigDict, levels: int) -> None:
   """Per-axis rules of `input.image_size` and `input.mask_size`.
 
   On each axis the mask divides the image with a stride in (1, 2, 4), the
-  same stride on both axes (the pyramid merge resizes by one factor), the
-  mask is divisible by 2**levels (the U-Net's down-samplings) and the image
-  by 16 (the ResNet's output stride). Errors name the field and the axis.
+  same stride on both axes (a mask pixel covers a square of image pixels,
+  as in the reference; the crop-back assumes one scale), the mask is
+  divisible by 2**levels (the U-Net's down-samplings) and the image by 16
+  (the ResNet's output stride). Errors name the field and the axis.
   """
   image, mask = input_sizes(inp)
   strides = []
@@ -278,8 +279,9 @@ def _validate_sizes(inp: ml_collections.ConfigDict, levels: int) -> None:
       strides[0] == strides[1],
       "input.mask_size",
       inp.mask_size,
-      f"the same image_size / mask_size stride on both axes, got "
-      f"{strides[0]} on the height and {strides[1]} on the width",
+      f"the same image_size / mask_size stride on both axes (square mask "
+      f"pixels), got {strides[0]} on the height and {strides[1]} on the "
+      "width",
   )
 
 

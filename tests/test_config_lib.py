@@ -101,8 +101,8 @@ def test_size_hw_rejects_anything_else_naming_the_field(value):
          "image_size / mask_size in (1, 2, 4) on the height, got 64 / 8 = 8"),
         # Stride 2 on the height, 4 on the width.
         ((32, 64), (16, 16), "input.mask_size",
-         "the same image_size / mask_size stride on both axes, got 2 on the "
-         "height and 4 on the width"),
+         "the same image_size / mask_size stride on both axes (square mask "
+         "pixels), got 2 on the height and 4 on the width"),
         # Width 12 of the mask is not divisible by 2**3 (paper decoder).
         ((64, 48), (16, 12), "input.mask_size",
          "a width divisible by 2**(len(model.dec_dim_mults)-1) = 8, got 12"),
