@@ -37,6 +37,8 @@ def get_config(arg: str | None = None):
   config.input.data_dir = ""
   config.input.num_classes = 20  # 19 train classes + void.
   config.input.max_instances = 101
+  # The reference's target: every segment, stuff included, a random id.
+  config.input.stuff_identity = "random"
   config.input.batch_size = 16
   config.input.image_size = (1024, 2048)  # (height, width)
   config.input.mask_size = (512, 1024)

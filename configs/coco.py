@@ -33,6 +33,8 @@ def get_config(arg: str | None = None):
   config.input.source = "coco_panoptic"
   config.input.data_dir = ""  # Folder with train2017/, val2017/, annotations/.
   config.input.max_instances = 101
+  # The reference's target: every segment, stuff included, a random id.
+  config.input.stuff_identity = "random"
   config.input.num_classes = 134  # 133 categories + void.
   config.evals.panoptic.batch_size = 8
   config.evals.panoptic.min_pixels = 40

@@ -10,6 +10,8 @@ the tests.
 import ml_collections
 from ml_collections import config_dict
 
+from pix2seq_d_jax import config_lib
+
 
 def size_field(value: int | tuple[int, int]) -> config_dict.FieldReference:
   """A config field for an image or mask size: an int or an (h, w) pair.
@@ -84,6 +86,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   """All fields with the paper's settings; dataset configs override them."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # One value read by the training target and the panoptic post-processing
+  # (config.input.stuff_identity and config.evals.panoptic.stuff_identity
+  # share it: setting either sets both).
+  stuff_identity = config_dict.FieldReference(
+      config_lib.STUFF_IDENTITY_DEFAULT, field_type=str)
 
   # Durations: set exactly one spelling (_steps/_epochs/_examples).
   config.total_steps = config_dict.placeholder(int)
@@ -103,6 +110,13 @@ def get_base_config() -> ml_collections.ConfigDict:
           # Classes incl. void; filled from the dataset metadata when None.
           num_classes=config_dict.placeholder(int),
           max_instances=101,
+          # Instance ids of stuff: 'random' (the reference) gives every
+          # segment, stuff included, its own random id in 1..max_instances-1
+          # (so max_instances must hold things + stuff segments) and each
+          # predicted id takes the class most of its pixels have; 'zero'
+          # keeps stuff at id 0 (one segment per stuff class) and ids vote
+          # among thing pixels only. Default STUFF_IDENTITY_DEFAULT.
+          stuff_identity=stuff_identity,
           scale_range=(1.0, 3.0),
           flip=True,
           color_jitter=1.0,
@@ -190,6 +204,8 @@ def get_base_config() -> ml_collections.ConfigDict:
           # Crowd rule of the PQ matcher: 'last' (panopticapi's) or 'merge'
           # (all crowd segments of a category; a deviation).
           crowd="last",
+          # The same value as config.input.stuff_identity (shared).
+          stuff_identity=stuff_identity,
       )
   )
 

@@ -32,6 +32,9 @@ def get_config(arg: str | None = None):
   config.input.data_dir = ""
   config.input.num_classes = 3  # Void, background and object.
   config.input.max_instances = 16
+  # 'zero' as the reference: its DAVIS label is the object index with the
+  # background at 0; here background is the one stuff class (instance 0).
+  config.input.stuff_identity = "zero"
   config.input.batch_size = 16
   config.input.image_size = (512, 1024)  # (height, width)
   config.input.mask_size = (256, 512)

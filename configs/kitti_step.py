@@ -44,6 +44,9 @@ def get_config(arg: str | None = None):
   config.input.data_dir = ""
   config.input.num_classes = 20  # 19 Cityscapes train classes + void.
   config.input.max_instances = 256
+  # 'zero' as the reference: KITTI-STEP labels keep stuff at instance 0
+  # (STQ tracks thing pixels only).
+  config.input.stuff_identity = "zero"
   config.input.batch_size = 32
   config.input.image_size = (384, 1248)  # (height, width), as the paper.
   config.input.mask_size = (192, 624)

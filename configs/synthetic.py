@@ -40,7 +40,10 @@ def get_config(arg: str | None = None):
   config.input.batch_size = 8
   config.input.image_size = 64
   config.input.mask_size = 32
-  config.input.max_instances = 8  # At most 6 things per synthetic scene.
+  # At most 6 things and 3 stuff segments per synthetic scene: ids 1..9 hold
+  # every segment under either input.stuff_identity (with 'random' stuff
+  # takes ids too), so no segment is dropped as overflow.
+  config.input.max_instances = 10
   config.input.scale_range = (0.8, 1.25)
   config.input.flip = True
   config.input.color_jitter = 0.0

@@ -25,6 +25,17 @@ class ConfigError(ValueError):
   """A config field has a value the framework cannot use."""
 
 
+# `config.input.stuff_identity`: the instance id of stuff segments in the
+# training target and how post-processing builds segments. 'random' (the
+# reference): every segment, stuff included, gets its own random id and each
+# predicted id votes for one class over all its pixels; 'zero': stuff keeps
+# id 0, one segment per stuff class, ids vote among thing pixels only.
+STUFF_IDENTITIES = ("random", "zero")
+# The value `configs/common.py` sets (why: its comment and README.md); the
+# default of the functions that take the switch.
+STUFF_IDENTITY_DEFAULT = "zero"
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """Parses `a=1,b=x,flag` into a ConfigDict typed by `defaults`.
 
@@ -315,6 +326,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       frames,
       "distinct negative frame offsets such as (-2, -1), or () for images",
   )
+  _check_choice("input.stuff_identity",
+                inp.get("stuff_identity", STUFF_IDENTITY_DEFAULT),
+                STUFF_IDENTITIES)
   _require(
       0.0 <= inp.get("frames_dropout", 0.0) <= 1.0,
       "input.frames_dropout",
@@ -416,6 +430,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     if "crowd" in ev:
       _check_choice(f"evals.{name}.crowd", ev.crowd, ("last", "merge"))
+    if "stuff_identity" in ev:
+      _require(
+          ev.stuff_identity
+          == inp.get("stuff_identity", STUFF_IDENTITY_DEFAULT),
+          f"evals.{name}.stuff_identity", ev.stuff_identity,
+          f"config.input.stuff_identity={inp.get('stuff_identity')!r} "
+          "(post-processing follows the training target's convention; set "
+          "config.input.stuff_identity, which the eval field shares)")
   _require(
       len(config.mesh) >= 1 and all(len(a) == 2 for a in config.mesh),
       "mesh",

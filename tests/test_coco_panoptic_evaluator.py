@@ -52,16 +52,39 @@ def _oracle(source, transform=None, size=SIZE):
   return predict
 
 
-def _evaluator(source, predict, workdir, batch_size=2, size=SIZE):
+def _evaluator(source, predict, workdir, batch_size=2, size=SIZE,
+               stuff_identity="zero"):
   config = ml_collections.ConfigDict(dict(
       type="coco_panoptic", batch_size=batch_size, max_examples=None,
-      min_pixels=1, num_overlays=2, every_steps=None))
+      min_pixels=1, num_overlays=2, every_steps=None,
+      stuff_identity=stuff_identity))
   return evaluator_lib.CocoPanopticEvaluator(
       name="panoptic", config=config, predict_fn=predict, source=source,
       preprocess_fn=lambda raw: preprocess.preprocess_eval(
           raw, image_size=size, mask_size=size),
       mesh=sharding.make_mesh([("data", 1)], jax.devices()[:1]), seed=0,
       workdir=workdir)
+
+
+def test_oracle_with_random_stuff_identities_scores_one(val_source, tmp_path):
+  # The 'random' target: every stuff segment its own id (here max id +
+  # class); the per-identity vote gives back the ground truth.
+  def number_stuff(sem, inst):
+    return sem, preprocess.number_stuff_segments(
+        sem, inst, np.zeros(sem.shape, bool))
+
+  ev = _evaluator(val_source, _oracle(val_source, number_stuff),
+                  str(tmp_path), stuff_identity="random")
+  metrics = ev.run({}, {}, step=1)
+  assert metrics["num_images"] == 5
+  assert metrics["pq"] == pytest.approx(1.0)
+  assert metrics["pq_stuff"] == pytest.approx(1.0)
+  # The plain target (stuff id 0) read with the 'random' rules loses all
+  # stuff: id 0 is void.
+  plain = _evaluator(val_source, _oracle(val_source), str(tmp_path / "b"),
+                     stuff_identity="random").run({}, {}, step=1)
+  assert plain["pq_things"] == pytest.approx(1.0)
+  assert plain["pq_stuff"] == 0.0
 
 
 # A square input, and a (height, width) one: the 64x64 images in a 64x96

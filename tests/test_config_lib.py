@@ -262,3 +262,48 @@ def test_paper_configs_build_the_94_5m_model(name):
     assert conv_in.shape[2] == 16 + 256 + 32
   # The shipped rectangles (KITTI-STEP's in test_kitti_step).
   check_rectangular_forward(exp, name)
+
+
+def test_stuff_identity_cli_sets_target_and_eval_and_bad_values(monkeypatch):
+  from absl import flags
+  from ml_collections import config_flags
+
+  argv = ["prog", "--config=configs/synthetic.py:tiny",
+          "--config.input.stuff_identity=random"]
+  monkeypatch.setattr("sys.argv", argv)
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values,
+                                  lock_config=True)
+  flag_values(argv)
+  config = flag_values.config
+  # One shared value: the training target and the post-processing.
+  assert config.input.stuff_identity == "random"
+  assert config.evals.panoptic.stuff_identity == "random"
+  config_lib.validate(config)
+
+  config = _synthetic()
+  config.input.stuff_identity = "stuff"
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config)
+  assert str(e.value) == (
+      "config.input.stuff_identity='stuff': expected one of "
+      "['random', 'zero']")
+  config = _synthetic()
+  config.evals.panoptic = ml_collections.ConfigDict(
+      dict(type="coco_panoptic", stuff_identity="random"))
+  config.input.stuff_identity = "zero"
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"evals.panoptic.stuff_identity='random'"):
+    config_lib.validate(config)
+
+
+def test_shipped_configs_stuff_identity():
+  # The reference's value per dataset: random ids for COCO and Cityscapes
+  # stuff; DAVIS background and KITTI-STEP stuff keep id 0 there.
+  expected = {"coco": "random", "cityscapes": "random", "davis": "zero",
+              "kitti_step": "zero"}
+  for name, value in expected.items():
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert config.input.stuff_identity == value, name
+    if "panoptic" in config.evals:
+      assert config.evals.panoptic.stuff_identity == value, name

@@ -373,3 +373,81 @@ def test_preprocess_train_and_clip_rectangle_shapes():
   with pytest.raises(ValueError, match=r'image_size=\(32, 64, 3\): expected '
                      r'a positive integer \(a square\) or a \(height, width\)'):
     pp.preprocess_eval(ex, image_size=(32, 64, 3), mask_size=8)
+
+
+# Stuff 3 and 4 (4 pixels each), thing 1 (id 1, 3 pixels), thing 2 (id 2,
+# 2 pixels), a crowd pixel of class 5 and 2 void pixels.
+_SEM = np.array([[3, 3, 4, 4], [3, 3, 4, 4], [1, 1, 2, 0], [1, 5, 2, 0]])
+_INST = np.array([[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 2, 0], [1, 0, 2, 0]])
+_CROWD = _SEM == 5
+
+
+def _tiny_raw():
+  return {'image': LUT[_SEM], 'semantic': _SEM.astype(np.int32),
+          'instance': _INST.astype(np.int32), 'crowd': _CROWD,
+          'image_id': np.int64(3)}
+
+
+def test_number_stuff_segments_hand_case():
+  # Stuff class c takes max(instance) + c = 2 + c; crowd and void keep 0.
+  np.testing.assert_array_equal(
+      pp.number_stuff_segments(_SEM, _INST, _CROWD),
+      [[5, 5, 6, 6], [5, 5, 6, 6], [1, 1, 2, 0], [1, 0, 2, 0]])
+
+
+@pytest.mark.parametrize('mode', ['random', 'zero'])
+def test_preprocess_train_stuff_identity_targets_and_weights(mode):
+  kw = dict(image_size=4, mask_size=4, max_instances=8, flip=False,
+            loss_weight_power=1.0, stuff_identity=mode)
+  out = pp.preprocess_train(_tiny_raw(), np.random.default_rng(5), **kw)
+  inst, sem = out['instance'], out['semantic']
+  np.testing.assert_array_equal(sem, _SEM)
+  ids = {name: set(inst[mask].tolist()) for name, mask in (
+      ('stuff3', _SEM == 3), ('stuff4', _SEM == 4), ('thing1', _INST == 1),
+      ('thing2', _INST == 2), ('crowd', _CROWD), ('void', _SEM == 0))}
+  assert all(len(v) == 1 for v in ids.values())  # One id per segment.
+  ids = {k: v.pop() for k, v in ids.items()}
+  assert ids['crowd'] == ids['void'] == 0
+  if mode == 'random':  # Four distinct random ids in 1..7, stuff included.
+    segs = [ids[k] for k in ('stuff3', 'stuff4', 'thing1', 'thing2')]
+    assert len(set(segs)) == 4 and min(segs) >= 1 and max(segs) <= 7
+  else:
+    assert ids['stuff3'] == ids['stuff4'] == 0
+    assert len({ids['thing1'], ids['thing2']}) == 2
+    assert min(ids['thing1'], ids['thing2']) >= 1
+  # Per-segment sizes c are the same in both modes: 4, 4, 3, 2, crowd 1,
+  # void 2; p = 1 gives 1 / (c + 1), scaled to sum to 16.
+  size = np.select([_SEM == 3, _SEM == 4, _INST == 1, _INST == 2, _CROWD],
+                   [4, 4, 3, 2, 1], 2)
+  raw = 1.0 / (size + 1.0)
+  np.testing.assert_allclose(out['loss_weight'], raw * 16 / raw.sum(),
+                             rtol=1e-6)
+
+
+def test_preprocess_train_random_stuff_overflow_and_bad_value():
+  # Ids 1..3 for four segments: the smallest (thing 2, 2 pixels) is void.
+  out = pp.preprocess_train(
+      _tiny_raw(), np.random.default_rng(0), image_size=4, mask_size=4,
+      max_instances=4, flip=False, stuff_identity='random')
+  dropped = _INST == 2
+  assert (out['semantic'][dropped] == 0).all()
+  assert (out['instance'][dropped] == 0).all()
+  assert sorted(set(out['instance'][~dropped & (_SEM > 0) & ~_CROWD])) == [
+      1, 2, 3]
+  with pytest.raises(ValueError, match=r"stuff_identity='stuff'.*'random'"):
+    pp.preprocess_train(_tiny_raw(), np.random.default_rng(0), image_size=4,
+                        mask_size=4, max_instances=4, stuff_identity='stuff')
+
+
+def test_preprocess_train_clip_random_stuff_keeps_one_id():
+  raw = _tiny_raw()
+  clip = {k: np.stack([raw[k]] * 2) for k in ('image', 'semantic',
+                                               'instance', 'crowd')}
+  clip['image_id'] = raw['image_id']
+  out = pp.preprocess_train_clip(
+      clip, np.random.default_rng(1), proceeding_frames=(-1,), image_size=4,
+      mask_size=4, max_instances=8, flip=False, stuff_identity='random')
+  np.testing.assert_array_equal(out['cond_instance'][0], out['instance'])
+  for c in (3, 4):  # One nonzero id per stuff class, the same in frame -1.
+    ids = set(out['instance'][_SEM == c].tolist())
+    assert len(ids) == 1 and ids.pop() >= 1

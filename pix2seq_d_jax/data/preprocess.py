@@ -7,11 +7,14 @@ epoch) and a resumed run repeats it exactly. Geometric ops move the image
 so image and labels stay aligned pixel-exactly. The training chain is
 flip -> large-scale jitter -> colour jitter -> labels to mask resolution ->
 random instance ids -> small-instance loss weights (paper: instance ids are
-random per image; weight (1/(c+1))**p per segment of c pixels). Crowd regions
-keep their class with instance 0 and are weighted like any other pixel; void
-pixels (semantic 0) stay in the loss as in the reference; only padding gets
-weight 0. Both `preprocess_train` and `preprocess_eval` return fixed shapes.
-Sizes are an int (a square) or a (height, width) pair
+random per image; weight (1/(c+1))**p per segment of c pixels). With
+`stuff_identity='random'` (the reference) every stuff segment gets its own
+random id too; with 'zero' stuff keeps id 0, one segment per stuff class.
+Either way a segment is one (class, id) pair, so c is counted per segment.
+Crowd regions keep their class with instance 0 and are weighted like any
+other pixel; void pixels (semantic 0) stay in the loss as in the reference;
+only padding gets weight 0. Both `preprocess_train` and `preprocess_eval`
+return fixed shapes. Sizes are an int (a square) or a (height, width) pair
 (`config_lib.size_hw`); images are scaled to fit the (height, width) box
 keeping their aspect ratio, as the reference's scale jitter and eval resize.
 """
@@ -76,7 +79,11 @@ def resize_image(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
   return _resize_window(image, config_lib.size_hw(size, 'resize_image size'))
 
 
-def _nearest_index(in_len: int, out_len: int) -> np.ndarray:
+def nearest_index(in_len: int, out_len: int) -> np.ndarray:
+  """The input index each output pixel of a nearest resize reads.
+
+  int [out_len]; composing these index arrays composes resizes exactly.
+  """
   # Pixel-centre mapping (the one PIL's bilinear uses): output pixel i samples
   # input pixel floor((i + 0.5) * in / out), the rule of PIL's NEAREST and
   # tf.image.resize(method='nearest'). Integer arithmetic keeps it exact where
@@ -111,8 +118,8 @@ def resize_labels(x: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
         f'resize_labels: expected a positive size and a non-empty input, got '
         f'size {(out_h, out_w)} for labels of shape {x.shape}.'
     )
-  rows = _nearest_index(x.shape[0], out_h)
-  cols = _nearest_index(x.shape[1], out_w)
+  rows = nearest_index(x.shape[0], out_h)
+  cols = nearest_index(x.shape[1], out_w)
   return x[rows[:, None], cols[None, :]]
 
 
@@ -148,8 +155,8 @@ def _resize_crop_pad(
   padded = np.zeros((out_h, out_w) + image.shape[2:], image.dtype)
   padded[:ch, :cw] = image
   out['image'] = padded
-  rows = _nearest_index(h, new_h)[oy : oy + ch]
-  cols = _nearest_index(w, new_w)[ox : ox + cw]
+  rows = nearest_index(h, new_h)[oy : oy + ch]
+  cols = nearest_index(w, new_w)[ox : ox + cw]
   for key in _LABEL_KEYS:
     if key not in out:
       continue
@@ -348,6 +355,34 @@ def assign_random_instance_ids(
   return new_instance, new_semantic
 
 
+def number_stuff_segments(
+    semantic: np.ndarray, instance: np.ndarray, crowd: np.ndarray
+) -> np.ndarray:
+  """Gives each stuff class present its own instance id (before random ids).
+
+  Stuff pixels are those with a class (semantic > 0), instance 0 and no
+  crowd flag: the readers give instance 0 to stuff, crowd and void only, and
+  a panoptic label has one segment per stuff class, so each class present is
+  one segment. It gets id max(instance) + class, above every thing id, so
+  `assign_random_instance_ids` then draws random ids for things and stuff
+  alike (the reference's `stuff_identity='random'` target).
+
+  Args:
+    semantic: int [...] class map (0 = void).
+    instance: int [...] instance ids, 0 on stuff, crowd and void.
+    crowd: bool [...] crowd pixels (they keep instance 0).
+
+  Returns:
+    int32 [...] instance ids; thing, crowd and void pixels unchanged.
+  """
+  semantic = np.asarray(semantic)
+  instance = np.asarray(instance)
+  stuff = (semantic > 0) & (instance == 0) & ~np.asarray(crowd, bool)
+  out = instance.astype(np.int32, copy=True)
+  out[stuff] = int(instance.max(initial=0)) + semantic[stuff]
+  return out
+
+
 def loss_weights(
     semantic: np.ndarray,
     instance: np.ndarray,
@@ -383,6 +418,13 @@ def loss_weights(
   if total > 0:
     weights *= (h * w) / total
   return weights.astype(np.float32)
+
+
+def _check_stuff_identity(value: str) -> None:
+  if value not in config_lib.STUFF_IDENTITIES:
+    raise ValueError(
+        f'stuff_identity={value!r}: expected one of '
+        f'{list(config_lib.STUFF_IDENTITIES)} (config.input.stuff_identity).')
 
 
 def _validate_sizes(
@@ -430,6 +472,7 @@ def preprocess_train(
     flip: bool = True,
     color_jitter_strength: float = 0.0,
     loss_weight_power: float = 0.2,
+    stuff_identity: str = config_lib.STUFF_IDENTITY_DEFAULT,
 ) -> Example:
   """Training preprocessing of one raw example into fixed shapes.
 
@@ -444,6 +487,8 @@ def preprocess_train(
     flip: random left-right flip.
     color_jitter_strength: 0 disables colour jitter.
     loss_weight_power: p of the small-instance weighting.
+    stuff_identity: 'random' gives stuff segments random ids like things
+      (`number_stuff_segments`), 'zero' keeps them at 0.
 
   Returns:
     image float32 [H, W, 3] in [0, 1]; semantic, instance int32 [h', w'];
@@ -452,9 +497,11 @@ def preprocess_train(
     image).
 
   Raises:
-    ValueError: if a size is malformed or H, W are not multiples of h', w'.
+    ValueError: if a size is malformed, H, W are not multiples of h', w' or
+      stuff_identity is unknown.
   """
   image_size, mask_size = _validate_sizes(image_size, mask_size)
+  _check_stuff_identity(stuff_identity)
   ex = {k: raw[k] for k in ('image', 'semantic', 'instance', 'crowd')}
   if flip:
     ex = random_flip(ex, rng)
@@ -467,6 +514,9 @@ def preprocess_train(
   semantic = resize_labels(ex['semantic'], mask_size)
   instance = resize_labels(ex['instance'], mask_size)
   valid = resize_labels(ex['valid'], mask_size)
+  if stuff_identity == 'random':
+    instance = number_stuff_segments(
+        semantic, instance, resize_labels(ex['crowd'], mask_size))
   # Ids are assigned at mask resolution so instances that vanish there do not
   # take an id, and the overflow rule sees the areas the model is trained on.
   instance, semantic = assign_random_instance_ids(
@@ -488,6 +538,7 @@ def preprocess_train_clip(
     flip: bool = True,
     color_jitter_strength: float = 0.0,
     loss_weight_power: float = 0.2,
+    stuff_identity: str = config_lib.STUFF_IDENTITY_DEFAULT,
 ) -> Example:
   """Training preprocessing of a video clip: the last frame is the target.
 
@@ -503,7 +554,8 @@ def preprocess_train_clip(
     proceeding_frames: negative offsets of the conditioning frames relative
       to the last (target) frame, e.g. (-2, -1).
     image_size, mask_size, max_instances, scale_range, flip,
-    color_jitter_strength, loss_weight_power: as `preprocess_train`.
+    color_jitter_strength, loss_weight_power, stuff_identity: as
+    `preprocess_train` (a stuff class keeps one id over the clip).
 
   Returns:
     The target frame's fields as `preprocess_train` returns them, plus
@@ -515,6 +567,7 @@ def preprocess_train_clip(
       image size is not a multiple of the mask size.
   """
   image_size, mask_size = _validate_sizes(image_size, mask_size)
+  _check_stuff_identity(stuff_identity)
   length = raw['image'].shape[0]
   frames = tuple(proceeding_frames)
   if not frames or length <= max(-f for f in frames):
@@ -522,7 +575,7 @@ def preprocess_train_clip(
         f'preprocess_train_clip: a clip of {length} frames cannot condition '
         f'on proceeding_frames={frames}.')
   state = rng.bit_generator.state
-  images, semantics, instances, valids = [], [], [], []
+  images, semantics, instances, valids, crowds = [], [], [], [], []
   for i in range(length):
     frame_rng = np.random.Generator(type(rng.bit_generator)())
     frame_rng.bit_generator.state = state
@@ -539,13 +592,17 @@ def preprocess_train_clip(
     semantics.append(resize_labels(ex['semantic'], mask_size))
     instances.append(resize_labels(ex['instance'], mask_size))
     valids.append(resize_labels(ex['valid'], mask_size))
+    crowds.append(resize_labels(ex['crowd'], mask_size))
+  instance = np.concatenate(instances)
+  semantic = np.concatenate(semantics)
+  if stuff_identity == 'random':
+    instance = number_stuff_segments(
+        semantic, instance, np.concatenate(crowds))
   # The generator moves on past the replayed draws, then ids are assigned
   # jointly: the frames stacked as one tall map share one id table.
   rng.bit_generator.state = frame_rng.bit_generator.state
   instance, semantic = assign_random_instance_ids(
-      np.concatenate(instances), rng, max_instances,
-      semantic=np.concatenate(semantics),
-  )
+      instance, rng, max_instances, semantic=semantic)
   instance = instance.reshape(length, *mask_size)
   semantic = semantic.reshape(length, *mask_size)
   weight = loss_weights(

@@ -1,9 +1,10 @@
 """Panoptic quality of sampled masks on a COCO-panoptic-layout split.
 
 For every eval image: sample (semantic, instance) at mask resolution with the
-EMA weights, crop the padding, post-process into panoptic segments (majority
-vote, min-area filter, one segment per stuff class), resize to the original
-image size (nearest), then score against the ground-truth PNG with the
+EMA weights, bring both maps to the original image size as the reference
+does (upsample to the padded input, crop the content, resize; nearest), build
+panoptic segments there (majority vote per `stuff_identity`, the min-area
+filter in original pixels), then score against the ground-truth PNG with the
 panopticapi-exact per-image matcher (its crowd rule by default; the
 config field `crowd='merge'` selects the deviation of `evaluation.panoptic`).
 Each process scores its rows of every
@@ -25,7 +26,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from pix2seq_d_jax import sharding
+from pix2seq_d_jax import config_lib, sharding
 from pix2seq_d_jax.data import pipeline
 from pix2seq_d_jax.evaluation import panoptic
 from pix2seq_d_jax.evaluators import base, postprocess, register, visualize
@@ -52,6 +53,13 @@ class CocoPanopticEvaluator(base.Evaluator):
           f"config.evals.{self.name}.crowd={crowd!r}: expected one of "
           f"{panoptic.CROWD_RULES}")
     self.merge_crowd = crowd == "merge"
+    # Shared with config.input.stuff_identity in configs/common.py.
+    self.stuff_identity = self.config.get(
+        "stuff_identity", config_lib.STUFF_IDENTITY_DEFAULT)
+    if self.stuff_identity not in config_lib.STUFF_IDENTITIES:
+      raise ValueError(
+          f"config.evals.{self.name}.stuff_identity={self.stuff_identity!r}: "
+          f"expected one of {list(config_lib.STUFF_IDENTITIES)}")
 
   def _batches(self):
     local = self.config.batch_size // jax.process_count()
@@ -139,13 +147,12 @@ class CocoPanopticEvaluator(base.Evaluator):
     image_id = int(host["image_id"][j])
     orig_h, orig_w = (int(v) for v in host["orig_size"][j])
     valid_h, valid_w = (int(v) for v in host["valid_size"][j])
-    valid = postprocess.valid_mask_size(
-        (valid_h, valid_w), host["image"].shape[1:3], semantic.shape[:2])
     # Resized to the image first, then segments and the size rule there.
     ids, segments = postprocess.panoptic_at_original(
-        semantic, instance, valid_size_in_mask=valid,
-        orig_size=(orig_h, orig_w), is_thing=self.meta.is_thing,
-        min_pixels=self.config.min_pixels,
+        semantic, instance, valid_size=(valid_h, valid_w),
+        image_size=host["image"].shape[1:3], orig_size=(orig_h, orig_w),
+        is_thing=self.meta.is_thing, min_pixels=self.config.min_pixels,
+        stuff_identity=self.stuff_identity,
     )
     segments = [
         {k: v for k, v in seg.items() if k != "isthing"}

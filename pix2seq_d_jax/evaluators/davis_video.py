@@ -73,9 +73,10 @@ def sequence_object_ids(
 ) -> np.ndarray:
   """DAVIS object ids of one sequence from its mask-resolution predictions.
 
-  Crops the padding (the mask pixels that cover any of the `valid_size`
-  content, ceil(valid / stride), as the image post-processing does), resizes
-  to the original frame size by nearest neighbour, then `result_ids`.
+  Brings the masks to the original frame size as the image
+  post-processing does (`postprocess.sequence_to_original`: upsample to the
+  padded input, crop the `valid_size` content, resize; nearest), then
+  `result_ids`.
 
   Args:
     semantic, instance, valid_size, orig_size, image_size: as in

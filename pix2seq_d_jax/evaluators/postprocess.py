@@ -3,13 +3,16 @@
 The diffusion decoder outputs a semantic class and an instance id per pixel,
 which need not agree: one instance id can cover pixels of several thing
 classes, stuff pixels carry arbitrary instance ids and tiny fragments are
-noise. Following the reference post-processing, every instance takes the
-majority thing class of its pixels, stuff classes form one segment each, and
-segments smaller than `min_pixels` become void. The result is a COCO-style id
-map plus `segments_info`. `valid_mask_size` and
-`crop_and_resize_to_original` map mask-resolution predictions (with padding)
-back to the original image size for evaluation, `sequence_to_original` a
-video sequence's (semantic, instance) masks. numpy only.
+noise. `masks_to_panoptic` builds segments by majority vote under either
+`stuff_identity` convention: 'random' (the reference: every id, stuff
+included, takes the class most of its pixels have) or 'zero' (stuff classes
+form one segment each, ids vote among thing pixels); segments smaller than
+`min_pixels` become void. The result is a COCO-style id map plus
+`segments_info`. `resize_to_original` maps mask-resolution predictions (with
+padding) to the original image size as the reference does (upsample to the
+padded input, crop the content, resize), `sequence_to_original` a video
+sequence's (semantic, instance) masks; `valid_mask_size` is the mask pixels
+that cover the content. numpy only.
 """
 
 from __future__ import annotations
@@ -40,30 +43,43 @@ def masks_to_panoptic(
   *,
   is_thing: Sequence[bool] | np.ndarray,
   min_pixels: int = 40,
+  stuff_identity: str = config_lib.STUFF_IDENTITY_DEFAULT,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
   """Builds panoptic segments from per-pixel class and instance predictions.
 
-  Rules: class 0 is void. Pixels of thing classes are grouped by nonzero
-  instance id; each instance takes the thing class most of those pixels have
-  (ties go to the smallest class index); thing pixels with instance 0 become
-  void. Pixels of a stuff class form one segment per class whatever their
-  instance id. Segments with fewer than `min_pixels` pixels become void.
+  Class 0 is void. `stuff_identity` selects the rules of the training
+  target's convention:
+
+  'random' (the reference's majority vote): every nonzero id is one
+  segment that takes the class most of its pixels have, counting all its
+  pixels (void and stuff included; ties go to the smallest class index); an
+  id whose winner is void or that has fewer than `min_pixels` pixels is
+  void, and so is id 0 (the target's void and crowd id). A stuff region
+  split over two ids is two segments.
+
+  'zero': pixels of thing classes are grouped by nonzero instance id; each
+  instance takes the thing class most of those pixels have (ties: the
+  smallest class); thing pixels with instance 0 are void. Pixels of a stuff
+  class form one segment per class whatever their instance id. Segments
+  with fewer than `min_pixels` pixels become void.
 
   Args:
     semantic: int [h, w] contiguous class indices in [0, num_classes).
     instance: int [h, w] instance ids (>= 0).
     is_thing: bool [num_classes]; entry 0 (void) is ignored.
     min_pixels: the smallest segment kept.
+    stuff_identity: 'random' or 'zero', as above.
 
   Returns:
     (segment_ids int32 [h, w] with 0 = void, segments_info). Ids are 1..n:
-    stuff segments first by class index, then instances by instance id.
-    Each info is {'id', 'category_id' (contiguous class index), 'area',
-    'bbox' [x, y, w, h] (COCO, inclusive pixel extent), 'iscrowd': 0,
-    'isthing'}.
+    'random' in instance id order; 'zero' stuff segments first by class
+    index, then instances by instance id. Each info is {'id', 'category_id'
+    (contiguous class index), 'area', 'bbox' [x, y, w, h] (COCO, inclusive
+    pixel extent), 'iscrowd': 0, 'isthing'}.
 
   Raises:
-    ValueError: on shape or dtype mismatches or classes outside is_thing.
+    ValueError: on shape or dtype mismatches, classes outside is_thing or an
+      unknown stuff_identity.
   """
   semantic = _check_labels(semantic, "semantic")
   instance = _check_labels(instance, "instance")
@@ -82,7 +98,54 @@ def masks_to_panoptic(
     )
   if min_pixels < 0:
     raise ValueError(f"min_pixels: expected >= 0, got {min_pixels}")
+  if stuff_identity not in config_lib.STUFF_IDENTITIES:
+    raise ValueError(
+      f"stuff_identity={stuff_identity!r}: expected one of "
+      f"{list(config_lib.STUFF_IDENTITIES)} (config.input.stuff_identity)"
+    )
+  if stuff_identity == "random":
+    segment_ids, categories = _vote_every_identity(
+      semantic, instance, num_classes, min_pixels)
+    isthing = [bool(is_thing[c]) for c in categories]
+  else:
+    segment_ids, categories, isthing = _vote_thing_identities(
+      semantic, instance, is_thing, min_pixels)
+  return segment_ids, _segments_info(segment_ids, categories, isthing)
 
+
+def _vote_counts(
+  semantic: np.ndarray, instance: np.ndarray, num_classes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(ids present, per-pixel index into them, votes int [n, num_classes])."""
+  ids, inverse = np.unique(instance, return_inverse=True)
+  inverse = inverse.reshape(instance.shape)
+  votes = np.bincount(
+    (inverse * num_classes + semantic).ravel(),
+    minlength=ids.size * num_classes,
+  ).reshape(ids.size, num_classes)
+  return ids, inverse, votes
+
+
+def _vote_every_identity(
+  semantic: np.ndarray, instance: np.ndarray, num_classes: int,
+  min_pixels: int,
+) -> tuple[np.ndarray, list[int]]:
+  """'random': one segment per nonzero id, its class by majority vote."""
+  ids, inverse, votes = _vote_counts(semantic, instance, num_classes)
+  # argmax returns the first maximum, i.e. the smallest class on ties.
+  winners = votes.argmax(axis=1)
+  keep = (ids != 0) & (winners != 0) & (votes.sum(axis=1) >= min_pixels)
+  lut = np.zeros(ids.size, np.int32)
+  lut[keep] = np.arange(1, int(keep.sum()) + 1)
+  return lut[inverse], [int(c) for c in winners[keep]]
+
+
+def _vote_thing_identities(
+  semantic: np.ndarray, instance: np.ndarray, is_thing: np.ndarray,
+  min_pixels: int,
+) -> tuple[np.ndarray, list[int], list[bool]]:
+  """'zero': one segment per stuff class, thing ids vote among things."""
+  num_classes = is_thing.size
   labelled = semantic != 0
   thing_px = labelled & is_thing[semantic]
   stuff_px = labelled & ~is_thing[semantic]
@@ -100,22 +163,24 @@ def masks_to_panoptic(
       stuff_lut[c] = len(categories)
   segment_ids[stuff_px] = stuff_lut[semantic[stuff_px]]
 
-  instance_ids, inverse = np.unique(instance[instance_px], return_inverse=True)
-  votes = np.bincount(
-    inverse * num_classes + semantic[instance_px],
-    minlength=instance_ids.size * num_classes,
-  ).reshape(instance_ids.size, num_classes)
-  # argmax returns the first maximum, i.e. the smallest class on ties.
+  ids, inverse, votes = _vote_counts(
+    semantic[instance_px], instance[instance_px], num_classes)
   winners = votes.argmax(axis=1)
   sizes = votes.sum(axis=1)
-  instance_lut = np.zeros(instance_ids.size, np.int32)
-  for k in range(instance_ids.size):
+  instance_lut = np.zeros(ids.size, np.int32)
+  for k in range(ids.size):
     if sizes[k] >= min_pixels:
       categories.append(int(winners[k]))
       isthing.append(True)
       instance_lut[k] = len(categories)
   segment_ids[instance_px] = instance_lut[inverse]
+  return segment_ids, categories, isthing
 
+
+def _segments_info(
+  segment_ids: np.ndarray, categories: list[int], isthing: list[bool]
+) -> list[dict[str, Any]]:
+  """COCO-style info (area, inclusive bbox) of segments 1..len(categories)."""
   n = len(categories)
   ys, xs = np.nonzero(segment_ids)
   ids = segment_ids[ys, xs]
@@ -128,7 +193,7 @@ def masks_to_panoptic(
   np.minimum.at(y0, ids, ys)
   np.maximum.at(x1, ids, xs)
   np.maximum.at(y1, ids, ys)
-  segments_info = [
+  return [
     {
       "id": i,
       "category_id": categories[i - 1],
@@ -140,11 +205,10 @@ def masks_to_panoptic(
         int(y1[i] - y0[i] + 1),
       ],
       "iscrowd": 0,
-      "isthing": isthing[i - 1],
+      "isthing": bool(isthing[i - 1]),
     }
     for i in range(1, n + 1)
   ]
-  return segment_ids, segments_info
 
 
 def valid_mask_size(
@@ -180,70 +244,112 @@ def valid_mask_size(
   return h, w
 
 
-def crop_and_resize_to_original(
-  labels: np.ndarray,
-  valid_size_in_mask: Sequence[int],
+def original_index(
+  mask_size: Sequence[int],
+  valid_size: Sequence[int],
+  image_size: int | Sequence[int],
   orig_size: Sequence[int],
-) -> np.ndarray:
-  """Removes bottom/right padding and resizes to the original image size.
+) -> tuple[np.ndarray, np.ndarray]:
+  """Mask rows and columns each original pixel reads (the reference chain).
 
-  Images are resized keeping their aspect ratio and padded at the bottom and
-  right to the input size, so the valid part of a mask prediction is its
-  top-left (h, w) corner.
+  The reference upsamples the mask prediction to the padded (H, W) image
+  size (nearest), crops the (h, w) = `valid_size` content and resizes that
+  to the original size (nearest). Composing the three nearest index maps
+  gives the same pixels without building the image-size map. For a content
+  size that is a multiple of the stride this equals cropping
+  ceil(valid / stride) mask pixels and resizing them once; for others up to
+  half a mask pixel of the last row/column moves.
 
   Args:
-    labels: [h', w'] or [h', w', c] mask-resolution labels.
-    valid_size_in_mask: (h, w) of the unpadded region in mask pixels.
-    orig_size: (H, W) of the original image.
+    mask_size: (h', w') of the (padded) mask prediction.
+    valid_size: (h, w) of the content inside the padded input image.
+    image_size: (H, W) of the padded input image, or an int for a square.
+    orig_size: (H0, W0) of the original image.
 
   Returns:
-    [H, W] (or [H, W, c]) labels of labels' dtype.
+    (rows int [H0], cols int [W0]) indices into the mask prediction.
 
   Raises:
-    ValueError: if the valid region is empty or exceeds the mask.
+    ValueError: on sizes that are not positive or content outside the image.
+  """
+  image = config_lib.size_hw(image_size, "image_size")
+  out = []
+  for axis, m, v, s, o in zip(("height", "width"), mask_size, valid_size,
+                              image, orig_size, strict=True):
+    m, v, s, o = int(m), int(v), int(s), int(o)
+    if not (m > 0 and 0 < v <= s and o > 0):
+      raise ValueError(
+        f"original_index: need mask > 0, 0 < valid <= image and orig > 0 on "
+        f"the {axis}, got mask {m}, valid {v}, image {s}, orig {o}")
+    upsampled = preprocess.nearest_index(m, s)  # mask -> padded image
+    out.append(upsampled[:v][preprocess.nearest_index(v, o)])
+  return out[0], out[1]
+
+
+def resize_to_original(
+  labels: np.ndarray,
+  *,
+  valid_size: Sequence[int],
+  image_size: int | Sequence[int],
+  orig_size: Sequence[int],
+) -> np.ndarray:
+  """A mask-resolution label map at the original image size.
+
+  The reference chain (`original_index`): upsample to the padded image
+  size, crop the unpadded content, resize to the original size, all nearest
+  neighbour. Images are resized keeping their aspect ratio and padded at
+  the bottom and right, so the content is the top-left corner.
+
+  Args:
+    labels: [h', w'] or [h', w', c] mask-resolution labels (with padding).
+    valid_size: (h, w) of the content inside the padded input image.
+    image_size: (H, W) of the padded input image, or an int for a square.
+    orig_size: (H0, W0) of the original image.
+
+  Returns:
+    [H0, W0] (or [H0, W0, c]) labels of labels' dtype.
   """
   labels = np.asarray(labels)
-  h, w = (int(s) for s in valid_size_in_mask)
-  if not (0 < h <= labels.shape[0] and 0 < w <= labels.shape[1]):
-    raise ValueError(
-      f"valid_size_in_mask: expected 0 < (h, w) <= {labels.shape[:2]}, got "
-      f"{tuple(valid_size_in_mask)}"
-    )
-  return preprocess.resize_labels(labels[:h, :w], orig_size)
+  rows, cols = original_index(labels.shape[:2], valid_size, image_size,
+                              orig_size)
+  return labels[rows[:, None], cols[None, :]]
 
 
 def panoptic_at_original(
   semantic: np.ndarray,
   instance: np.ndarray,
   *,
-  valid_size_in_mask: Sequence[int],
+  valid_size: Sequence[int],
+  image_size: int | Sequence[int],
   orig_size: Sequence[int],
   is_thing: Sequence[bool] | np.ndarray,
   min_pixels: int = 40,
+  stuff_identity: str = config_lib.STUFF_IDENTITY_DEFAULT,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
   """Panoptic segments of a mask-resolution prediction at the image's size.
 
-  As the reference does: the padding is cropped and the class and instance
-  maps are resized to the original image size first (nearest), then the
-  segments are built (`masks_to_panoptic`) there, so `min_pixels` counts
-  original pixels: a segment of 30 mask pixels that covers 42 original ones
-  is kept with `min_pixels=40`.
+  As the reference orders it: the class and instance maps are brought to
+  the original image size first (`resize_to_original`), then the segments
+  are built there (`masks_to_panoptic`), so `min_pixels` counts original
+  pixels: a segment of 30 mask pixels that covers 42 original ones is kept
+  with `min_pixels=40`.
 
   Args:
     semantic, instance: int [h', w'] predictions (with padding).
-    valid_size_in_mask: (h, w) of the unpadded region (`valid_mask_size`).
-    orig_size: (H, W) of the original image.
+    valid_size, image_size, orig_size: as in `resize_to_original`.
     is_thing: bool [num_classes].
     min_pixels: the smallest segment kept, in original pixels.
+    stuff_identity: 'random' or 'zero' (`masks_to_panoptic`).
 
   Returns:
-    `masks_to_panoptic`'s (segment ids int32 [H, W], segments info).
+    `masks_to_panoptic`'s (segment ids int32 [H0, W0], segments info).
   """
-  both = crop_and_resize_to_original(
-      np.stack([np.asarray(semantic), np.asarray(instance)], -1),
-      valid_size_in_mask, orig_size)
+  both = resize_to_original(
+    np.stack([np.asarray(semantic), np.asarray(instance)], -1),
+    valid_size=valid_size, image_size=image_size, orig_size=orig_size)
   return masks_to_panoptic(both[..., 0], both[..., 1], is_thing=is_thing,
-                           min_pixels=min_pixels)
+                           min_pixels=min_pixels,
+                           stuff_identity=stuff_identity)
 
 
 def sequence_to_original(
@@ -254,10 +360,10 @@ def sequence_to_original(
   orig_size: Sequence[int],
   image_size: int | Sequence[int],
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Crops and resizes one sequence's mask-size predictions to its frames.
+  """One sequence's mask-size predictions at its frames' size.
 
-  The valid region is the mask pixels that cover any of the `valid_size`
-  content (`valid_mask_size`), as for images; the resize is nearest.
+  Every frame goes through the image chain (`original_index`: upsample to
+  the padded input, crop the content, resize to the frame, nearest).
 
   Args:
     semantic, instance: int [T, h', w'] predictions of the real frames.
@@ -266,16 +372,13 @@ def sequence_to_original(
     image_size: the padded input's (height, width), or an int (a square).
 
   Returns:
-    (semantic, instance), [T, H, W] each, of the inputs' (common) dtype.
+    (semantic, instance), [T, H, W] each, of the inputs' dtypes.
   """
-  valid = valid_mask_size(valid_size, image_size, semantic.shape[-2:])
-  size = tuple(int(v) for v in orig_size)
-  # Semantic and instance stacked on a channel axis: one resize per frame.
-  both = np.stack([
-    crop_and_resize_to_original(np.stack(pair, -1), valid, size)
-    for pair in zip(semantic, instance, strict=True)
-  ])
-  return both[..., 0], both[..., 1]
+  semantic, instance = np.asarray(semantic), np.asarray(instance)
+  rows, cols = original_index(semantic.shape[-2:], valid_size, image_size,
+                              orig_size)
+  index = (slice(None), rows[:, None], cols[None, :])
+  return semantic[index], instance[index]
 
 
 def recount_segments(

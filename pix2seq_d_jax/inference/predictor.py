@@ -235,9 +235,12 @@ class Predictor:
     semantic, instance = (x[: valid[0], : valid[1]] for x in out[:2])
     # Resized to the image first, then segments and the size rule there.
     ids, segments = postprocess.panoptic_at_original(
-        semantic, instance, valid_size_in_mask=valid,
+        out[0], out[1], valid_size=[int(v) for v in ex["valid_size"]],
+        image_size=ex["image"].shape[:2],
         orig_size=[int(v) for v in ex["orig_size"]],
         is_thing=self.meta.is_thing, min_pixels=self.min_pixels,
+        stuff_identity=self.config.input.get(
+            "stuff_identity", config_lib.STUFF_IDENTITY_DEFAULT),
     )
     trajectory = None
     if self.with_trajectory:
