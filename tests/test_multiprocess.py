@@ -140,36 +140,6 @@ def test_data_shards_are_disjoint_and_cover_the_split(worker_runs, data_dir):
   assert len(single["image_ids"]) == 16
 
 
-def test_launcher_trains_with_two_processes(tmp_path, tmp_path_factory,
-                                           data_dir):
-  cache = shared_cache_dir(tmp_path_factory)
-  workdir, log_dir = str(tmp_path / "w"), str(tmp_path / "logs")
-  cmd = [
-      sys.executable, os.path.join(REPO, "launch", "local.py"),
-      "--num_processes=2", f"--log_dir={log_dir}", "--",
-      "--config=configs/synthetic.py:tiny", f"--workdir={workdir}",
-      f"--config.input.data_dir={data_dir}", "--config.total_steps=2",
-      "--config.log_training_steps=1", "--mode=train",
-      *narrow_model_flags(),
-  ]
-  proc = subprocess.run(cmd, cwd=REPO, env=_env(cache), capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  logs = [open(os.path.join(log_dir, f"process_{i}.log")).read()
-          for i in range(2)]
-  assert "Process 0 of 2; 1 local / 2 global devices" in logs[0]
-  assert "Process 1 of 2; 1 local / 2 global devices" in logs[1]
-  assert "Process 0 of 2" in proc.stdout  # Process 0 is echoed.
-  names = os.listdir(os.path.join(workdir, "checkpoints"))
-  assert sorted(n for n in names if n.isdigit()) == ["2"]
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  # One record per logged step: process 1 wrote none.
-  assert [r["step"] for r in rows] == [1, 2]
-  assert all(np.isfinite(r["train/loss"]) for r in rows)
-  assert len(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))) == 1
-
-
 def test_sigterm_to_one_process_stops_both_at_the_same_step(
     tmp_path, tmp_path_factory, data_dir):
   # A preemption notice reaches hosts at different moments: the processes
@@ -230,7 +200,10 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(
 
 
 def _launch(args, workdir, cache, *, num_processes):
-  """Runs the entry point through launch/local.py; returns process 0's log."""
+  """Runs the entry point through launch/local.py.
+
+  Returns the launcher's stdout and each process's log.
+  """
   log_dir = workdir + "_logs"
   cmd = [
       sys.executable, os.path.join(REPO, "launch", "local.py"),
@@ -241,7 +214,9 @@ def _launch(args, workdir, cache, *, num_processes):
   proc = subprocess.run(cmd, cwd=REPO, env=_env(cache), capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return open(os.path.join(log_dir, "process_0.log")).read()
+  logs = [open(os.path.join(log_dir, f"process_{i}.log")).read()
+          for i in range(num_processes)]
+  return proc.stdout, logs
 
 
 def _files(folder):
@@ -264,8 +239,16 @@ def _train_eval_then_eval_alone(tmp_path, cache, args):
   through both evaluation paths, which must agree bit for bit.
   """
   two, one = str(tmp_path / "two"), str(tmp_path / "one")
-  _launch([*args, "--mode=train_eval", "--config.total_steps=2"], two, cache,
-          num_processes=2)
+  stdout, logs = _launch([*args, "--mode=train_eval",
+                          "--config.total_steps=2"], two, cache,
+                         num_processes=2)
+  # The launcher started a 2-process job and echoes process 0.
+  assert "Process 0 of 2; 1 local / 2 global devices" in logs[0]
+  assert "Process 1 of 2; 1 local / 2 global devices" in logs[1]
+  assert "Process 0 of 2" in stdout
+  names = os.listdir(os.path.join(two, "checkpoints"))
+  assert sorted(n for n in names if n.isdigit()) == ["2"]
+  assert len(glob.glob(os.path.join(two, "events.out.tfevents.*"))) == 1
   shutil.copytree(os.path.join(two, "checkpoints"),
                   os.path.join(one, "checkpoints"))
   _launch([*args, "--mode=eval", "--config.total_steps=2"], one, cache,
@@ -279,6 +262,7 @@ def test_two_process_panoptic_eval_equals_one_process(
   # padding, which sits in process 1's rows.
   args = ["--config=configs/synthetic.py:tiny",
           f"--config.input.data_dir={data_dir}",
+          "--config.log_training_steps=1",
           "--config.evals.panoptic.batch_size=2",
           "--config.evals.panoptic.max_examples=3",
           "--config.evals.panoptic.num_overlays=2"]
@@ -311,6 +295,9 @@ def test_two_process_panoptic_eval_equals_one_process(
   # The logged metrics of the 2-process run are the same numbers.
   with open(os.path.join(two, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
+  # One record per logged step: process 1 wrote none.
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+  assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
   logged = [r for r in rows if "eval/panoptic/pq" in r]
   assert len(logged) == 1 and logged[0]["step"] == 2
   assert logged[0]["eval/panoptic/pq"] == metrics["All"]["pq"]
