@@ -36,8 +36,11 @@ host overhead) and their CLI; the input pipeline's are in
 
 from __future__ import annotations
 
+import concurrent.futures
+import copy
 import functools
 import hashlib
+import json
 import resource
 import statistics
 import sys
@@ -52,7 +55,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pix2seq_d_jax import config_lib, experiment, reporting
+from pix2seq_d_jax import config_lib, experiment, op_profile, reporting
 from pix2seq_d_jax.formats import atomic
 
 # ------------------------------------------------------------- measuring
@@ -231,7 +234,8 @@ def measure_host_overhead(
   """
   from pix2seq_d_jax import train  # The loop's own tracker.
 
-  config = config.copy_and_resolve_references()
+  # deepcopy keeps the size fields' types (a pair may replace an int).
+  config = copy.deepcopy(config)
   config.model.update(_MICRO_MODEL)
   config.input.image_size, config.input.mask_size = 32, 16
   config.remat, config.grad_accum_steps = "none", 1
@@ -290,6 +294,32 @@ def blocked_steps(
   return state, metrics, times
 
 
+def profile_train_steps(
+    compiled: Any, state: Any, batch: Any, rng: jax.Array, *, repeats: int,
+    batch_size: int,
+) -> tuple[Any, dict[str, Any]]:
+  """Profiles `repeats` train steps; their op time per category.
+
+  Args:
+    compiled: the compiled (state-donating) train step.
+    state, batch, rng: its arguments.
+    repeats: steps inside the trace (after at least one untraced step).
+    batch_size: the batch its convolutions see (micro-batch size).
+
+  Returns:
+    The last state, and `op_profile.category_shares` of the steps.
+  """
+  holder = [state]
+
+  def run():
+    holder[0], metrics = compiled(holder[0], batch, rng)
+    jax.block_until_ready((holder[0], metrics))
+
+  times = op_profile.traced_op_times(run, repeats=repeats)
+  categories = op_profile.op_categories(compiled.as_text(), batch_size)
+  return holder[0], op_profile.category_shares(categories, times)
+
+
 def run_benchmark(
     config: ml_collections.ConfigDict,
     *,
@@ -302,6 +332,7 @@ def run_benchmark(
     ceiling_repeats: int = 5,
     sampling: bool = True,
     host_overhead: bool = True,
+    profile_steps: int = 0,
 ) -> dict[str, Any]:
   """Measures ceilings, the train step and sampling; returns a JSON dict.
 
@@ -318,6 +349,8 @@ def run_benchmark(
     sampling: also time the encoder, a decoder pass and the samplers.
     host_overhead: also measure the loop's host overhead
       (`measure_host_overhead`). `format_table` needs both.
+    profile_steps: train steps to profile for the op-category breakdown
+      (`profile_train_steps`); 0 skips the profile.
 
   Returns:
     Nested dict: `setup`, `ceilings`, `train`, `sampling`,
@@ -350,7 +383,31 @@ def run_benchmark(
   mesh, model = exp.mesh, exp.model
   init_rng, train_rng, sample_rng = jax.random.split(
       jax.random.key(config.seed), 3)
-  state = exp.init_state(init_rng)
+  host_batch = random_batch(
+      exp.batch_spec(), num_classes=num_classes,
+      max_instances=inp.max_instances, seed=config.seed)
+  batch = exp.global_batch(host_batch)
+  # Start-up as the training loop does it: the step compiles in a thread
+  # while the state is initialised (`train._compile_in_background`).
+  logging.info("Compiling the train step while initialising the state.")
+  compile_times: dict[str, float] = {}
+
+  def lower_and_compile():
+    t0 = time.perf_counter()
+    lowered = exp.lower_train_step()
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    compile_times.update(lower_s=t1 - t0,
+                         compile_s=time.perf_counter() - t1)
+    return lowered, compiled
+
+  t_start = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    compiling = pool.submit(lower_and_compile)
+    state = jax.block_until_ready(exp.init_state(init_rng))
+    init_s = time.perf_counter() - t_start
+    lowered, compiled = compiling.result()
+  t2 = time.perf_counter()
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   results["setup"] = {
       "model": config.model.name,
@@ -366,19 +423,9 @@ def run_benchmark(
       "platform": jax.devices()[0].platform,
       "num_devices": jax.device_count(),
       "jax_version": jax.__version__,
+      # Set: a second run starts warm (compiled programs read back).
+      "compilation_cache": jax.config.jax_compilation_cache_dir,
   }
-
-  # ----------------------------------------------------------- train step
-  host_batch = random_batch(
-      exp.batch_spec(), num_classes=num_classes,
-      max_instances=inp.max_instances, seed=config.seed)
-  batch = exp.global_batch(host_batch)
-  logging.info("Compiling the train step.")
-  t0 = time.perf_counter()
-  lowered = exp.lower_train_step()
-  t1 = time.perf_counter()
-  compiled = lowered.compile()
-  t2 = time.perf_counter()
   with jax.set_mesh(mesh):
     # The state is donated: each call consumes it and returns the next one.
     state, metrics = compiled(state, batch, train_rng)
@@ -386,14 +433,22 @@ def run_benchmark(
     t3 = time.perf_counter()
     state, metrics, step_times = blocked_steps(
         compiled, state, batch, train_rng, repeats=train_iters)
+    profile = None
+    if profile_steps:
+      state, profile = profile_train_steps(
+          compiled, state, batch, train_rng, repeats=profile_steps,
+          batch_size=batch_size // config.grad_accum_steps)
   step_time = statistics.median(step_times)
   flops = _flops(compiled)
   achieved = flops / step_time / 1e9
   results["train"] = {
-      "lower_s": t1 - t0,
-      "compile_s": t2 - t1,
+      **compile_times,
+      "init_s": init_s,
       "first_call_s": t3 - t2,
+      # From nothing to the first step done: init | compile, first call.
+      "startup_s": t3 - t_start,
       "step_time_s": step_time,
+      "step_time_min_s": min(step_times),
       "step_times_s": step_times,
       "images_per_s": batch_size / step_time,
       "flops_per_step": flops,
@@ -402,6 +457,7 @@ def run_benchmark(
       "memory": reporting.compiled_memory(compiled),
       "final_loss": float(metrics["loss"]),
       "peak_rss_bytes": peak_rss_bytes(),
+      "op_profile": profile,
       # Identifies the program: equal to the training loop's step for the
       # same config (both are `Experiment.lower_train_step`).
       "program_sha256": hashlib.sha256(
@@ -437,8 +493,8 @@ def run_benchmark(
     encoder_times = time_calls(encode_jit, params, batch_stats, image,
                                repeats=sample_repeats)
     encoded = encode_jit(params, batch_stats, image)
-    m = inp.mask_size
-    x_t = jax.random.normal(sample_rng, (batch_size, m, m, num_bits))
+    _, mask_hw = config_lib.input_sizes(inp)
+    x_t = jax.random.normal(sample_rng, (batch_size, *mask_hw, num_bits))
     gamma = jnp.full((batch_size,), 0.5, jnp.float32)
     decoder_times = time_calls(jax.jit(decode), params, batch_stats, x_t,
                                gamma, encoded, repeats=sample_repeats)
@@ -509,17 +565,31 @@ def format_table(results: dict[str, Any]) -> str:
       ("matmul ceiling", f"{ce['matmul_gflops']:.1f} GFLOP/s "
                          f"(n={ce['matmul_size']})"),
       ("conv ceiling", f"{ce['conv_gflops']:.1f} GFLOP/s {ce['conv_shape']}"),
-      ("train compile", f"{tr['lower_s']:.2f} s lower + "
-                        f"{tr['compile_s']:.2f} s compile + "
-                        f"{tr['first_call_s']:.2f} s first call"),
+      ("train start-up", f"{tr['startup_s']:.2f} s to the first step done "
+                         "(persistent compilation cache "
+                         f"{'on' if su['compilation_cache'] else 'off'})"),
+      ("  of which", f"{tr['init_s']:.2f} s init | {tr['lower_s']:.2f} s "
+                     f"lower + {tr['compile_s']:.2f} s compile, then "
+                     f"{tr['first_call_s']:.2f} s first call"),
       ("train step", f"{tr['step_time_s'] * 1e3:.1f} ms (median of "
-                     f"{len(tr['step_times_s'])}), "
+                     f"{len(tr['step_times_s'])}, min "
+                     f"{tr['step_time_min_s'] * 1e3:.1f}), "
                      f"{tr['images_per_s']:.1f} images/s"),
       ("train FLOPs", f"{tr['flops_per_step'] / 1e9:.2f} GFLOP/step, "
                       f"{tr['achieved_gflops']:.1f} GFLOP/s = "
                       f"{100 * tr['fraction_of_ceiling']:.1f}% of ceiling"),
       ("train memory", ", ".join(f"{k[:-6]} {v / mib:.1f} MiB"
                                  for k, v in mem.items()) or "n/a"),
+  ]
+  profile = tr.get("op_profile")
+  if profile:
+    rows.append(("op time (profile)",
+                 f"{profile['total_s'] * 1e3:.1f} ms summed over threads"))
+    for category in op_profile.CATEGORIES:
+      rows.append((f"  {category}",
+                   f"{100 * profile['share'][category]:5.1f}%  "
+                   f"{profile['seconds'][category] * 1e3:.1f} ms"))
+  rows += [
       ("encoder", f"{sa['encoder_s'] * 1e3:.1f} ms"),
       ("decoder pass", f"{sa['decoder_s'] * 1e3:.1f} ms"),
   ]
@@ -544,6 +614,50 @@ def format_table(results: dict[str, Any]) -> str:
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def _comparable_rows(results: dict[str, Any]) -> dict[str, float]:
+  """{row name: value} of the figures `compare` puts side by side."""
+  rows: dict[str, float] = {}
+  tr = results.get("train", {})
+  for key, name in (("step_time_s", "train step s (median)"),
+                    ("step_time_min_s", "train step s (min)"),
+                    ("startup_s", "start-up s"), ("init_s", "init s"),
+                    ("compile_s", "train compile s"),
+                    ("first_call_s", "first call s"),
+                    ("peak_rss_bytes", "train peak RSS bytes")):
+    if tr.get(key) is not None:
+      rows[name] = tr[key]
+  profile = tr.get("op_profile") or {}
+  for category, seconds in profile.get("seconds", {}).items():
+    rows[f"op s: {category}"] = seconds
+  sa = results.get("sampling", {})
+  for key, name in (("encoder_s", "encoder s"), ("decoder_s", "decoder s")):
+    if sa.get(key) is not None:
+      rows[name] = sa[key]
+  for steps, t in sa.get("predict_s", {}).items():
+    rows[f"predict {steps} steps s"] = t
+  if results.get("host_overhead"):
+    rows["host overhead ms"] = results["host_overhead"]["host_ms"]
+  if results.get("peak_rss_bytes"):
+    rows["peak RSS bytes"] = results["peak_rss_bytes"]
+  return rows
+
+
+def compare(results: dict[str, Any], earlier: dict[str, Any]) -> str:
+  """This run next to an earlier one's JSON: now, before, now / before.
+
+  Rows present in only one of the two are listed with `n/a`. A ratio
+  below 1 is faster (or smaller) now.
+  """
+  now, before = _comparable_rows(results), _comparable_rows(earlier)
+  lines = [f"{'':<26}{'now':>14}{'before':>14}{'now/before':>12}"]
+  for name in list(now) + [n for n in before if n not in now]:
+    a, b = now.get(name), before.get(name)
+    ratio = f"{a / b:12.3f}" if a is not None and b else f"{'n/a':>12}"
+    fmt = lambda v: f"{'n/a':>14}" if v is None else f"{v:14.4g}"
+    lines.append(f"{name:<26}{fmt(a)}{fmt(b)}{ratio}")
+  return "\n".join(lines)
+
+
 # ------------------------------------------------------------------- CLI
 
 
@@ -561,12 +675,11 @@ def _define_flags() -> dict[str, Any]:
       batch_size=flags.DEFINE_integer(
           "batch_size", None, "Overrides config.input.batch_size.",
           lower_bound=1),
-      image_size=flags.DEFINE_integer(
-          "image_size", None, "Overrides config.input.image_size.",
-          lower_bound=1),
-      mask_size=flags.DEFINE_integer(
-          "mask_size", None, "Overrides config.input.mask_size.",
-          lower_bound=1),
+      image_size=flags.DEFINE_string(
+          "image_size", None,
+          "Overrides config.input.image_size: N or H,W."),
+      mask_size=flags.DEFINE_string(
+          "mask_size", None, "Overrides config.input.mask_size: N or H,W."),
       steps_list=flags.DEFINE_list(
           "steps_list", ["1", "5", "10", "20", "50"],
           "Sampling step counts to time predict at."),
@@ -583,9 +696,38 @@ def _define_flags() -> dict[str, Any]:
       conv_channels=flags.DEFINE_integer(
           "conv_channels", 256, "Channels of the conv ceiling.",
           lower_bound=1),
+      profile_steps=flags.DEFINE_integer(
+          "profile_steps", 2, "Train steps profiled for the op-category "
+          "breakdown (0: none).", lower_bound=0),
       output=flags.DEFINE_string(
           "output", None, "Write the results as JSON to this file."),
+      compare=flags.DEFINE_string(
+          "compare", None, "An earlier run's --output JSON: print each "
+          "figure next to it, with the ratio."),
   )
+
+
+def _read_earlier(path: str) -> dict[str, Any]:
+  """The JSON of an earlier `--output`, with an error naming the file."""
+  try:
+    with open(path) as f:
+      earlier = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"--compare={path}: cannot read an earlier --output "
+                     f"JSON ({e})") from e
+  if not isinstance(earlier, dict) or "train" not in earlier:
+    raise ValueError(f"--compare={path}: not a benchmark --output JSON (no "
+                     "'train' section)")
+  return earlier
+
+
+def _parse_size(text: str, flag: str) -> tuple[int, int]:
+  """`N` or `H,W` as (height, width), with an error naming the flag."""
+  try:
+    parts = [int(p) for p in text.split(",")]
+  except ValueError as e:
+    raise ValueError(f"{flag}={text}: expected N or H,W (integers)") from e
+  return config_lib.size_hw(parts[0] if len(parts) == 1 else parts, flag)
 
 
 def _main(argv: Sequence[str], cli: dict[str, Any]) -> None:
@@ -593,27 +735,36 @@ def _main(argv: Sequence[str], cli: dict[str, Any]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   jax.config.update("jax_threefry_partitionable", True)
   config = cli["config"].value
-  for name in ("batch_size", "image_size", "mask_size"):
-    if cli[name].value is not None:
-      config.input[name] = cli[name].value
+  if cli["batch_size"].value is not None:
+    config.input.batch_size = cli["batch_size"].value
   try:
+    for name in ("image_size", "mask_size"):
+      if cli[name].value is not None:
+        config.input[name] = _parse_size(cli[name].value, f"--{name}")
     try:
       steps_list = [int(s) for s in cli["steps_list"].value]
     except ValueError as e:
       raise ValueError(
           f"--steps_list={','.join(cli['steps_list'].value)}: expected "
           "comma-separated integers") from e
+    # Read first: a bad path fails before minutes of measuring.
+    earlier = (_read_earlier(cli["compare"].value) if cli["compare"].value
+               else None)
     results = run_benchmark(
         config, steps_list=steps_list, train_iters=cli["train_iters"].value,
         sample_repeats=cli["sample_repeats"].value,
         matmul_size=cli["matmul_size"].value,
         conv_spatial=cli["conv_spatial"].value,
         conv_channels=cli["conv_channels"].value,
+        profile_steps=cli["profile_steps"].value,
     )
   except (config_lib.ConfigError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(format_table(results))
+  if earlier is not None:
+    print(f"\ncompared with {cli['compare'].value}:")
+    print(compare(results, earlier))
   if cli["output"].value:
     atomic.write_json(cli["output"].value, results, indent=2)
     print(f"wrote {cli['output'].value}")

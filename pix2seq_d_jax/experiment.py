@@ -402,21 +402,6 @@ class Experiment:
     )
 
 
-def _square_init_model(model: nn.Module) -> nn.Module:
-  """The model `train_state.make_init_fn` initialises: square at the height.
-
-  `make_init_fn` feeds square dummy inputs (one side per size). No
-  parameter depends on the spatial size (convolutions, dense layers and
-  norms; positions are fixed sinusoids, `models.transformer`), so the
-  variables of a rectangular (h, w) model are those of the same model at
-  (h, h), whose inputs pass the same per-axis rules (`config_lib.validate`);
-  the real model then applies them at (h, w). A square model is returned
-  unchanged.
-  """
-  h, w = model.mask_size
-  return model if h == w else model.clone(mask_size=(h, h))
-
-
 def create(
     config: ml_collections.ConfigDict,
     mesh: Mesh | None = None,
@@ -448,9 +433,9 @@ def create(
   model = build_model(config)
   tx, lr_schedule = train_state.make_optimizer(
       config.optax, total_steps=total, warmup_steps=warmup)
-  (image_h, _), (mask_h, _) = config_lib.input_sizes(config.input)
+  image_hw, mask_hw = config_lib.input_sizes(config.input)
   init_fn = train_state.make_init_fn(
-      _square_init_model(model), tx, image_size=image_h, mask_size=mask_h,
+      model, tx, image_size=image_hw, mask_size=mask_hw,
       num_bits=2 * config.diffusion.bits_per_channel,
   )
   with jax.set_mesh(mesh):

@@ -26,6 +26,7 @@ evaluation starts.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import time
@@ -46,6 +47,7 @@ from pix2seq_d_jax import (
     experiment,
     reporting,
     sharding,
+    train_state,
     workdir_lock,
 )
 from pix2seq_d_jax.data import pipeline
@@ -96,6 +98,12 @@ def track_metrics(tracker: dict, metrics: dict, step: jax.Array) -> dict:
       "first_nonfinite_step": jnp.where(
           (first == 0) & bad, step.astype(jnp.int32), first),
   }
+
+
+@jax.jit
+def _copy_tree(tree: Any) -> Any:
+  """A copy of `tree` on device, in its shardings."""
+  return jax.tree.map(jnp.copy, tree)
 
 
 def _blocks_every_step(mesh: Any) -> bool:
@@ -270,7 +278,7 @@ def _run(
   reporter = None
   try:
     latest = manager.latest_step()
-    data_state = None
+    data_state, compiling = None, None
     if latest is not None:
       logging.info("Resuming from %s step %d.", workdir, latest)
       state, data_state = checkpointing.restore(
@@ -281,6 +289,11 @@ def _run(
             f"--mode=eval: no checkpoint in {workdir}/checkpoints and "
             "neither config.resume nor config.model_init is set"
         )
+      if mode != "eval":
+        # A fresh start compiles the initialisation and the train step:
+        # the step compiles in a thread meanwhile (XLA releases the GIL),
+        # so the first step waits for the longer of the two, not their sum.
+        compiling = _compile_in_background(exp)
       state = exp.init_state(init_rng)
       if config.resume:
         state = exp.restore_weights(config.resume)
@@ -297,7 +310,8 @@ def _run(
         config, workdir, mode, exp=exp, meta=meta, manager=manager,
         reporter=reporter, state=state, data_state=data_state,
         latest=latest, start_step=start_step, train_source=train_source,
-        local_batch_size=local_batch_size, train_rng=train_rng)
+        local_batch_size=local_batch_size, train_rng=train_rng,
+        compiling=compiling)
   finally:
     # Every exit path, exceptions included: finish (or fail) the pending
     # checkpoint writes before the interpreter tears down their threads.
@@ -314,6 +328,7 @@ def _train_loop(
     meta: Any, manager: Any, reporter: reporting.Reporter, state: Any,
     data_state: Any, latest: int | None, start_step: int, train_source: Any,
     local_batch_size: int, train_rng: jax.Array,
+    compiling: concurrent.futures.Future | None,
 ) -> dict[str, Any]:
   mesh, total_steps = exp.mesh, exp.total_steps
   batch_size = config.input.batch_size
@@ -366,8 +381,13 @@ def _train_loop(
   # rather than after a long compile.
   next_local = next(train_iter) if start_step < total_steps else None
   t0 = time.time()
-  compiled = exp.compile_train_step()
-  logging.info("Compiled the train step in %.1fs.", time.time() - t0)
+  if compiling is not None:
+    compiled = compiling.result()
+    logging.info("Compiled the train step alongside the initialisation "
+                 "(waited %.1fs after it).", time.time() - t0)
+  else:
+    compiled = exp.compile_train_step()
+    logging.info("Compiled the train step in %.1fs.", time.time() - t0)
   _log_memory(compiled)
 
   # ----------------------------------------------------------------- loop
@@ -380,8 +400,16 @@ def _train_loop(
   with _StopSignal() as stop:
     while step < total_steps:
       batch = exp.global_batch(next_local)
+      # Before a log step, a copy of the parameters (the step donates
+      # them) for that step's parameter and update norms.
+      log_next = reporting.itstime(step + 1, config.log_training_steps,
+                                   total_steps, first=True)
+      previous = _copy_tree(state.params) if log_next else None
       state, metrics = compiled(state, batch, train_rng)
       tracker = track_metrics(tracker, metrics, state.step)
+      if previous is not None:
+        norms = train_state.param_and_update_norms(state.params, previous)
+        del previous
       step += 1
       if block:
         jax.block_until_ready(metrics)
@@ -397,11 +425,13 @@ def _train_loop(
           step, config.evals[name].every_steps, total_steps)]
       stopping = stop.should_stop(step, at_sync_step=log_now)
       if log_now or ckpt_now or due or stopping:
-        host = _fetch({"tracker": tracker, "metrics": metrics})
+        host = _fetch({"tracker": tracker, "metrics": metrics,
+                       **({"norms": norms} if log_now else {})})
         _check_finite(host["tracker"], last_good_ckpt, workdir)
         if log_now:
           elapsed = max(time.time() - log_t0, 1e-9)
-          scalars = {f"train/{k}": v for k, v in host["metrics"].items()}
+          scalars = {f"train/{k}": v for k, v in {
+              **host["metrics"], **host["norms"]}.items()}
           count = max(int(host["tracker"]["count"]), 1)
           scalars["train/loss_mean"] = (
               float(host["tracker"]["loss_sum"]) / count)
@@ -464,6 +494,22 @@ def _own_data_state(restored: Any) -> Any:
         len(restored), jax.process_count())
     return None
   return restored[jax.process_index()]
+
+
+def _compile_in_background(exp: Any) -> concurrent.futures.Future:
+  """`exp.compile_train_step()` started in a worker thread.
+
+  The compile needs only the abstract state, so it can run while the state
+  is initialised. The thread is not a daemon: if the run fails meanwhile,
+  the process exits once the compile is done (the error is already
+  printed).
+  """
+  pool = concurrent.futures.ThreadPoolExecutor(
+      max_workers=1, thread_name_prefix="compile_train_step")
+  try:
+    return pool.submit(exp.compile_train_step)
+  finally:
+    pool.shutdown(wait=False)
 
 
 def _check_finite(tracker: dict, last_good_ckpt: int | None,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from pix2seq_d_jax import benchmark, experiment
+from pix2seq_d_jax import benchmark, experiment, op_profile
 from tests.multiprocess_worker import NARROW_MODEL
 
 
@@ -26,6 +26,7 @@ def results():
   return benchmark.run_benchmark(
       _tiny_config(), steps_list=(1, 2), train_iters=2, sample_repeats=3,
       matmul_size=64, conv_spatial=8, conv_channels=8, ceiling_repeats=5,
+      profile_steps=1,
   )
 
 
@@ -51,12 +52,25 @@ def test_results_have_every_field_and_consistent_values(results):
   for key in ("matmul_gflops", "conv_gflops", "ceiling_gflops"):
     assert ce[key] > 0
   assert ce["ceiling_gflops"] == max(ce["matmul_gflops"], ce["conv_gflops"])
-  for key in ("lower_s", "compile_s", "first_call_s", "step_time_s",
-              "images_per_s", "flops_per_step", "achieved_gflops",
-              "fraction_of_ceiling", "peak_rss_bytes"):
+  for key in ("lower_s", "compile_s", "init_s", "first_call_s",
+              "startup_s", "step_time_s", "images_per_s", "flops_per_step",
+              "achieved_gflops", "fraction_of_ceiling", "peak_rss_bytes"):
     assert tr[key] > 0, key
   assert len(tr["step_times_s"]) == 2
   assert tr["step_time_s"] == np.median(tr["step_times_s"])
+  assert tr["step_time_min_s"] == min(tr["step_times_s"])
+  # Init and compile overlap: start-up is at least the longer of the two
+  # plus the first call, and less than all three in a row.
+  assert tr["startup_s"] >= max(tr["init_s"], tr["lower_s"] + tr[
+      "compile_s"]) + tr["first_call_s"] - 1e-3
+  # The profiled step: every category present, shares summing to 1, and
+  # the model's convolutions, matmuls and update all ran.
+  profile = tr["op_profile"]
+  assert set(profile["share"]) == set(op_profile.CATEGORIES)
+  np.testing.assert_allclose(sum(profile["share"].values()), 1.0)
+  for kind in ("conv forward", "conv input-grad", "conv weight-grad",
+               "matmul", "optimizer"):
+    assert profile["seconds"][kind] > 0, kind
   np.testing.assert_allclose(tr["images_per_s"], 2 / tr["step_time_s"])
   np.testing.assert_allclose(
       tr["achieved_gflops"], tr["flops_per_step"] / tr["step_time_s"] / 1e9)
@@ -88,6 +102,35 @@ def test_results_have_every_field_and_consistent_values(results):
   table = benchmark.format_table(results)
   assert "predict 2 steps" in table and "ratio at 20 steps" in table
   assert "host overhead" in table
+  assert "conv weight-grad" in table and "train start-up" in table
+
+
+def test_compare_prints_each_figure_with_its_ratio(results):
+  earlier = json.loads(json.dumps(results))
+  earlier["train"]["step_time_s"] = 2 * results["train"]["step_time_s"]
+  del earlier["sampling"]["predict_s"]["2"]
+  lines = benchmark.compare(results, earlier).splitlines()
+  row = {line[:26].strip(): line[26:].split() for line in lines[1:]}
+  now, before, ratio = row["train step s (median)"]
+  assert float(ratio) == pytest.approx(0.5, abs=1e-3)
+  assert float(now) == pytest.approx(results["train"]["step_time_s"],
+                                     rel=1e-3)
+  assert row["predict 1 steps s"][2] == "1.000"
+  assert row["predict 2 steps s"][1:] == ["n/a", "n/a"]
+  assert "op s: conv weight-grad" in row
+
+
+def test_cli_reads_the_comparison_file_first_and_names_it(tmp_path):
+  for content, message in (("{not json", "cannot read"),
+                           ('{"setup": {}}', "no 'train' section")):
+    path = tmp_path / "earlier.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"--compare={path}.*{message}"):
+      benchmark._read_earlier(str(path))
+  assert benchmark._parse_size("384,1248", "--image_size") == (384, 1248)
+  assert benchmark._parse_size("64", "--image_size") == (64, 64)
+  with pytest.raises(ValueError, match="--mask_size=a,b"):
+    benchmark._parse_size("a,b", "--mask_size")
 
 
 def test_flops_match_an_independently_lowered_step(results):

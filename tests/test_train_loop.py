@@ -94,3 +94,39 @@ def test_nan_at_step_k_stops_the_run_naming_step_k(tmp_path, monkeypatch):
   assert not list((workdir / "checkpoints").glob("[0-9]*"))
   # The lock was released on the way out: the workdir can be used again.
   assert not (workdir / "lock").exists()
+
+
+def test_logged_norms_are_those_of_the_checkpointed_parameters(tmp_path):
+  # The parameter and update norms are computed at log steps only, from a
+  # copy of the parameters taken before the step: at steps 2 and 3 they
+  # equal the norms of the checkpointed parameters and of their difference.
+  import json
+
+  import optax
+
+  from pix2seq_d_jax import checkpointing, experiment
+
+  config = _config(tmp_path / "data", total_steps=3, log_every=1,
+                   ckpt_every=1)
+  config.keep_ckpt = 3
+  config.evals = {}
+  workdir = tmp_path / "w"
+  train.train_and_evaluate(config, str(workdir), mode="train")
+  with open(workdir / "metrics.jsonl") as f:
+    rows = {r["step"]: r for r in map(json.loads, f) if "train/loss" in r}
+  exp = experiment.create(config, total_steps=3)
+  manager = checkpointing.make_manager(str(workdir), keep=3)
+  try:
+    params = {s: checkpointing.restore(manager, s, exp.abstract_state)[0]
+              .params for s in (1, 2, 3)}
+  finally:
+    manager.close()
+  for step in (2, 3):
+    diff = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - b,
+                        params[step], params[step - 1])
+    np.testing.assert_allclose(rows[step]["train/update_norm"],
+                               float(optax.tree.norm(diff)), rtol=1e-4)
+    np.testing.assert_allclose(rows[step]["train/param_norm"],
+                               float(optax.tree.norm(params[step])),
+                               rtol=1e-5)
+  assert rows[3]["train/update_norm"] > 0
