@@ -32,7 +32,7 @@ from PIL import Image
 from configs import synthetic
 from pix2seq_d_jax import checkpointing, config_lib, experiment, predict
 from pix2seq_d_jax.data import preprocess
-from pix2seq_d_jax.evaluators import davis_video, visualize
+from pix2seq_d_jax.evaluators import davis_video, postprocess, visualize
 from pix2seq_d_jax.formats import coco_panoptic as coco_format
 from pix2seq_d_jax.formats import davis as davis_format
 from pix2seq_d_jax.inference import inputs, video_predictor, writers
@@ -259,11 +259,13 @@ def video(run):
   written = writers.write_video_predictions(predictor, sequences, out)
   as_images = str(root / "as_images")
   result = writers.write_predictions(predictor, frames, as_images)
-  preds = predictor.predict(
-      [coco_format.read_rgb_image(p) for p in frames])
+  images = [coco_format.read_rgb_image(p) for p in frames]
+  preds = predictor.predict(images)
+  valid = [predictor.preprocess(im)["valid_size"] for im in images]
   return dict(davis=davis, sequences=sequences, out=out, written=written,
-              as_images=as_images, result=result, preds=preds,
-              meta=predictor.meta, min_pixels=predictor.min_pixels)
+              as_images=as_images, result=result, preds=preds, valid=valid,
+              meta=predictor.meta, min_pixels=predictor.min_pixels,
+              stuff_identity=run["config"].input.stuff_identity)
 
 
 def test_sequence_layouts(run, tmp_path):
@@ -312,8 +314,8 @@ def test_video_values_are_instance_ids_of_thing_segments(video):
             for p in paths]
   annotations = video["result"]["annotations"]
   num_things = 0
-  for (seq, frame), ann, pred in zip(frames, annotations, video["preds"],
-                                     strict=True):
+  for (seq, frame), ann, pred, valid in zip(
+      frames, annotations, video["preds"], video["valid"], strict=True):
     objects = np.asarray(Image.open(os.path.join(
         video["out"], seq, frame.replace(".jpg", ".png"))))
     panoptic = coco_format.read_panoptic_png(
@@ -329,15 +331,27 @@ def test_video_values_are_instance_ids_of_thing_segments(video):
       (value,) = np.unique(objects[panoptic == seg_id])
       values.append(int(value))
     # The instance ids that survive post-processing, computed from the
-    # decoded masks resized to the frame: thing pixels, at least min_pixels
-    # of them in original pixels. Segments are numbered in instance-id
-    # order, so the k-th thing segment carries the k-th kept id.
-    semantic = preprocess.resize_labels(pred.semantic, panoptic.shape)
-    instance = preprocess.resize_labels(pred.instance, panoptic.shape)
-    thing_px = meta.is_thing[semantic]
-    ids, counts = np.unique(instance[thing_px], return_counts=True)
-    kept = [int(i) for i, c in zip(ids, counts, strict=True)
-            if i > 0 and c >= video["min_pixels"]]
+    # decoded masks at the frame's size (the reference chain: the stride-2
+    # upsampling of the cropped masks, the content crop, the resize); at
+    # least min_pixels original pixels. 'zero' counts an id's thing pixels;
+    # 'random' its pixels, kept when their majority class is a thing.
+    # Segments are numbered in instance-id order, so the k-th thing segment
+    # carries the k-th kept id.
+    semantic, instance = (postprocess.resize_to_original(
+        x, valid_size=valid,
+        image_size=[n * RECT_IMAGE[0] // RECT_MASK[0] for n in x.shape],
+        orig_size=panoptic.shape) for x in (pred.semantic, pred.instance))
+    if video["stuff_identity"] == "zero":
+      ids, counts = np.unique(instance[meta.is_thing[semantic]],
+                              return_counts=True)
+      is_kept_class = [True] * len(ids)
+    else:
+      ids, counts = np.unique(instance, return_counts=True)
+      is_kept_class = [
+          meta.is_thing[np.bincount(semantic[instance == i]).argmax()]
+          for i in ids]
+    kept = [int(i) for i, c, t in zip(ids, counts, is_kept_class, strict=True)
+            if i > 0 and t and c >= video["min_pixels"]]
     assert values == kept, (seq, frame)
     num_things += len(things)
   assert num_things > 0  # The check above is not vacuous.

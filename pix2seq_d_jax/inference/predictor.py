@@ -41,6 +41,9 @@ class Prediction:
     semantic: int32 [h, w] decoded classes at mask resolution, padding
       cropped (before post-processing).
     instance: int32 [h, w] decoded instance ids, like `semantic`.
+    instance_original: int32 [H, W] the instance ids at the original size
+      (`postprocess.resize_to_original`), the map the segments were built
+      from.
     trajectory: None, or (semantic, instance), each int32 [steps, h, w]: the
       mask decoded from the x0 estimate of every sampling step; the last step
       equals (semantic, instance).
@@ -50,21 +53,19 @@ class Prediction:
   segments_info: list[dict[str, Any]]
   semantic: np.ndarray
   instance: np.ndarray
+  instance_original: np.ndarray
   trajectory: tuple[np.ndarray, np.ndarray] | None = None
 
   def object_ids(self) -> np.ndarray:
     """DAVIS object ids: uint8 [H, W] at the original size.
 
     A pixel of a thing segment gets the segment's predicted instance id,
-    every other pixel (stuff, void, dropped fragments) 0. `instance` is
-    resized with the same nearest-neighbour sampling as `segment_ids`, so
-    each output pixel reads the mask pixel its segment id came from.
+    every other pixel (stuff, void, dropped fragments) 0; the ids are read
+    from `instance_original`, the map the segments were built from.
     """
     things = [s["id"] for s in self.segments_info if s["isthing"]]
-    instance = preprocess.resize_labels(
-        self.instance, self.segment_ids.shape
-    )
-    ids = np.where(np.isin(self.segment_ids, things), instance, 0)
+    ids = np.where(np.isin(self.segment_ids, things),
+                   self.instance_original, 0)
     if ids.max(initial=0) > _MAX_OBJECT_ID:
       raise ValueError(
           f"instance id {ids.max()} > {_MAX_OBJECT_ID}: palette PNGs hold "
@@ -233,11 +234,12 @@ class Predictor:
     valid = postprocess.valid_mask_size(
         ex["valid_size"], *config_lib.input_sizes(self.config.input))
     semantic, instance = (x[: valid[0], : valid[1]] for x in out[:2])
+    sizes = dict(valid_size=[int(v) for v in ex["valid_size"]],
+                 image_size=ex["image"].shape[:2],
+                 orig_size=[int(v) for v in ex["orig_size"]])
     # Resized to the image first, then segments and the size rule there.
     ids, segments = postprocess.panoptic_at_original(
-        out[0], out[1], valid_size=[int(v) for v in ex["valid_size"]],
-        image_size=ex["image"].shape[:2],
-        orig_size=[int(v) for v in ex["orig_size"]],
+        out[0], out[1], **sizes,
         is_thing=self.meta.is_thing, min_pixels=self.min_pixels,
         stuff_identity=self.config.input.get(
             "stuff_identity", config_lib.STUFF_IDENTITY_DEFAULT),
@@ -251,6 +253,8 @@ class Predictor:
             ids, segments, self.meta.class_to_category_id),
         semantic=semantic,
         instance=instance,
+        instance_original=postprocess.resize_to_original(
+            out[1], **sizes).astype(np.int32),
         trajectory=trajectory,
     )
 
