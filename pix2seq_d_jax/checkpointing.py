@@ -151,6 +151,36 @@ def restore(
   return restored[STATE], _decode_data_state(restored[DATA] or {})
 
 
+def _read_only_manager(directory: epath.Path) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      directory,
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      item_names=(STATE, DATA),
+  )
+
+
+def _locate(path: str) -> tuple[epath.Path, int]:
+  """(checkpoints folder, step) of a workdir, checkpoints or step folder.
+
+  Raises:
+    FileNotFoundError: naming the path when no finalized checkpoint is there.
+  """
+  root = epath.Path(paths.absolute(path))
+  for directory in (root / "checkpoints", root):
+    if not directory.is_dir():
+      continue
+    manager = _read_only_manager(directory)
+    try:
+      step = manager.latest_step()
+    finally:
+      manager.close()
+    if step is not None:
+      return directory, step
+  if root.name.isdigit() and root.parent.is_dir():
+    return root.parent, int(root.name)
+  raise _not_a_checkpoint(str(root))
+
+
 def restore_weights(path: str, abstract_state: PyTree) -> PyTree:
   """Restores the full state from another run's checkpoint folder.
 
@@ -160,34 +190,46 @@ def restore_weights(path: str, abstract_state: PyTree) -> PyTree:
   Raises:
     FileNotFoundError: naming the path when no finalized checkpoint is there.
   """
-  path = paths.absolute(path)
-  root = epath.Path(path)
-  for directory in (root / "checkpoints", root):
-    if not directory.is_dir():
-      continue
-    manager = ocp.CheckpointManager(
-        directory,
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_names=(STATE, DATA),
-    )
-    step = manager.latest_step()
-    if step is not None:
-      state, _ = restore(manager, step, abstract_state)
-      manager.close()
-      logging.info("Restored weights from %s step %d", directory, step)
-      return state
+  directory, step = _locate(path)
+  manager = _read_only_manager(directory)
+  try:
+    state, _ = restore(manager, step, abstract_state)
+  finally:
     manager.close()
-  parent, name = root.parent, root.name
-  if name.isdigit() and parent.is_dir():
-    manager = ocp.CheckpointManager(
-        parent,
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_names=(STATE, DATA),
-    )
-    state, _ = restore(manager, int(name), abstract_state)
-    manager.close()
-    return state
-  raise _not_a_checkpoint(path)
+  logging.info("Restored weights from %s step %d", directory, step)
+  return state
+
+
+def restore_subtree(path: str, abstract_state: PyTree,
+                    fields: tuple[str, ...]) -> dict[str, PyTree]:
+  """Reads only `fields` of a checkpointed state (e.g. the EMA weights).
+
+  The other fields (optimizer state, raw parameters) are never read, so a
+  predictor's peak memory is that of the weights it uses. The checkpoint
+  is first checked against the whole `abstract_state` (metadata only).
+
+  Args:
+    path: as for `restore_weights`.
+    abstract_state: the full restore target, with shardings.
+    fields: top-level fields of the state to read, e.g.
+      `("ema_params", "batch_stats")`.
+
+  Returns:
+    {field: restored tree} in the target's shardings.
+  """
+  directory, step = _locate(path)
+  _check_compatible_at(directory, step, abstract_state)
+  target = {name: getattr(abstract_state, name) for name in fields}
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  step_dir = ocp.step.build_step_path(
+      directory, ocp.step.standard_name_format(), step) / STATE
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(
+        step_dir, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True))
+  logging.info("Restored %s from %s step %d", ", ".join(fields), directory,
+               step)
+  return dict(restored)
 
 
 _EXPECTED = "expected a workdir, its checkpoints/ folder or a step folder"
@@ -244,13 +286,19 @@ def check_compatible(
     CheckpointMismatchError: naming the first differing parameter path, both
       shapes, and the checkpoint's `config.json`.
   """
+  _check_compatible_at(manager.directory, step, abstract_state)
+
+
+def _check_compatible_at(directory: epath.Path, step: int,
+                         abstract_state: PyTree) -> None:
+  """`check_compatible` for the checkpoints folder `directory`."""
   try:
     # Read with a handler of our own: `manager.item_metadata` of a manager
     # built with item names only (a fresh resume) has no handler yet, and
     # warns for each item.
     metadata = ocp.StandardCheckpointHandler().metadata(
         ocp.step.build_step_path(
-            manager.directory, ocp.step.standard_name_format(), step
+            directory, ocp.step.standard_name_format(), step
         ) / STATE
     )
     stored = _shapes(getattr(metadata, "tree", metadata))
@@ -276,7 +324,7 @@ def check_compatible(
     if extra:
       problem = f"{extra[0]} {stored[extra[0]]} is in it but not in the model"
   if problem:
-    directory = epath.Path(manager.directory)
+    directory = epath.Path(directory)
     workdir = (
         directory.parent if directory.name == "checkpoints" else directory
     )

@@ -280,11 +280,13 @@ class Experiment:
   def restore_inference_weights(self, path: str) -> tuple[PyTree, PyTree]:
     """`(ema_params, batch_stats)` of a checkpoint: what sampling needs.
 
-    The optimizer state and raw params are dropped as soon as they are
-    read, so a predictor holds only the inference weights.
+    Only those two fields are read from the checkpoint (the optimizer
+    state and raw params never are), so a predictor holds, and peaks at,
+    the inference weights.
     """
-    state = self.restore_weights(path)
-    return state.ema_params, state.batch_stats
+    weights = checkpointing.restore_subtree(
+        path, self.abstract_state, ("ema_params", "batch_stats"))
+    return weights["ema_params"], weights["batch_stats"]
 
   # ------------------------------------------------------------------ data
 

@@ -94,6 +94,25 @@ def test_missing_and_extra_parameters_are_named(workdir):
     checkpointing.check_compatible(manager, 7, smaller)
 
 
+def test_subtree_restore_reads_only_the_named_fields(workdir):
+  # A predictor's read: only `params` here (the EMA weights in training
+  # states), for a workdir, its checkpoints folder and a step folder.
+  for path in (workdir, workdir / "checkpoints",
+               workdir / "checkpoints" / "7"):
+    restored = checkpointing.restore_subtree(str(path), _abstract(64),
+                                             ("params",))
+    assert set(restored) == {"params"}
+    jax.tree.map(np.testing.assert_array_equal, restored["params"],
+                 _state(64).params)
+  # The whole state is still checked first: a wrong model is named.
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"params/enc/w has shape \(4, 64\)"):
+    checkpointing.restore_subtree(str(workdir), _abstract(128), ("params",))
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    checkpointing.restore_subtree(str(workdir / "nowhere"), _abstract(64),
+                                  ("params",))
+
+
 def _write(path, content):
   path.write_bytes(content)
   return str(path)
