@@ -1,8 +1,9 @@
 r"""Speed benchmark of training and sampling on random inputs (no dataset).
 
   python -m pix2seq_d_jax.benchmark --config=configs/synthetic.py \
-      [--batch_size 8] [--image_size 64] [--mask_size 32] \
-      [--steps_list 1,5,10,20,50] [--train_iters 10] [--output results.json] \
+      [--batch_size 8] [--image_size 64 | H,W] [--mask_size 32 | H,W] \
+      [--steps_list 1,5,10,20,50] [--train_iters 10] [--profile_steps 2] \
+      [--output results.json] [--compare earlier.json] \
       [--config.model.dtype=bfloat16 ...]
 
 Method. Every timing blocks on the result (`jax.block_until_ready`), because
@@ -28,6 +29,22 @@ benchmark times the encoder and one decoder pass alone, the full predict
 function for each step count (compiled once per count), fits a and b by least
 squares, and reports measured / (encoder + 20 * decoder) at 20 steps: above 1
 is the sampler's own overhead (noise, schedule, bit decoding).
+
+Start-up. As in the training loop, the train step compiles in a thread
+while the state is initialised; `startup_s` is the time from there to the
+first step done (init | lower + compile, then the first call). Without a
+persistent compilation cache this is the cold start; run the command twice
+with `JAX_COMPILATION_CACHE_DIR` set for the warm one.
+
+Op categories. `--profile_steps` train steps run under `jax.profiler`; each
+executed XLA instruction's time is summed per category (convolution
+forward, input gradient, weight gradient; matmul; transpose/copy; the
+optimizer update; other) by `op_profile`. Shares are of the summed op time
+of all threads.
+
+Comparing. `--output r.json` saves every figure; a later run with
+`--compare r.json` prints each figure next to the saved one with the ratio
+now / before, so a change is judged side by side.
 
 One concept: the model's speed figures (ceilings, train step, sampling,
 host overhead) and their CLI; the input pipeline's are in
