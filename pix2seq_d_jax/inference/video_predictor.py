@@ -35,6 +35,7 @@ from PIL import Image
 
 from pix2seq_d_jax import config_lib, sharding
 from pix2seq_d_jax.evaluators import davis_video
+from pix2seq_d_jax.formats import paths
 from pix2seq_d_jax.inference import predictor
 
 # Sequences are padded to a multiple of this many frames by default.
@@ -72,18 +73,20 @@ def check_frame_sizes(sequences: Sequence[tuple[str, Sequence[str]]]) -> None:
   Raises:
     ValueError: the message names the sequence folder and two sizes.
   """
-  for name, paths in sequences:
+  for name, frames in sequences:
     sizes = {}
-    for path in paths:
+    for path in frames:
       try:
-        with Image.open(path) as im:
+        # Through epath, so frames in a bucket work too; PIL reads only
+        # the header from the open file.
+        with paths.to_epath(path).open("rb") as f, Image.open(f) as im:
           sizes.setdefault(im.size, path)
       except (OSError, ValueError, SyntaxError) as e:
         raise ValueError(f"Cannot decode image {path}: {e}") from e
       if len(sizes) > 1:
         (w0, h0), (w1, h1) = sizes
         first, other = sizes.values()
-        folder = os.path.dirname(os.path.abspath(path))
+        folder = os.path.dirname(paths.absolute(path))
         raise ValueError(
             f"sequence {name!r} ({folder}): frames must share one size, but "
             f"{os.path.basename(first)} is {h0}x{w0} and "
