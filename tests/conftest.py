@@ -30,6 +30,7 @@ _LONGEST_FIRST = (
     "test_benchmark.py",
     "test_sharding_multidevice.py",
     "test_notebook.py",
+    "test_gcs.py",
     "test_models.py",
     "test_video.py",
     "test_fault_tolerance.py",

