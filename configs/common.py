@@ -115,7 +115,13 @@ def get_base_config() -> ml_collections.ConfigDict:
           # (so max_instances must hold things + stuff segments) and each
           # predicted id takes the class most of its pixels have; 'zero'
           # keeps stuff at id 0 (one segment per stuff class) and ids vote
-          # among thing pixels only. Default STUFF_IDENTITY_DEFAULT.
+          # among thing pixels only (a deviation). Default 'zero'
+          # (config_lib.STUFF_IDENTITY_DEFAULT): it trains better on the
+          # synthetic set, PQ / things / stuff 0.603 / 0.316 / 0.889 against
+          # 0.151 / 0.180 / 0.121 with 'random' (the default job, 2400 steps;
+          # 0.091 / 0.133 / 0.049 with 'random' and max_instances 32), where
+          # stuff regions split over several ids. The paper configs set the
+          # reference's value per dataset.
           stuff_identity=stuff_identity,
           scale_range=(1.0, 3.0),
           flip=True,

@@ -31,8 +31,9 @@ class ConfigError(ValueError):
 # predicted id votes for one class over all its pixels; 'zero': stuff keeps
 # id 0, one segment per stuff class, ids vote among thing pixels only.
 STUFF_IDENTITIES = ("random", "zero")
-# The value `configs/common.py` sets (why: its comment and README.md); the
-# default of the functions that take the switch.
+# The value `configs/common.py` sets, the default of the functions that take
+# the switch: 'zero' scored PQ 0.603 against 0.151 for 'random' on the
+# synthetic default job (numbers in configs/common.py and README.md).
 STUFF_IDENTITY_DEFAULT = "zero"
 
 
