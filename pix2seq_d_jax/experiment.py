@@ -144,6 +144,7 @@ def train_preprocess_fn(config: ml_collections.ConfigDict) -> Callable:
       flip=inp.flip,
       color_jitter_strength=inp.color_jitter,
       loss_weight_power=config.diffusion.loss_weight_power,
+      stuff_identity=inp.stuff_identity,
   )
 
 

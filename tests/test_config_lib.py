@@ -307,3 +307,8 @@ def test_shipped_configs_stuff_identity():
     assert config.input.stuff_identity == value, name
     if "panoptic" in config.evals:
       assert config.evals.panoptic.stuff_identity == value, name
+    # Training builds its targets with the same rule that scores them.
+    from pix2seq_d_jax import experiment
+
+    fn = experiment.train_preprocess_fn(config)
+    assert fn.keywords["stuff_identity"] == value, name
