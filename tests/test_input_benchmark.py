@@ -163,7 +163,9 @@ def test_profile_names_the_real_chain_and_shares_sum_to_one(root):
     assert rows[_op(fn)]['calls'] == sites, _op(fn)
   assert 'data.preprocess.preprocess_train (self)' in rows
   assert 'data.coco_panoptic._read (self)' in rows
-  assert rows['data.preprocess.resize_labels']['calls'] == 3
+  # COCO's 'random' stuff ids: the crowd map is resized too.
+  assert rows['data.preprocess.resize_labels']['calls'] == 4
+  assert rows['data.preprocess.number_stuff_segments']['calls'] == 1
   shares = [r['share'] for r in prof['ops']]
   assert all(0 <= s <= 1 for s in shares)
   assert sum(shares) == pytest.approx(1.0, abs=1e-9)
