@@ -278,7 +278,7 @@ def _run(
   reporter = None
   try:
     latest = manager.latest_step()
-    data_state, compiling = None, None
+    data_state, compiling, started_input = None, None, None
     if latest is not None:
       logging.info("Resuming from %s step %d.", workdir, latest)
       state, data_state = checkpointing.restore(
@@ -293,6 +293,9 @@ def _run(
         # A fresh start compiles the initialisation and the train step:
         # the step compiles in a thread meanwhile (XLA releases the GIL),
         # so the first step waits for the longer of the two, not their sum.
+        # The input starts first: bad data fails before any compile.
+        started_input = _start_input(config, train_source, local_batch_size,
+                                     data_state=None)
         compiling = _compile_in_background(exp)
       state = exp.init_state(init_rng)
       if config.resume:
@@ -311,7 +314,7 @@ def _run(
         reporter=reporter, state=state, data_state=data_state,
         latest=latest, start_step=start_step, train_source=train_source,
         local_batch_size=local_batch_size, train_rng=train_rng,
-        compiling=compiling)
+        compiling=compiling, started_input=started_input)
   finally:
     # Every exit path, exceptions included: finish (or fail) the pending
     # checkpoint writes before the interpreter tears down their threads.
@@ -329,6 +332,7 @@ def _train_loop(
     data_state: Any, latest: int | None, start_step: int, train_source: Any,
     local_batch_size: int, train_rng: jax.Array,
     compiling: concurrent.futures.Future | None,
+    started_input: tuple[Any, Any] | None,
 ) -> dict[str, Any]:
   mesh, total_steps = exp.mesh, exp.total_steps
   batch_size = config.input.batch_size
@@ -366,20 +370,12 @@ def _train_loop(
     return results
 
   # ----------------------------------------------------------------- step
-  train_iter = pipeline.make_train_loader(
-      train_source,
-      batch_size=local_batch_size,
-      seed=config.seed,
-      preprocess_fn=experiment.train_preprocess_fn(config),
-      shard_index=jax.process_index(),
-      shard_count=jax.process_count(),
-      num_workers=config.input.num_workers,
-  )
-  if data_state is not None:
-    train_iter.set_state(data_state)
-  # The first batch is read before compiling, so bad data fails in seconds
-  # rather than after a long compile.
-  next_local = next(train_iter) if start_step < total_steps else None
+  if started_input is not None:
+    train_iter, next_local = started_input
+  else:
+    train_iter, next_local = _start_input(
+        config, train_source, local_batch_size, data_state,
+        read_first=start_step < total_steps)
   t0 = time.time()
   if compiling is not None:
     compiled = compiling.result()
@@ -496,13 +492,37 @@ def _own_data_state(restored: Any) -> Any:
   return restored[jax.process_index()]
 
 
+def _start_input(
+    config: ml_collections.ConfigDict, train_source: Any,
+    local_batch_size: int, data_state: Any, *, read_first: bool = True,
+) -> tuple[Any, Any]:
+  """The training iterator (at `data_state`) and its first batch.
+
+  The first batch is read before anything compiles, so bad data fails in
+  seconds rather than after a long compile.
+  """
+  train_iter = pipeline.make_train_loader(
+      train_source,
+      batch_size=local_batch_size,
+      seed=config.seed,
+      preprocess_fn=experiment.train_preprocess_fn(config),
+      shard_index=jax.process_index(),
+      shard_count=jax.process_count(),
+      num_workers=config.input.num_workers,
+  )
+  if data_state is not None:
+    train_iter.set_state(data_state)
+  return train_iter, next(train_iter) if read_first else None
+
+
 def _compile_in_background(exp: Any) -> concurrent.futures.Future:
   """`exp.compile_train_step()` started in a worker thread.
 
   The compile needs only the abstract state, so it can run while the state
-  is initialised. The thread is not a daemon: if the run fails meanwhile,
-  the process exits once the compile is done (the error is already
-  printed).
+  is initialised. The thread is not a daemon (a daemon thread inside XLA at
+  interpreter exit can abort the process): if initialisation fails
+  meanwhile, the process exits once the compile is done, after printing
+  the error. Bad data fails before the compile starts (`_start_input`).
   """
   pool = concurrent.futures.ThreadPoolExecutor(
       max_workers=1, thread_name_prefix="compile_train_step")
