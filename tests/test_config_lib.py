@@ -156,6 +156,24 @@ def test_validate_names_field_and_expectation(field, value, message):
   assert f"config.{field}" in str(e.value)
 
 
+def _parse_cli(monkeypatch, *overrides):
+  """The tiny config as the entry points' flag parses it.
+
+  A locked config file with `--config.*` overrides (ml_collections reads
+  the overrides from sys.argv).
+  """
+  from absl import flags
+  from ml_collections import config_flags
+
+  argv = ["prog", "--config=configs/synthetic.py:tiny", *overrides]
+  monkeypatch.setattr("sys.argv", argv)
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values,
+                                  lock_config=True)
+  flag_values(argv)
+  return flag_values.config
+
+
 @pytest.mark.parametrize(
     "overrides,image,mask",
     [
@@ -168,18 +186,7 @@ def test_validate_names_field_and_expectation(field, value, message):
 )
 def test_command_line_sizes_parse_as_int_or_pair(monkeypatch, overrides,
                                                   image, mask):
-  # The entry points' flag: a locked config file with --config.* overrides
-  # (ml_collections reads the overrides from sys.argv).
-  from absl import flags
-  from ml_collections import config_flags
-
-  argv = ["prog", "--config=configs/synthetic.py:tiny", *overrides]
-  monkeypatch.setattr("sys.argv", argv)
-  flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values,
-                                  lock_config=True)
-  flag_values(argv)
-  config = flag_values.config
+  config = _parse_cli(monkeypatch, *overrides)
   assert (config.input.image_size, config.input.mask_size) == (image, mask)
   config_lib.validate(config)
   assert config_lib.input_sizes(config.input) == (
@@ -265,17 +272,7 @@ def test_paper_configs_build_the_94_5m_model(name):
 
 
 def test_stuff_identity_cli_sets_target_and_eval_and_bad_values(monkeypatch):
-  from absl import flags
-  from ml_collections import config_flags
-
-  argv = ["prog", "--config=configs/synthetic.py:tiny",
-          "--config.input.stuff_identity=random"]
-  monkeypatch.setattr("sys.argv", argv)
-  flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values,
-                                  lock_config=True)
-  flag_values(argv)
-  config = flag_values.config
+  config = _parse_cli(monkeypatch, "--config.input.stuff_identity=random")
   # One shared value: the training target and the post-processing.
   assert config.input.stuff_identity == "random"
   assert config.evals.panoptic.stuff_identity == "random"
