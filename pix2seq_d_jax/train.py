@@ -396,11 +396,11 @@ def _train_loop(
   with _StopSignal() as stop:
     while step < total_steps:
       batch = exp.global_batch(next_local)
+      log_now = reporting.itstime(step + 1, config.log_training_steps,
+                                  total_steps, first=True)
       # Before a log step, a copy of the parameters (the step donates
       # them) for that step's parameter and update norms.
-      log_next = reporting.itstime(step + 1, config.log_training_steps,
-                                   total_steps, first=True)
-      previous = _copy_tree(state.params) if log_next else None
+      previous = _copy_tree(state.params) if log_now else None
       state, metrics = compiled(state, batch, train_rng)
       tracker = track_metrics(tracker, metrics, state.step)
       if previous is not None:
@@ -414,8 +414,6 @@ def _train_loop(
       data_state = train_iter.get_state()
       # While the device computes: the next batch (input overlaps compute).
       next_local = next(train_iter) if step < total_steps else None
-      log_now = reporting.itstime(step, config.log_training_steps,
-                                  total_steps, first=True)
       ckpt_now = reporting.itstime(step, config.ckpt_steps, total_steps)
       due = [name for name in evals if reporting.itstime(
           step, config.evals[name].every_steps, total_steps)]
