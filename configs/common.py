@@ -152,6 +152,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.diffusion = ml_collections.ConfigDict(
       dict(
           bit_scale=0.1,
+          # Not in the paper (an option of this framework): the instance
+          # channel's own input scaling; None = bit_scale for every bit.
+          instance_bit_scale=config_dict.placeholder(float),
           bits_per_channel=8,
           bit_code="binary",
           schedule="cosine",

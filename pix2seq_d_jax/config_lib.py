@@ -360,6 +360,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(
       diff.bit_scale > 0, "diffusion.bit_scale", diff.bit_scale, "> 0"
   )
+  instance_scale = diff.get("instance_bit_scale")
+  _require(
+      instance_scale is None or instance_scale > 0,
+      "diffusion.instance_bit_scale", instance_scale,
+      "> 0, or None (the instance bits use diffusion.bit_scale)",
+  )
   for field, choices in _diffusion_choices().items():
     _check_choice(f"diffusion.{field}", diff[field], choices)
   num_bits = 2 * bits

@@ -430,7 +430,8 @@ def study(
       "stuff_identity": config.input.stuff_identity,
       "batch_size": batch_size, "seed": config.seed,
       **{k: d.get(k) for k in ("sample_steps", "td", "sampler", "self_cond",
-                               "schedule", "bit_scale", "bit_code")},
+                               "schedule", "bit_scale", "instance_bit_scale",
+                               "bit_code")},
   }
   return {"setting": setting, "steps": rows[:-1], "final": rows[-1],
           "summary": track_things(np.stack(split), np.stack(merged))}

@@ -26,7 +26,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from pix2seq_d_jax.diffusion import losses, schedules, video_conditioning
+from pix2seq_d_jax.diffusion import (
+    analog_bits,
+    losses,
+    schedules,
+    video_conditioning,
+)
 
 PyTree = Any
 # Whole-part remat (`encoder`, `decoder`, `both`: one `jax.checkpoint` around
@@ -206,6 +211,8 @@ def make_train_step(
   """
   d = diff_config
   bits = d.bits_per_channel
+  scale = analog_bits.channel_scales(
+      d.bit_scale, d.get("instance_bit_scale"), bits)
   if remat not in REMAT_CHOICES:
     raise ValueError(f"remat={remat!r}; expected one of {REMAT_CHOICES}")
   if remat in BLOCK_REMAT:
@@ -262,7 +269,7 @@ def make_train_step(
         out = decode(jnp.zeros_like(x_t), k_drop_sc)
         est = losses.predict_x0(
             out, x_t=x_t, gamma_t=gamma_t, loss_type=d.loss_type,
-            scale=d.bit_scale, softmax_groups=d.softmax_groups,
+            scale=scale, softmax_groups=d.softmax_groups,
         )
         return jax.lax.stop_gradient(est)
 
@@ -278,7 +285,7 @@ def make_train_step(
         eps=micro["eps"],
         weights=micro["loss_weight"],
         loss_type=d.loss_type,
-        scale=d.bit_scale,
+        scale=scale,
         softmax_groups=d.softmax_groups,
         eps_weighted=d.get("eps_loss_weighted", False),
     )
@@ -298,7 +305,7 @@ def make_train_step(
     keep = video_conditioning.frame_dropout_keep(
         key, sem.shape[0], sem.shape[1], frames_dropout)
     return video_conditioning.conditioning_map(
-        sem, batch["cond_instance"], bits_per_channel=bits, scale=d.bit_scale,
+        sem, batch["cond_instance"], bits_per_channel=bits, scale=scale,
         code=d.bit_code, keep=keep)
 
   def train_step(state: TrainState, batch: dict, rng: jax.Array):
@@ -311,7 +318,7 @@ def make_train_step(
         batch["semantic"], batch["instance"], bits_per_channel=bits,
         code=d.bit_code,
     )
-    x0 = (2.0 * x0_bits.astype(jnp.float32) - 1.0) * d.bit_scale
+    x0 = (2.0 * x0_bits.astype(jnp.float32) - 1.0) * scale
     t = jax.random.uniform(k_t, (b,), jnp.float32)
     gamma_t = schedules.gamma(t, d.schedule)
     eps = jax.random.normal(k_eps, x0.shape, jnp.float32)

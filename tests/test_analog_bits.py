@@ -94,3 +94,23 @@ def test_decode_clips_hand_case():
   with pytest.raises(ValueError, match='2 \\* bits_per_channel'):
     analog_bits.analog_bits_to_mask(
         analog[..., :8], num_classes=134, max_instances=101)
+
+
+def test_channel_scales_one_b_or_one_per_channel():
+  assert analog_bits.channel_scales(0.1, None, 3) == 0.1
+  assert analog_bits.channel_scales(0.5, 0.5, 3) == 0.5
+  np.testing.assert_array_equal(
+      analog_bits.channel_scales(0.1, 1.0, 3),
+      np.float32([0.1, 0.1, 0.1, 1.0, 1.0, 1.0]))
+
+
+def test_per_channel_scale_encodes_and_decodes_each_channel():
+  # Semantic 5 = bits 1,0,1 (LSB first), instance 2 = bits 0,1,0.
+  scale = analog_bits.channel_scales(0.1, 1.0, 3)
+  analog = analog_bits.mask_to_analog_bits(
+      np.array([[[5]]]), np.array([[[2]]]), bits_per_channel=3, scale=scale)
+  np.testing.assert_allclose(
+      np.asarray(analog)[0, 0, 0], [0.1, -0.1, 0.1, -1.0, 1.0, -1.0])
+  semantic, instance = analog_bits.analog_bits_to_mask(
+      analog, bits_per_channel=3, num_classes=8, max_instances=8)
+  assert (int(semantic[0, 0, 0]), int(instance[0, 0, 0])) == (5, 2)

@@ -142,6 +142,7 @@ def _synthetic():
         ("diffusion.schedule", "cosin", "one of"),
         ("diffusion.softmax_groups", 3, "softmax_groups=3"),
         ("diffusion.sample_steps", 0, "sample_steps=0"),
+        ("diffusion.instance_bit_scale", 0.0, "instance_bit_scale=0.0"),
         ("model.conditional", "attn", "model.conditional='attn'"),
         ("optax.end_lr_factor", 2.0, "end_lr_factor=2.0"),
     ],
@@ -209,6 +210,20 @@ def test_coco_stages_and_bad_stage():
   assert high.optax.lr == 1e-5 and low.input.batch_size == 512
   with pytest.raises(config_lib.ConfigError, match="stage='mid'"):
     coco.get_config("stage=mid")
+
+
+def test_synthetic_long_only_trains_longer():
+  synthetic = importlib.import_module("configs.synthetic")
+  default, long = synthetic.get_config(), synthetic.get_config("long")
+  assert long.total_steps == 2 * default.total_steps == 4800
+  video, video_long = (synthetic.get_config("video"),
+                       synthetic.get_config("video,long"))
+  assert video_long.total_steps == 2 * video.total_steps
+  for a, b in ((default, long), (video, video_long)):
+    a, b = a.to_dict(), b.to_dict()
+    for key in ("total_steps", "ckpt_steps"):
+      a.pop(key), b.pop(key)
+    assert a == b
 
 
 def check_rectangular_forward(exp, name: str) -> None:

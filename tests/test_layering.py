@@ -4,12 +4,12 @@ Every import of pix2seq_d_jax is collected, at module level and inside
 functions (a lazy import is still a dependency), and mapped to top-level
 units: a subpackage (`data`, `evaluation`, ...) or a top-level module
 (`train`, `config_lib`, ...). The layers, top to bottom: entry points
-(`main`, `predict`, `predict_video`, `benchmark`), run (`train`,
-`experiment`), inference and evaluators, domain (`models`, `diffusion`,
-`data`, `evaluation`), formats, infrastructure (`config_lib`, `sharding`,
-`checkpointing`, `reporting`). Edges that are known and not yet fixed are in
-`ALLOWED`, each with the reason; the test fails when one disappears too, so
-the list only shrinks.
+(`main`, `predict`, `predict_video`, `benchmark`, `instance_study`), run
+(`train`, `experiment`), inference and evaluators, domain (`models`,
+`diffusion`, `data`, `evaluation`), formats, infrastructure (`config_lib`,
+`sharding`, `checkpointing`, `reporting`). Edges that are known and not yet
+fixed are in `ALLOWED`, each with the reason; the test fails when one
+disappears too, so the list only shrinks.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ INFRASTRUCTURE = ('config_lib', 'sharding', 'checkpointing', 'reporting')
 DOMAIN = ('models', 'diffusion', 'data', 'evaluation')
 ABOVE_DOMAIN = (
     'train', 'experiment', 'predict', 'predict_video', 'inference',
-    'benchmark', 'main', 'evaluators',
+    'benchmark', 'main', 'evaluators', 'instance_study',
 )
 
 # (importing unit, imported unit) -> why the edge is still there.

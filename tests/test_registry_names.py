@@ -22,6 +22,7 @@ from pix2seq_d_jax.diffusion import analog_bits, losses, sampler, schedules
 SHIPPED = (
     'synthetic',
     'synthetic:tiny',
+    'synthetic:long',
     'synthetic:video',
     'synthetic:video,tiny',
     'coco',

@@ -142,6 +142,47 @@ def test_perfect_decoder_recovers_mask(kind):
   np.testing.assert_array_equal(inst, instance)
 
 
+@pytest.mark.parametrize('td', [4.0, 49.0])
+def test_td_of_steps_minus_one_refines_the_clean_estimate(td):
+  """td >= S - 1: every update lands on t = 0 (the synthetic recipe).
+
+  The state after step s is then that step's clipped x0 estimate exactly,
+  so step s + 1 re-denoises it, told the time t_now = 1 - (s + 1) / S.
+  """
+  _, traj = sampler.sample(_decode, jax.random.PRNGKey(3), _SHAPE,
+                           num_steps=5, td=td, return_trajectory=True,
+                           scale=_SCALE)
+  # gamma(0) of the cosine schedule is 1 - 1e-7, so t = 0 keeps
+  # sqrt(1 - gamma(0)) = 3.1e-4 of the noise estimate: the state is the clean
+  # estimate up to ~1e-3, against O(1) for any state still at t > 0.
+  floor = math.sqrt(1.0 - float(schedules.gamma(np.float32(0.0), 'cosine')))
+  eps_max = float(np.abs(traj['x_t'][0]).max()) + 1.0
+  np.testing.assert_allclose(traj['x_t'][1:], traj['x0'][:-1], rtol=0,
+                             atol=floor * eps_max)
+  assert float(np.abs(traj['x_t'][0] - traj['x0'][0]).max()) > 0.5
+
+
+def test_per_channel_scale_clips_and_recovers_each_channel():
+  """An instance_bit_scale: x0 lies in [-b, b] of its own channel."""
+  rng = np.random.RandomState(5)
+  semantic = rng.randint(0, 134, size=(2, 4, 4))
+  instance = rng.randint(0, 101, size=(2, 4, 4))
+  logits = np.concatenate([np.eye(256)[semantic], np.eye(256)[instance]],
+                          axis=-1).astype(np.float32) * 20.0
+  decode = lambda x, g, sc: jnp.asarray(logits) + 0.0 * x.sum()
+  scale = analog_bits.channel_scales(0.1, 1.0, 8)
+  x0, traj = sampler.sample(decode, jax.random.PRNGKey(2), (2, 4, 4, 16),
+                            num_steps=3, td=1.0, scale=scale,
+                            return_trajectory=True)
+  np.testing.assert_allclose(np.abs(np.asarray(x0)),
+                             np.broadcast_to(scale, x0.shape), rtol=1e-5)
+  assert float(np.abs(traj['x0'][..., :8]).max()) <= 0.1 + 1e-6
+  sem, inst = analog_bits.analog_bits_to_mask(x0, num_classes=134,
+                                              max_instances=101)
+  np.testing.assert_array_equal(sem, semantic)
+  np.testing.assert_array_equal(inst, instance)
+
+
 def test_bad_arguments():
   key = jax.random.PRNGKey(0)
   with pytest.raises(ValueError, match='num_steps'):

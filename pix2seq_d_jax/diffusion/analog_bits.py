@@ -169,9 +169,37 @@ def bits_to_int(bits: jax.typing.ArrayLike, code: str = 'binary') -> jax.Array:
   return value
 
 
+def channel_scales(bit_scale: float, instance_bit_scale: float | None,
+                   bits_per_channel: int) -> float | np.ndarray:
+  """The input scaling of each analog bit: one b, or one per channel.
+
+  The paper scales every bit by one b (`bit_scale`). A separate
+  `instance_bit_scale` (not in the paper; an option of this framework)
+  gives the instance channel's bits their own b, so that the semantic bits
+  can keep a low signal-to-noise ratio while the instance bits do not.
+  Everything that reads a scale (targets, x0 estimates, clipping, video
+  conditioning maps) broadcasts it over the last (bit) axis.
+
+  Args:
+    bit_scale: b of the semantic channel (of every bit when
+      `instance_bit_scale` is None).
+    instance_bit_scale: b of the instance channel, or None.
+    bits_per_channel: bits of each channel.
+
+  Returns:
+    `bit_scale` as a float when there is one b (or both are equal), else a
+    float32 [2 * bits_per_channel] vector, semantic bits first.
+  """
+  if instance_bit_scale is None or instance_bit_scale == bit_scale:
+    return float(bit_scale)
+  return np.repeat(np.asarray([bit_scale, instance_bit_scale], np.float32),
+                   bits_per_channel)
+
+
 def mask_to_analog_bits(semantic: jax.typing.ArrayLike,
                         instance: jax.typing.ArrayLike, *,
-                        bits_per_channel: int = 8, scale: float = 0.1,
+                        bits_per_channel: int = 8,
+                        scale: float | np.ndarray = 0.1,
                         code: str = 'binary') -> jax.Array:
   """Turns a panoptic mask into analog bits.
 
@@ -179,7 +207,9 @@ def mask_to_analog_bits(semantic: jax.typing.ArrayLike,
     semantic: int32 [b, h, w] class per pixel, in [0, 2**bits_per_channel).
     instance: int32 [b, h, w] instance id per pixel, same range.
     bits_per_channel: bits for each of the two channels.
-    scale: the input scaling b; bits map to -scale and +scale.
+    scale: the input scaling b; bits map to -scale and +scale (a
+      [2 * bits_per_channel] vector gives each bit its own, see
+      `channel_scales`).
     code: one of BIT_CODES.
 
   Returns:

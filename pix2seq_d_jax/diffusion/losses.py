@@ -117,7 +117,7 @@ def diffusion_loss(output: jax.typing.ArrayLike, *,
                    x0_bits: jax.typing.ArrayLike, x_t: jax.typing.ArrayLike,
                    gamma_t: jax.typing.ArrayLike, eps: jax.typing.ArrayLike,
                    weights: jax.typing.ArrayLike, loss_type: str,
-                   scale: float,
+                   scale: float | jax.typing.ArrayLike,
                    softmax_groups: int = 2,
                    eps_weighted: bool = False) -> tuple[jax.Array, jax.Array]:
   """The (weighted) diffusion loss of one batch.
@@ -197,7 +197,8 @@ def diffusion_loss(output: jax.typing.ArrayLike, *,
 
 
 def predict_x0(output: jax.typing.ArrayLike, *, x_t: jax.typing.ArrayLike,
-               gamma_t: jax.typing.ArrayLike, loss_type: str, scale: float,
+               gamma_t: jax.typing.ArrayLike, loss_type: str,
+               scale: float | jax.typing.ArrayLike,
                softmax_groups: int = 2) -> jax.Array:
   """The analog x0 estimate implied by the decoder's output.
 

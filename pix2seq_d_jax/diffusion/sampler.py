@@ -38,7 +38,7 @@ def sample(
     schedule: str = 'cosine',
     schedule_kwargs: Mapping[str, Any] | None = None,
     loss_type: str = 'x_softmax_xent',
-    scale: float = 0.1,
+    scale: float | jax.typing.ArrayLike = 0.1,
     softmax_groups: int = 2,
     self_cond: bool = False,
     sampler: str = 'ddim',
@@ -73,7 +73,8 @@ def sample(
     schedule: one of schedules.SCHEDULES.
     schedule_kwargs: start / end / tau for `schedules.gamma`.
     loss_type: one of losses.LOSS_TYPES; how the output is read.
-    scale: input scaling b of the analog bits; x0 is clipped to it.
+    scale: input scaling b of the analog bits; x0 is clipped to it (a
+      [n] vector gives each bit its own b, `analog_bits.channel_scales`).
     softmax_groups: groups of the 'x_softmax_xent' type.
     self_cond: pass the previous step's x0 (zeros at the first step) as
       self_cond_x0; otherwise zeros always.

@@ -51,7 +51,8 @@ def frame_dropout_keep(rng: jax.Array, batch: int, num_frames: int,
 
 def conditioning_map(cond_semantic: jax.typing.ArrayLike,
                      cond_instance: jax.typing.ArrayLike, *,
-                     bits_per_channel: int, scale: float,
+                     bits_per_channel: int,
+                     scale: float | jax.typing.ArrayLike,
                      code: str = 'binary',
                      keep: jax.typing.ArrayLike | None = None) -> jax.Array:
   """The decoder's conditioning input from earlier frames' masks.

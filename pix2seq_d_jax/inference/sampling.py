@@ -18,8 +18,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from pix2seq_d_jax.diffusion import analog_bits, sampler, video_conditioning
+
+
+def _bit_scale(d: ml_collections.ConfigDict) -> float | np.ndarray:
+  """The config's input scaling: one b, or a per-bit vector (two channels)."""
+  return analog_bits.channel_scales(
+      d.bit_scale, d.get("instance_bit_scale"), d.bits_per_channel)
 
 
 def masks_sampler(
@@ -64,7 +71,7 @@ def masks_sampler(
         td=d.td,
         schedule=d.schedule,
         loss_type=d.loss_type,
-        scale=d.bit_scale,
+        scale=_bit_scale(d),
         softmax_groups=d.softmax_groups,
         self_cond=d.self_cond,
         sampler=d.sampler,
@@ -117,7 +124,7 @@ def make_predict_fn(
       zeros = jnp.zeros((image.shape[0], frames, m[0], m[1]), jnp.int32)
       cond_map = video_conditioning.conditioning_map(
           zeros, zeros, bits_per_channel=diff_config.bits_per_channel,
-          scale=diff_config.bit_scale, code=diff_config.bit_code)
+          scale=_bit_scale(diff_config), code=diff_config.bit_code)
     return sample_masks(variables, encoded, rng, steps, cond_map)
 
   return predict
@@ -182,7 +189,7 @@ def make_video_predict_fn(
               sem_hist, proceeding_frames).swapaxes(0, 1),
           video_conditioning.select_history(
               inst_hist, proceeding_frames).swapaxes(0, 1),
-          bits_per_channel=d.bits_per_channel, scale=d.bit_scale,
+          bits_per_channel=d.bits_per_channel, scale=_bit_scale(d),
           code=d.bit_code)
       semantic, instance = sample_masks(
           variables, enc_t, jax.random.fold_in(rng, index), steps, cond_map)
