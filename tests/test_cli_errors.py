@@ -86,7 +86,7 @@ def test_config_errors(tmp_path, outside):
   # the variant's, not a missing file.
   line = _run([workdir, "--config=configs/synthetic.py:bogus"], outside)
   _check(line, "configs/synthetic.py:bogus", "config argument 'bogus' is "
-         "unknown", "['steps', 'tiny', 'video']")
+         "unknown", "['long', 'steps', 'tiny', 'video']")
   line = _run([workdir, "--config=configs/synthetic.py:steps=abc"], REPO)
   _check(line, "steps='abc'", "expected a value of type int")
   # The default config loads from elsewhere (the override is checked
