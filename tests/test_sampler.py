@@ -122,14 +122,20 @@ def test_self_cond_passes_previous_x0():
                                rtol=1e-6)
 
 
-@pytest.mark.parametrize('kind', sampler.SAMPLERS)
-def test_perfect_decoder_recovers_mask(kind):
-  rng = np.random.RandomState(4)
+def _perfect_decoder(seed):
+  """A random (semantic, instance) mask and a decoder sure of it."""
+  rng = np.random.RandomState(seed)
   semantic = rng.randint(0, 134, size=(2, 4, 4))
   instance = rng.randint(0, 101, size=(2, 4, 4))
   logits = np.concatenate([np.eye(256)[semantic], np.eye(256)[instance]],
                           axis=-1).astype(np.float32) * 20.0
   decode = lambda x, g, sc: jnp.asarray(logits) + 0.0 * x.sum()
+  return semantic, instance, decode
+
+
+@pytest.mark.parametrize('kind', sampler.SAMPLERS)
+def test_perfect_decoder_recovers_mask(kind):
+  semantic, instance, decode = _perfect_decoder(4)
 
   @jax.jit
   def run(key):
@@ -164,12 +170,7 @@ def test_td_of_steps_minus_one_refines_the_clean_estimate(td):
 
 def test_per_channel_scale_clips_and_recovers_each_channel():
   """An instance_bit_scale: x0 lies in [-b, b] of its own channel."""
-  rng = np.random.RandomState(5)
-  semantic = rng.randint(0, 134, size=(2, 4, 4))
-  instance = rng.randint(0, 101, size=(2, 4, 4))
-  logits = np.concatenate([np.eye(256)[semantic], np.eye(256)[instance]],
-                          axis=-1).astype(np.float32) * 20.0
-  decode = lambda x, g, sc: jnp.asarray(logits) + 0.0 * x.sum()
+  semantic, instance, decode = _perfect_decoder(5)
   scale = analog_bits.channel_scales(0.1, 1.0, 8)
   x0, traj = sampler.sample(decode, jax.random.PRNGKey(2), (2, 4, 4, 16),
                             num_steps=3, td=1.0, scale=scale,
