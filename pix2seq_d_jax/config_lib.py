@@ -410,6 +410,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   )
   _check_choice("model.conditional", model.conditional, ("cat", "cat+attn"))
   _check_choice("model.dtype", model.dtype, ("float32", "bfloat16"))
+  _check_choice("model.conv_impl", model.get("conv_impl", "auto"),
+                ("auto", "lax", "tiled"))
   _check_choice("model.backbone_norm", model.backbone_norm, ("batch", "group"))
   opt = config.optax
   _require(opt.lr > 0, "optax.lr", opt.lr, "> 0")

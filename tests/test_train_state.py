@@ -256,7 +256,11 @@ def test_remat_keeps_the_update_and_lowers_temporary_memory():
   results, programs = {}, {}
   for remat in ("none", "both", "blocks", "blocks_dots"):
     config = _tiny_config()
-    config.model.update(enc_dropout=0.0)
+    # XLA's own convolutions: with conv_impl='tiled' this skeleton's 1x1
+    # matmuls already need less temporary memory (10.1 MB) than remat
+    # saves from the lax baseline (14.3 -> 14.1 MB), so the remat
+    # property is checked against the lax baseline.
+    config.model.update(enc_dropout=0.0, conv_impl="lax")
     exp, state, _ = _setup(config, lr=1e-3, remat=remat)
     # What training and the benchmark compile (`Experiment.lower_train_step`).
     programs[remat] = exp.lower_train_step().as_text()

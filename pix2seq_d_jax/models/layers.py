@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pix2seq_d_jax.models import convolution
+
 Initializer = Any
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -100,6 +102,7 @@ def conv(features: int,
          use_bias: bool = True,
          kernel_init: Initializer = None,
          dtype: jnp.dtype = jnp.float32,
+         conv_impl: str = 'lax',
          name: str | None = None) -> nn.Conv:
   """A 2-D convolution whose kernel and bias carry logical axis names.
 
@@ -111,6 +114,8 @@ def conv(features: int,
     use_bias: whether to add a bias.
     kernel_init: kernel initializer; Glorot uniform when None.
     dtype: compute dtype (parameters stay float32).
+    conv_impl: 'lax' or 'tiled' (`convolution.conv_function`): the same
+      convolution and parameters, computed with XLA:CPU-friendly shapes.
     name: module name.
 
   Returns:
@@ -129,6 +134,7 @@ def conv(features: int,
       kernel_init=nn.with_logical_partitioning(kernel_init, CONV_KERNEL_AXES),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
                                              ('conv_out',)),
+      conv_general_dilated=convolution.conv_function(conv_impl),
       name=name)
 
 

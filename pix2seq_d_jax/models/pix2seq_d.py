@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pix2seq_d_jax.models import (
+  convolution,
   layers,
   pyramid,
   register,
@@ -76,6 +77,10 @@ class Pix2SeqD(nn.Module):
       and outputs are the same.
     dtype: compute dtype, 'float32' or 'bfloat16'; parameters stay float32
       and the decoder output is float32.
+    conv_impl: how convolutions are computed: 'lax' (`nn.Conv`'s own),
+      'tiled' (the same convolutions and parameters with XLA:CPU-friendly
+      backward shapes, `convolution.tiled_conv`) or 'auto' ('tiled' on a
+      single CPU device, else 'lax').
   """
   mask_size: tuple[int, int]
   num_bits: int = 16
@@ -106,19 +111,25 @@ class Pix2SeqD(nn.Module):
   time_scaling: float = 10000.0
   remat_blocks: str = 'none'
   dtype: str = 'float32'
+  conv_impl: str = 'auto'
 
   def setup(self):
     self._validate()
     dtype = layers.get_dtype(self.dtype)
+    conv_impl = convolution.resolve(
+        self.conv_impl, platform=jax.default_backend(),
+        num_devices=jax.device_count())
     self.backbone = resnet.ResNet(
         tuple(self.backbone_depths), self.backbone_width, self.backbone_norm,
-        self.bn_momentum, remat=self.remat_blocks, dtype=dtype)
+        self.bn_momentum, remat=self.remat_blocks, dtype=dtype,
+        conv_impl=conv_impl)
     self.encoder = transformer.TokenEncoder(
         self.enc_dim, self.enc_layers, self.enc_mlp_dim, self.enc_heads,
         self.enc_dropout, self.enc_drop_path, remat=self.remat_blocks,
         dtype=dtype)
     self.pyramid = pyramid.PyramidMerge(
-        self.fuse_dim, tuple(self.mask_size), dtype=dtype)
+        self.fuse_dim, tuple(self.mask_size), dtype=dtype,
+        conv_impl=conv_impl)
     self.decoder = transunet.TransUNet(
         out_dim=self.num_outputs,
         dim=self.dec_dim,
@@ -132,7 +143,8 @@ class Pix2SeqD(nn.Module):
         cross_attention='attn' in self.conditional,
         time_scaling=self.time_scaling,
         remat=self.remat_blocks,
-        dtype=dtype)
+        dtype=dtype,
+        conv_impl=conv_impl)
 
   def _validate(self):
     name = type(self).__name__

@@ -70,10 +70,13 @@ class UpsampleMerge(nn.Module):
     dim: output channels.
     factor: (fh, fw) upsampling of the coarse map.
     dtype: compute dtype.
+    conv_impl: convolution implementation, 'lax' or 'tiled' (see
+      `convolution.resolve`).
   """
   dim: int
   factor: tuple[int, int]
   dtype: jnp.dtype = jnp.float32
+  conv_impl: str = 'lax'
 
   @nn.compact
   def __call__(self, fine: jax.Array | None, coarse: jax.Array) -> jax.Array:
@@ -83,12 +86,14 @@ class UpsampleMerge(nn.Module):
       [b, h·fh, w·fw, dim].
     """
     width = self.dim if fine is None else fine.shape[-1]
-    y = layers.conv(width, 1, dtype=self.dtype, name='conv1')(coarse)
+    y = layers.conv(width, 1, dtype=self.dtype, conv_impl=self.conv_impl,
+                    name='conv1')(coarse)
     y = nn.silu(layers.group_norm(width, dtype=self.dtype, name='norm1')(y))
     y = upsample_nearest(y, self.factor)
     if fine is not None:
       y = y + fine.astype(y.dtype)
-    y = layers.conv(self.dim, 3, dtype=self.dtype, name='conv2')(y)
+    y = layers.conv(self.dim, 3, dtype=self.dtype, conv_impl=self.conv_impl,
+                    name='conv2')(y)
     return nn.silu(layers.group_norm(self.dim, dtype=self.dtype,
                                      name='norm2')(y))
 
@@ -101,10 +106,13 @@ class PyramidMerge(nn.Module):
     out_size: (h', w') output size; a positive integer multiple of the finest
       map's size.
     dtype: compute dtype.
+    conv_impl: convolution implementation, 'lax' or 'tiled' (see
+      `convolution.resolve`).
   """
   out_dim: int
   out_size: tuple[int, int]
   dtype: jnp.dtype = jnp.float32
+  conv_impl: str = 'lax'
 
   @nn.compact
   def __call__(self, maps: Sequence[jax.Array]) -> jax.Array:
@@ -126,10 +134,11 @@ class PyramidMerge(nn.Module):
       factor = integer_factor(fine.shape[1:3], x.shape[1:3],
                               f'PyramidMerge map {i - 1}')
       x = UpsampleMerge(fine.shape[-1], factor, dtype=self.dtype,
+                        conv_impl=self.conv_impl,
                         name=f'merge_{i}')(fine.astype(self.dtype), x)
     factor = integer_factor(self.out_size, x.shape[1:3],
                             'PyramidMerge out_size')
     if factor != (1, 1) or x.shape[-1] != self.out_dim:
       x = UpsampleMerge(self.out_dim, factor, dtype=self.dtype,
-                        name='merge_0')(None, x)
+                        conv_impl=self.conv_impl, name='merge_0')(None, x)
     return layers.constrain(x, layers.FEATURES)

@@ -62,6 +62,8 @@ class BottleneckBlock(nn.Module):
     norm: 'batch' or 'group'.
     bn_momentum: batch-norm running-average decay.
     dtype: compute dtype.
+    conv_impl: convolution implementation, 'lax' or 'tiled' (see
+      `convolution.resolve`).
   """
   filters: int
   strides: int = 1
@@ -69,6 +71,7 @@ class BottleneckBlock(nn.Module):
   norm: str = 'batch'
   bn_momentum: float = 0.9
   dtype: jnp.dtype = jnp.float32
+  conv_impl: str = 'lax'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -80,7 +83,8 @@ class BottleneckBlock(nn.Module):
       return layers.conv(features, kernel, strides=strides,
                          padding=_fixed_padding(kernel, strides),
                          use_bias=False, kernel_init=_CONV_INIT,
-                         dtype=self.dtype, name=name)
+                         dtype=self.dtype, conv_impl=self.conv_impl,
+                         name=name)
 
     def norm(relu, name, zero_init=False):
       return _NormAct(self.norm, relu, zero_init, self.bn_momentum,
@@ -109,6 +113,8 @@ class ResNet(nn.Module):
     bn_momentum: batch-norm running-average decay.
     remat: per-block rematerialisation, one of `layers.REMAT_POLICIES`.
     dtype: compute dtype.
+    conv_impl: convolution implementation, 'lax' or 'tiled' (see
+      `convolution.resolve`).
   """
   depths: Sequence[int] = (3, 4, 6)
   width: int = 64
@@ -116,6 +122,7 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
   remat: str = 'none'
   dtype: jnp.dtype = jnp.float32
+  conv_impl: str = 'lax'
 
   @nn.compact
   def __call__(self, image: jax.Array, *, train: bool) -> list[jax.Array]:
@@ -139,6 +146,7 @@ class ResNet(nn.Module):
       raise ValueError('ResNet.depths must name at least one block group.')
     x = layers.conv(self.width, 7, strides=2, padding=_fixed_padding(7, 2),
                     use_bias=False, kernel_init=_CONV_INIT, dtype=self.dtype,
+                    conv_impl=self.conv_impl,
                     name='stem_conv')(image.astype(self.dtype))
     x = _NormAct(self.norm, True, False, self.bn_momentum, self.dtype,
                  name='stem_norm')(x, train=train)
@@ -155,6 +163,7 @@ class ResNet(nn.Module):
             norm=self.norm,
             bn_momentum=self.bn_momentum,
             dtype=self.dtype,
+            conv_impl=self.conv_impl,
             name=f'group{i + 1}_block{j + 1}')(x, train)
         x = layers.constrain(x, layers.FEATURES)
       outputs.append(x)

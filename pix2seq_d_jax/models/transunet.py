@@ -63,10 +63,13 @@ class ResBlock(nn.Module):
     out_dim: output channels.
     dropout: dropout before the second conv.
     dtype: compute dtype.
+    conv_impl: convolution implementation, 'lax' or 'tiled' (see
+      `convolution.resolve`).
   """
   out_dim: int
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  conv_impl: str = 'lax'
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array,
@@ -78,7 +81,7 @@ class ResBlock(nn.Module):
     skip = x
     if x.shape[-1] != self.out_dim:
       skip = layers.conv(self.out_dim, 1, dtype=self.dtype,
-                         name='shortcut')(x)
+                         conv_impl=self.conv_impl, name='shortcut')(x)
     scale_shift = layers.dense(
         2 * self.out_dim, ('embed', 'conv_out'),
         kernel_init=layers.fan_avg_uniform(), dtype=self.dtype,
@@ -86,12 +89,13 @@ class ResBlock(nn.Module):
     scale, shift = jnp.split(scale_shift, 2, axis=-1)
     h = nn.silu(layers.group_norm(x.shape[-1], dtype=self.dtype,
                                   name='norm0')(x))
-    h = layers.conv(self.out_dim, 3, dtype=self.dtype, name='conv0')(h)
+    h = layers.conv(self.out_dim, 3, dtype=self.dtype,
+                    conv_impl=self.conv_impl, name='conv0')(h)
     h = layers.group_norm(self.out_dim, dtype=self.dtype, name='norm1')(h)
     h = nn.silu(h * (scale + 1.0) + shift)
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     h = layers.conv(self.out_dim, 3, kernel_init=_ZERO_INIT, dtype=self.dtype,
-                    name='conv1')(h)
+                    conv_impl=self.conv_impl, name='conv1')(h)
     return (h + skip) * jnp.asarray(2 ** -0.5, h.dtype)
 
 
@@ -107,6 +111,8 @@ class BottleneckTransformer(nn.Module):
     cross_attention: blocks cross-attend to the encoder tokens.
     remat: per-block rematerialisation, one of `layers.REMAT_POLICIES`.
     dtype: compute dtype.
+    conv_impl: convolution implementation, 'lax' or 'tiled' (see
+      `convolution.resolve`).
   """
   dim: int
   num_layers: int
@@ -116,6 +122,7 @@ class BottleneckTransformer(nn.Module):
   cross_attention: bool = True
   remat: str = 'none'
   dtype: jnp.dtype = jnp.float32
+  conv_impl: str = 'lax'
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array,
@@ -124,7 +131,8 @@ class BottleneckTransformer(nn.Module):
     """
     b, h, w, c = x.shape
     x = layers.group_norm(c, dtype=self.dtype, name='norm_in')(x)
-    x = layers.conv(self.dim, 1, dtype=self.dtype, name='conv_in')(x)
+    x = layers.conv(self.dim, 1, dtype=self.dtype,
+                    conv_impl=self.conv_impl, name='conv_in')(x)
     x = x.reshape(b, h * w, self.dim)
     x = x + transformer.sinusoidal_2d(h, w, self.dim).astype(self.dtype)
     time_token = layers.dense(self.dim, ('mlp', 'embed'),
@@ -138,7 +146,8 @@ class BottleneckTransformer(nn.Module):
             x, context, train=train)
     x = x[:, :-1].reshape(b, h, w, self.dim)
     x = layers.group_norm(self.dim, dtype=self.dtype, name='norm_out')(x)
-    return layers.conv(self.dim, 1, dtype=self.dtype, name='conv_out')(x)
+    return layers.conv(self.dim, 1, dtype=self.dtype,
+                       conv_impl=self.conv_impl, name='conv_out')(x)
 
 
 class TransUNet(nn.Module):
@@ -159,6 +168,8 @@ class TransUNet(nn.Module):
     remat: per-block rematerialisation (residual and transformer blocks),
       one of `layers.REMAT_POLICIES`.
     dtype: compute dtype.
+    conv_impl: convolution implementation, 'lax' or 'tiled' (see
+      `convolution.resolve`).
   """
   out_dim: int = 512
   dim: int = 128
@@ -173,6 +184,7 @@ class TransUNet(nn.Module):
   time_scaling: float = 10000.0
   remat: str = 'none'
   dtype: jnp.dtype = jnp.float32
+  conv_impl: str = 'lax'
 
   @nn.compact
   def __call__(self,
@@ -211,6 +223,7 @@ class TransUNet(nn.Module):
     emb = TimeEmbedding(self.dim, self.time_scaling, dtype=self.dtype,
                         name='time_emb')(gamma)
     x = layers.conv(self.dim * self.dim_mults[0], 1, dtype=self.dtype,
+                    conv_impl=self.conv_impl,
                     name='conv_in')(x.astype(self.dtype))
     x = layers.group_norm(x.shape[-1], dtype=self.dtype, name='norm_in')(x)
     x = layers.constrain(x, layers.FEATURES)
@@ -220,12 +233,13 @@ class TransUNet(nn.Module):
     for i, mult in enumerate(self.dim_mults):
       for j in range(self.num_res_blocks):
         x = res_block(self.dim * mult, self.dropout, dtype=self.dtype,
+                      conv_impl=self.conv_impl,
                       name=f'down{i}_block{j}')(x, emb, train)
         x = layers.constrain(x, layers.FEATURES)
         skips.append(x)
       if i != levels - 1:
         x = layers.conv(self.dim * mult, 3, strides=2, dtype=self.dtype,
-                        name=f'down{i}_downsample')(x)
+                        conv_impl=self.conv_impl, name=f'down{i}_downsample')(x)
         x = layers.constrain(x, layers.FEATURES)
         skips.append(x)
 
@@ -234,7 +248,8 @@ class TransUNet(nn.Module):
       x = BottleneckTransformer(
           self.transformer_dim, self.transformer_layers, self.num_heads,
           self.mlp_ratio, self.dropout, self.cross_attention,
-          remat=self.remat, dtype=self.dtype, name='transformer')(
+          remat=self.remat, dtype=self.dtype, conv_impl=self.conv_impl,
+          name='transformer')(
               x, emb, ctx, train=train)
       x = layers.constrain(x, layers.FEATURES)
 
@@ -243,16 +258,18 @@ class TransUNet(nn.Module):
       for j in range(self.num_res_blocks + 1):
         x = jnp.concatenate([x, skips.pop()], axis=-1)
         x = res_block(width, self.dropout, dtype=self.dtype,
+                      conv_impl=self.conv_impl,
                       name=f'up{i}_block{j}')(x, emb, train)
         x = layers.constrain(x, layers.FEATURES)
       if i != 0:
         x = pyramid.upsample_nearest(x, (2, 2))
-        x = layers.conv(width, 3, dtype=self.dtype,
+        x = layers.conv(width, 3, dtype=self.dtype, conv_impl=self.conv_impl,
                         name=f'up{i}_upsample')(x)
         x = layers.constrain(x, layers.FEATURES)
 
     x = nn.silu(layers.group_norm(x.shape[-1], dtype=self.dtype,
                                   name='norm_out')(x))
     x = layers.conv(self.out_dim, 1, kernel_init=_ZERO_INIT,
-                    dtype=self.dtype, name='conv_out')(x)
+                    dtype=self.dtype, conv_impl=self.conv_impl,
+                    name='conv_out')(x)
     return layers.constrain(x.astype(jnp.float32), layers.FEATURES)

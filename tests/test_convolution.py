@@ -1,0 +1,200 @@
+"""The tiled convolution equals lax's, and takes the shapes it claims."""
+
+import functools
+import importlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from pix2seq_d_jax import config_lib
+from pix2seq_d_jax.models import convolution, layers
+from pix2seq_d_jax.models.pix2seq_d import Pix2SeqD
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _loss_and_grads(conv_fn, x, w, strides, padding):
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, _NHWC)
+
+  def loss(x, w):
+    y = conv_fn(x, w, strides, padding, dimension_numbers=dn)
+    # A non-linear read-out, so that dy differs per pixel and channel.
+    return jnp.sum(jnp.sin(y) * jnp.arange(y.shape[-1], dtype=y.dtype)), y
+
+  (value, y), grads = jax.value_and_grad(loss, argnums=(0, 1),
+                                         has_aux=True)(x, w)
+  return value, y, grads
+
+
+def _equations(fn, *args):
+  """(primitive name, first output shape, input shapes) of every equation,
+  nested ones included."""
+  jaxpr = jax.make_jaxpr(fn)(*args)
+  found = []
+
+  def walk(jp):
+    for eqn in jp.eqns:
+      found.append((eqn.primitive.name, tuple(eqn.outvars[0].aval.shape),
+                    [tuple(getattr(v.aval, 'shape', ())) for v in eqn.invars]))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+  walk(jaxpr.jaxpr)
+  return found
+
+
+@pytest.mark.parametrize(
+    'shape, kernel, strides, padding',
+    [
+        # 3x3 SAME on a map above TILE_PIXELS: tiled weight gradient, with
+        # an uneven last row tile (2048 // 48 = 42 rows, then 6).
+        ((2, 48, 48, 3), 3, 1, 'SAME'),
+        # 5x5 SAME (two halo rows each side).
+        ((1, 64, 40, 2), 5, 1, 'SAME'),
+        # 1x1 as a matmul, with and without stride.
+        ((2, 9, 11, 5), 1, 1, 'SAME'),
+        ((2, 9, 11, 5), 1, 2, ((0, 0), (0, 0))),
+        ((2, 10, 12, 5), 1, 2, 'VALID'),
+        # Left to lax: strided 3x3, the ResNet stem's explicit pads, small
+        # maps.
+        ((2, 16, 16, 3), 3, 2, 'SAME'),
+        ((1, 32, 32, 3), 7, 2, ((2, 3), (2, 3))),
+        ((2, 8, 8, 4), 3, 1, 'SAME'),
+    ])
+def test_tiled_conv_equals_lax(shape, kernel, strides, padding):
+  kx, kw = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, shape)
+  w = jax.random.normal(kw, (kernel, kernel, shape[-1], 6)) * 0.3
+  ref = _loss_and_grads(lax.conv_general_dilated, x, w, (strides,) * 2,
+                        padding)
+  got = _loss_and_grads(convolution.tiled_conv, x, w, (strides,) * 2,
+                        padding)
+  np.testing.assert_allclose(got[1], ref[1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+  for g, r in zip(got[2], ref[2], strict=True):
+    assert g.shape == r.shape and g.dtype == r.dtype
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_gradient_is_a_sum_over_example_row_tiles():
+  x = jax.random.normal(jax.random.key(1), (2, 48, 48, 3))
+  w = jax.random.normal(jax.random.key(2), (3, 3, 3, 4))
+
+  def grads(x, w):
+    return _loss_and_grads(convolution.tiled_conv, x, w, (1, 1), 'SAME')[2]
+
+  # One [c_in, kh, kw, c_out] convolution per example and row tile
+  # (2048 // 48 = 42 rows, then 6), none over the whole batch.
+  tiles = [shape for name, shape, _ in _equations(grads, x, w)
+           if name == 'conv_general_dilated' and shape == (3, 3, 3, 4)]
+  assert len(tiles) == 2 * 2
+  # The weight gradient by hand: sum over pixels of the shifted input times
+  # the output gradient.
+  dy = jax.random.normal(jax.random.key(3), (2, 48, 48, 4))
+  padded = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  expected = np.zeros((3, 3, 3, 4), np.float64)
+  for i in range(3):
+    for j in range(3):
+      expected[i, j] = np.einsum('nhwc,nhwd->cd',
+                                 padded[:, i:i + 48, j:j + 48], dy)
+  got = convolution.tiled_weight_gradient(x, dy, (3, 3))
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_pointwise_conv_has_no_convolution():
+  x = jnp.ones((2, 8, 8, 4))
+  w = jnp.ones((1, 1, 4, 5))
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, _NHWC)
+
+  def grads(x, w):
+    return jax.grad(lambda x, w: convolution.tiled_conv(
+        x, w, (1, 1), 'SAME', dimension_numbers=dn).sum(),
+                    argnums=(0, 1))(x, w)
+  names = [name for name, _, _ in _equations(grads, x, w)]
+  assert 'conv_general_dilated' not in names
+  assert 'dot_general' in names
+
+
+def test_tiling_keeps_bfloat16_and_accumulates_in_float32():
+  x = jax.random.normal(jax.random.key(4), (1, 64, 64, 4)).astype(
+      jnp.bfloat16)
+  w = (jax.random.normal(jax.random.key(5), (3, 3, 4, 4)) * 0.3).astype(
+      jnp.bfloat16)
+  _, y, (dx, dw) = _loss_and_grads(convolution.tiled_conv, x, w, (1, 1),
+                                   'SAME')
+  assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+  _, _, (_, dw32) = _loss_and_grads(
+      lax.conv_general_dilated, x.astype(jnp.float32),
+      w.astype(jnp.float32), (1, 1), 'SAME')
+  np.testing.assert_allclose(np.asarray(dw, np.float32), dw32, rtol=0.05,
+                             atol=0.05 * float(jnp.abs(dw32).max()))
+
+
+def test_resolve():
+  assert convolution.resolve('auto', platform='cpu', num_devices=1) == 'tiled'
+  assert convolution.resolve('auto', platform='cpu', num_devices=8) == 'lax'
+  assert convolution.resolve('auto', platform='gpu', num_devices=1) == 'lax'
+  assert convolution.resolve('lax', platform='cpu', num_devices=1) == 'lax'
+  assert convolution.resolve('tiled', platform='tpu', num_devices=4) == 'tiled'
+  with pytest.raises(ValueError, match='model.conv_impl'):
+    convolution.resolve('fast', platform='cpu', num_devices=1)
+  assert convolution.conv_function('lax') is lax.conv_general_dilated
+  assert convolution.conv_function('tiled') is convolution.tiled_conv
+
+
+def test_config_rejects_unknown_conv_impl():
+  config = importlib.import_module('configs.synthetic').get_config()
+  config.model.conv_impl = 'fast'
+  with pytest.raises(config_lib.ConfigError, match='model.conv_impl'):
+    config_lib.validate(config)
+
+
+def test_conv_factory_uses_the_implementation():
+  x = jax.random.normal(jax.random.key(6), (2, 48, 48, 3))
+  out = {}
+  for impl in ('lax', 'tiled'):
+    module = layers.conv(4, 3, conv_impl=impl)
+    params = nn.unbox(module.init(jax.random.key(7), x))
+
+    def loss(v, module=module):
+      return jnp.sum(jnp.sin(module.apply(v, x)))
+    out[impl] = jax.grad(loss)(params)['params']['kernel']
+  np.testing.assert_allclose(out['tiled'], out['lax'], rtol=1e-4, atol=1e-4)
+  assert isinstance(layers.conv(4, 3, conv_impl='tiled'), nn.Conv)
+
+
+def test_model_routes_every_convolution(monkeypatch):
+  """Pix2Seq-D passes conv_impl to every conv: same parameters, and with
+  'tiled' no 1x1 convolution is left and the large maps' 3x3 convolutions
+  carry the tiled gradient (16x16 maps, 64-pixel tiles here)."""
+  monkeypatch.setattr(convolution, 'TILE_PIXELS', 64)
+  kwargs = dict(mask_size=(16, 16), num_bits=4, num_outputs=8,
+                backbone_depths=(1,), backbone_width=4, enc_layers=1,
+                enc_dim=16, enc_mlp_dim=16, enc_heads=2, fuse_dim=8,
+                dec_dim=8, dec_dim_mults=(1, 2), dec_transformer_layers=1,
+                dec_transformer_dim=16, dec_heads=2)
+  inputs = (jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32),
+            jax.ShapeDtypeStruct((2, 16, 16, 4), jnp.float32),
+            jax.ShapeDtypeStruct((2,), jnp.float32))
+  found = {}
+  for impl in ('lax', 'tiled'):
+    model = Pix2SeqD(conv_impl=impl, **kwargs)
+    shapes = jax.eval_shape(functools.partial(model.init, train=False),
+                            jax.random.key(0), *inputs)
+
+    def forward(variables, image, x_t, gamma, model=model):
+      return model.apply(variables, image, x_t, gamma, train=False)
+    eqns = _equations(forward, shapes, *inputs)
+    found[impl] = (
+        jax.tree.map(lambda a: (a.shape, a.dtype), shapes),
+        sum(name == 'conv_general_dilated' and ins[1][:2] == (1, 1)
+            for name, _, ins in eqns),
+        sum(name.startswith('custom_vjp') for name, _, _ in eqns))
+  assert found['tiled'][0] == found['lax'][0]
+  # 1x1 convolutions became matmuls; large-map 3x3 ones have the tiled VJP.
+  assert found['lax'][1] > 0 and found['tiled'][1] == 0
+  assert found['lax'][2] == 0 and found['tiled'][2] > 0
