@@ -192,6 +192,8 @@ def get_base_config() -> ml_collections.ConfigDict:
       )
   )
   config.ema_decay = 0.999
+  # EMA updated every k steps with decay**k; 1 = every step (the paper's).
+  config.ema_every_steps = 1
   # A NaN/inf loss stops the run naming the step and the last good
   # checkpoint; True skips such updates instead (counted as train/skipped).
   config.skip_nonfinite_updates = False

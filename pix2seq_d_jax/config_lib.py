@@ -424,6 +424,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(
       0.0 <= config.ema_decay < 1.0, "ema_decay", config.ema_decay, "in [0, 1)"
   )
+  ema_every = config.get("ema_every_steps", 1)
+  _require(type(ema_every) is int and ema_every >= 1, "ema_every_steps",
+           ema_every, "an int >= 1")
   _check_choice("remat", config.remat, ("none", "encoder", "decoder", "both",
                                         "blocks", "blocks_dots"))
   _require(

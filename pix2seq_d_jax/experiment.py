@@ -330,6 +330,7 @@ class Experiment:
         ema_decay=c.ema_decay, skip_nonfinite=c.skip_nonfinite_updates,
         grad_accum_steps=c.grad_accum_steps, remat=c.remat,
         frames_dropout=c.input.frames_dropout,
+        ema_every_steps=c.get("ema_every_steps", 1),
     ), self.mesh, c.sharding_rules)
 
   @functools.cached_property

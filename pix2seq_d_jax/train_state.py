@@ -182,6 +182,7 @@ def make_train_step(
     grad_accum_steps: int = 1,
     remat: str = "none",
     frames_dropout: float = 0.0,
+    ema_every_steps: int = 1,
 ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
   """Returns the pure train step `(state, batch, rng) -> (state, metrics)`.
 
@@ -205,6 +206,9 @@ def make_train_step(
       ground-truth masks of the conditioning frames from the batch
       (`cond_semantic`, `cond_instance` int32 [b, F, m, m]); each frame is
       replaced by a zero map with this probability.
+    ema_every_steps: update the EMA only on steps k, 2k, ... with decay
+      `ema_decay**k` (the same time constant): skipped steps neither read
+      nor write the EMA tree. 1 updates it every step (the paper's).
 
   Returns:
     The step function; jit it with donated state.
@@ -215,6 +219,10 @@ def make_train_step(
       d.bit_scale, d.get("instance_bit_scale"), bits)
   if remat not in REMAT_CHOICES:
     raise ValueError(f"remat={remat!r}; expected one of {REMAT_CHOICES}")
+  if (not isinstance(ema_every_steps, int) or isinstance(ema_every_steps, bool)
+      or ema_every_steps < 1):
+    raise ValueError(
+        f"ema_every_steps={ema_every_steps!r}; expected an int >= 1")
   if remat in BLOCK_REMAT:
     # Same parameters, so the state and checkpoints do not depend on it.
     model = model.clone(remat_blocks=BLOCK_REMAT[remat])
@@ -373,11 +381,28 @@ def make_train_step(
     with jax.named_scope("optimizer"):
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      ema_params = jax.tree.map(
-          lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
-          state.ema_params,
-          params,
-      )
+      if ema_every_steps == 1:
+        ema_params = jax.tree.map(
+            lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+            state.ema_params,
+            params,
+        )
+      else:
+        # Every k-th step with decay**k: the same time constant, and
+        # lax.cond keeps the other steps from touching the EMA tree.
+        decay_k = ema_decay**ema_every_steps
+
+        def update_ema(operands):
+          ema, new_params = operands
+          return jax.tree.map(
+              lambda e, p: decay_k * e + (1.0 - decay_k) * p, ema, new_params)
+
+        ema_params = jax.lax.cond(
+            (state.step + 1) % ema_every_steps == 0,
+            update_ema,
+            lambda operands: operands[0],
+            (state.ema_params, params),
+        )
     new_state = state.replace(
         step=state.step + 1,
         params=params,
