@@ -144,9 +144,13 @@ def peak_rss_bytes() -> int:
 
 def measure_ceilings(
     *, matmul_size: int, conv_spatial: int, conv_channels: int,
-    conv_batch: int = 8, repeats: int = 5,
+    conv_batch: int = 8, repeats: int = 5, dtype: str = "float32",
 ) -> dict[str, Any]:
-  """GFLOP/s of an f32 matmul and an f32 3x3 SAME convolution.
+  """GFLOP/s of a matmul and a 3x3 SAME convolution, float32 and bfloat16.
+
+  Both dtypes are measured so that a bfloat16 run can be judged against
+  what the machine's bfloat16 kernels reach (a CPU without native bf16
+  arithmetic gains nothing from it).
 
   Args:
     matmul_size: n of the [n, n] x [n, n] matmul (2 n^3 FLOPs).
@@ -154,32 +158,39 @@ def measure_ceilings(
     conv_channels: input and output channels of the convolution.
     conv_batch: convolution batch size.
     repeats: timed runs per operation; the median is used.
+    dtype: the compute dtype of the run ('float32' or 'bfloat16'): its
+      two figures make `ceiling_gflops`.
 
   Returns:
-    The GFLOP/s of each, their shapes, and the ceiling (the larger).
+    The GFLOP/s of each (bfloat16 ones under `*_bf16_gflops`), their
+    shapes, and the ceiling: the larger of the run dtype's two.
   """
   key_a, key_b, key_x, key_w = jax.random.split(jax.random.key(0), 4)
   n = matmul_size
-  a = jax.random.normal(key_a, (n, n), jnp.float32)
-  b = jax.random.normal(key_b, (n, n), jnp.float32)
-  matmul = jax.jit(jnp.matmul)
-  t_mm = statistics.median(time_calls(matmul, a, b, repeats=repeats))
   s, c = conv_spatial, conv_channels
-  x = jax.random.normal(key_x, (conv_batch, s, s, c), jnp.float32)
-  w = jax.random.normal(key_w, (3, 3, c, c), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
   conv = jax.jit(functools.partial(
       jax.lax.conv_general_dilated, window_strides=(1, 1), padding="SAME",
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
   ))
-  t_conv = statistics.median(time_calls(conv, x, w, repeats=repeats))
-  mm_gflops = 2.0 * n**3 / t_mm / 1e9
-  conv_gflops = 2.0 * conv_batch * s * s * c * c * 9 / t_conv / 1e9
+  figures: dict[str, float] = {}
+  for suffix, ty in (("", jnp.float32), ("_bf16", jnp.bfloat16)):
+    a = jax.random.normal(key_a, (n, n), ty)
+    b = jax.random.normal(key_b, (n, n), ty)
+    t_mm = statistics.median(time_calls(matmul, a, b, repeats=repeats))
+    x = jax.random.normal(key_x, (conv_batch, s, s, c), ty)
+    w = jax.random.normal(key_w, (3, 3, c, c), ty)
+    t_conv = statistics.median(time_calls(conv, x, w, repeats=repeats))
+    figures[f"matmul{suffix}_gflops"] = 2.0 * n**3 / t_mm / 1e9
+    figures[f"conv{suffix}_gflops"] = (
+        2.0 * conv_batch * s * s * c * c * 9 / t_conv / 1e9)
+  run = "_bf16" if dtype == "bfloat16" else ""
   return {
       "matmul_size": n,
-      "matmul_gflops": mm_gflops,
       "conv_shape": [conv_batch, s, s, c, c],
-      "conv_gflops": conv_gflops,
-      "ceiling_gflops": max(mm_gflops, conv_gflops),
+      **figures,
+      "ceiling_gflops": max(figures[f"matmul{run}_gflops"],
+                            figures[f"conv{run}_gflops"]),
   }
 
 
@@ -393,6 +404,7 @@ def run_benchmark(
   results["ceilings"] = measure_ceilings(
       matmul_size=matmul_size, conv_spatial=conv_spatial,
       conv_channels=conv_channels, repeats=ceiling_repeats,
+      dtype=config.model.dtype,
   )
 
   # ------------------------------ model, state and step (as train.py)
@@ -579,9 +591,12 @@ def format_table(results: dict[str, Any]) -> str:
       ("shapes", f"batch {su['batch_size']}, image {su['image_size']}, "
                  f"mask {su['mask_size']}"),
       ("device", f"{su['num_devices']} x {su['device']}"),
-      ("matmul ceiling", f"{ce['matmul_gflops']:.1f} GFLOP/s "
+      ("matmul ceiling", f"{ce['matmul_gflops']:.1f} GFLOP/s f32, "
+                         f"{ce['matmul_bf16_gflops']:.1f} bf16 "
                          f"(n={ce['matmul_size']})"),
-      ("conv ceiling", f"{ce['conv_gflops']:.1f} GFLOP/s {ce['conv_shape']}"),
+      ("conv ceiling", f"{ce['conv_gflops']:.1f} GFLOP/s f32, "
+                       f"{ce['conv_bf16_gflops']:.1f} bf16 "
+                       f"{ce['conv_shape']}"),
       ("train start-up", f"{tr['startup_s']:.2f} s to the first step done "
                          "(persistent compilation cache "
                          f"{'on' if su['compilation_cache'] else 'off'})"),

@@ -39,6 +39,15 @@ def test_fit_linear_recovers_exact_line():
     benchmark.fit_linear([3, 3], [1.0, 2.0])
 
 
+def test_ceilings_of_a_bfloat16_run_are_the_bfloat16_kernels():
+  ce = benchmark.measure_ceilings(matmul_size=32, conv_spatial=8,
+                                  conv_channels=8, repeats=1,
+                                  dtype="bfloat16")
+  assert ce["ceiling_gflops"] == max(ce["matmul_bf16_gflops"],
+                                     ce["conv_bf16_gflops"])
+  assert ce["matmul_gflops"] > 0 and ce["conv_gflops"] > 0
+
+
 def test_time_calls_measures_blocking_work():
   times = benchmark.time_calls(lambda: time.sleep(0.02), repeats=3)
   assert len(times) == 3
@@ -49,8 +58,10 @@ def test_results_have_every_field_and_consistent_values(results):
   # Survives a JSON round trip, as the CLI writes it.
   results = json.loads(json.dumps(results))
   ce, tr, sa = results["ceilings"], results["train"], results["sampling"]
-  for key in ("matmul_gflops", "conv_gflops", "ceiling_gflops"):
+  for key in ("matmul_gflops", "conv_gflops", "matmul_bf16_gflops",
+              "conv_bf16_gflops", "ceiling_gflops"):
     assert ce[key] > 0
+  # A float32 run is judged against the float32 kernels.
   assert ce["ceiling_gflops"] == max(ce["matmul_gflops"], ce["conv_gflops"])
   for key in ("lower_s", "compile_s", "init_s", "first_call_s",
               "startup_s", "step_time_s", "images_per_s", "flops_per_step",
