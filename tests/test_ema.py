@@ -17,9 +17,8 @@ STEPS = 3
 def _run(ema_every_steps):
   """The initial state, the states after each of `STEPS` steps, the step.
 
-  Both runs skip non-finite updates, so that the k = 3 run's step also
-  serves the skipped-step test (one compile fewer) and the two runs'
-  programs differ only in the EMA.
+  The step skips non-finite updates, so that it also serves the
+  skipped-step test (one compile fewer).
   """
   config = _tiny_config()
   config.ema_every_steps = ema_every_steps
@@ -48,31 +47,15 @@ def _ema(decay, ema, params):
 
 
 @pytest.fixture(scope="module")
-def every_step():
-  """The default (k = 1) run: the reference for the k = 3 run."""
-  return _run(1)[0]
-
-
-@pytest.fixture(scope="module")
 def every_third_step():
   return _run(3)
 
 
-def test_every_step_ema_matches_a_numpy_recursion(every_step):
-  # Independent of the step's code: e_t = d * e_{t-1} + (1 - d) * p_t over
-  # the params after each step.
-  ema = every_step[0].ema_params
-  for state in every_step[1:]:
-    ema = _ema(DECAY, ema, state.params)
-  _assert_close(every_step[-1].ema_params, ema)
-  # The params really moved, so the comparison is not of constants.
-  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b),
-                       every_step[0].params, every_step[-1].params)
-  assert any(jax.tree.leaves(moved))
-
-
 def test_every_third_step_updates_with_the_compounded_decay(
-    every_step, every_third_step):
+    every_third_step):
+  # The k = 1 path is the per-step EMA unchanged (checked against
+  # 0.5 e + 0.5 p in test_train_state); here the compounded one, against
+  # NumPy, and nothing in between.
   states, _ = every_third_step
   e0 = states[0].ema_params
   for state in states[1:3]:  # Steps 1 and 2: the EMA is not touched.
@@ -81,11 +64,11 @@ def test_every_third_step_updates_with_the_compounded_decay(
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b),
                          states[3].ema_params, e0)
   assert any(jax.tree.leaves(changed))
-  # The option touches only the EMA: same params, optimizer state, stats.
-  for field in ("params", "opt_state", "batch_stats"):
-    jax.tree.map(np.testing.assert_array_equal, getattr(states[3], field),
-                 getattr(every_step[3], field))
-  assert int(states[3].step) == int(every_step[3].step) == STEPS
+  # The params really moved, so the comparison is not of constants.
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b),
+                       states[0].params, states[3].params)
+  assert any(jax.tree.leaves(moved))
+  assert int(states[3].step) == STEPS
 
 
 def test_skipped_nonfinite_step_keeps_the_ema_on_an_update_step(
