@@ -24,26 +24,16 @@ jax.config.update("jax_disable_most_optimizations", True)
 # usual order.
 _LONGEST_FIRST = (
     "test_multiprocess.py",
+    "test_train.py",
     "test_train_state.py",
     "test_predict.py",
-    "test_train.py",
-    "test_sharding_multidevice.py",
-    "test_models.py",
     "test_benchmark.py",
+    "test_sharding_multidevice.py",
     "test_notebook.py",
     "test_gcs.py",
-    "test_train_loop.py",
+    "test_models.py",
     "test_video.py",
     "test_fault_tolerance.py",
-    "test_cli_errors.py",
-    "test_no_recompile.py",
-    "test_cli_run_errors.py",
-    "test_kitti_step.py",
-    "test_weight_import.py",
-    "test_video_data.py",
-    "test_convolution.py",
-    "test_config_lib.py",
-    "test_ema.py",
 )
 
 
