@@ -153,8 +153,7 @@ def tiled_conv(lhs: jax.Array,
   kernel = tuple(rhs.shape[:2])
   strides = tuple(window_strides)
   pads = _explicit_padding(padding, kernel)
-  if kernel == (1, 1) and (pads == [(0, 0), (0, 0)] or padding in (
-      'SAME', 'same')):
+  if kernel == (1, 1) and pads == [(0, 0), (0, 0)]:
     return _pointwise(lhs, rhs, strides, precision)
   if strides != (1, 1) or pads is None:
     return fallback()
