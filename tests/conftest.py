@@ -1,16 +1,29 @@
-"""Settings shared by the whole suite: CPU, and one fast-compile setting.
+"""Settings shared by the whole suite: CPU, and two fast-compile settings.
 
 The tests check plumbing, shapes and numerics against references, not the
 quality of XLA's optimised code, so every test compiles with
-`jax_disable_most_optimizations` (about half the compile time). The
-environment variables are set before jax is imported, so the subprocesses
-the tests start (entry points, workers, the notebook) inherit both.
+`jax_disable_most_optimizations` (about half the compile time). Many tests
+and the processes they start compile the same tiny programs, so the whole
+session shares one persistent compilation cache: a fresh empty folder per
+session (so every run starts cold, as on CI), created by the first process
+that loads this file and inherited by the xdist workers and every
+subprocess. The environment variables are set before jax is imported, so
+the subprocesses the tests start (entry points, workers, the notebook)
+inherit them.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="pix2seq_d_jax_test_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  # Removed by the process that made it (the xdist controller), last.
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import jax  # noqa: E402
 

@@ -57,6 +57,8 @@ def shared_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
   entry point and in-process (same config, same jit); sharing the cache
   compiles each once per session, whichever test runs first.
   """
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # The suite's (conftest).
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
   path = tmp_path_factory.getbasetemp() / "scaleout_jax_cache"
   path.mkdir(exist_ok=True)
   return str(path)

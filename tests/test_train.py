@@ -28,13 +28,11 @@ _FAST_ENV = {"JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _shared_compilation_cache(tmp_path_factory):
-  # Runs of the same tiny config share compiled steps across processes.
-  cache = str(tmp_path_factory.mktemp("jax_cache"))
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+def _cache_every_compile():
+  # Runs of the same tiny config share compiled steps across processes
+  # through the suite's compilation cache (conftest), short compiles too.
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   yield
-  os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
   os.environ.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
 
 
