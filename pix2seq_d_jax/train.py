@@ -45,6 +45,7 @@ from pix2seq_d_jax import (
     config_lib,
     evaluators,
     experiment,
+    host_memory,
     reporting,
     sharding,
     train_state,
@@ -358,6 +359,8 @@ def _train_loop(
       scalars[f"time/eval_{name}_secs"] = time.time() - t0
       reporter.write_scalars(step, scalars)
       results[name] = metrics
+    if results:  # The samplers' compiles freed heap that training reuses.
+      host_memory.release_free_heap("after the evaluation")
     if results and jax.process_index() == 0:
       atomic.write_json(os.path.join(workdir, "metrics.json"),
                         {"step": step, **results}, indent=2,
@@ -385,6 +388,9 @@ def _train_loop(
     compiled = exp.compile_train_step()
     logging.info("Compiled the train step in %.1fs.", time.time() - t0)
   _log_memory(compiled)
+  # The compiles and the initialisation freed gigabytes inside the heap:
+  # returned before the step's temporaries add to the resident size.
+  host_memory.release_free_heap("after the compile and the initialisation")
 
   # ----------------------------------------------------------------- loop
   block = _blocks_every_step(mesh)

@@ -77,12 +77,18 @@ def _count_compiles(config, workdir):
 
 
 def test_compile_count_independent_of_steps_and_eval_batches(
-    tmp_path, tmp_path_factory):
+    tmp_path, tmp_path_factory, monkeypatch):
   data_dir = str(tmp_path / "data")
   with _fast_compiles_with_cache(shared_cache_dir(tmp_path_factory)):
     _count_compiles(_config(data_dir, *SHORT), str(tmp_path / "warmup"))
+    released = []
+    monkeypatch.setattr(train.host_memory, "release_free_heap",
+                        lambda why="": released.append(why) or 0)
     short, short_results = _count_compiles(_config(data_dir, *SHORT),
                                            str(tmp_path / "short"))
+    # The samplers' compiles freed heap too: returned after the evaluation.
+    assert released == ["after the compile and the initialisation",
+                        "after the evaluation"]
     long, long_results = _count_compiles(_config(data_dir, *LONG),
                                          str(tmp_path / "long"))
   assert short_results["panoptic"]["num_images"] == 2 * SHORT[1]

@@ -42,14 +42,21 @@ def fetches(monkeypatch):
 
 
 def test_device_values_are_read_only_at_log_and_checkpoint_steps(
-    tmp_path, fetches):
+    tmp_path, fetches, monkeypatch):
   # 7 steps, log at 1 (first), 3, 6 and 7 (last); checkpoint at 7: one
   # read for the resume step, then one per log step, none in between.
   config = _config(tmp_path / "data", total_steps=7, log_every=3,
                    ckpt_every=100)
+  released = []  # (why, device reads so far) of each heap release.
+  monkeypatch.setattr(
+      train.host_memory, "release_free_heap",
+      lambda why="": released.append((why, len(fetches))) or 0)
   with jax.transfer_guard_device_to_host("disallow"):
     train.train_and_evaluate(config, str(tmp_path / "w"), mode="train")
   assert len(fetches) == 1 + 4
+  # Freed heap goes back once, after the compile and the initialisation
+  # (the resume-step read), before the first step's log read.
+  assert released == [("after the compile and the initialisation", 1)]
   logged = [int(np.asarray(f["tracker"]["count"])) for f in fetches[1:]
             if isinstance(f, dict) and "tracker" in f]
   # Steps accumulated between reads: 1, 2 (steps 2-3), 3 (4-6), 1 (7).

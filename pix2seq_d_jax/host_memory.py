@@ -1,0 +1,74 @@
+"""Hands the host memory that compiles and initialisation freed back to the OS.
+
+XLA's compiler and the state's initialisation allocate gigabytes of host
+memory through the C library's `malloc` and free them again, but glibc keeps
+freed pages inside its heap (it trims a heap only from the top), so the
+process stays resident at the compile's high-water mark and the train step's
+temporaries then stack on top of it. On the paper model at 256 / 128 (batch
+2, one CPU), compiling the step leaves about 1 GiB of such free pages and
+initialising the state another 0.6 GiB. `release_free_heap` calls glibc's
+`malloc_trim(0)`, which returns every free page of every heap; nothing in
+use moves, and later allocations simply map pages again. Other C libraries
+(macOS, musl) have no such call and are left alone.
+"""
+
+import ctypes
+import functools
+import os
+
+from absl import logging
+
+
+@functools.cache
+def _malloc_trim():
+  """glibc's `malloc_trim`, or None where the C library has none."""
+  try:
+    libc = ctypes.CDLL(None)
+  except OSError:
+    return None
+  trim = getattr(libc, "malloc_trim", None)
+  if trim is not None:
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+  return trim
+
+
+def resident_bytes() -> int | None:
+  """This process's current resident size (Linux's VmRSS), else None."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def release_free_heap(why: str = "") -> int:
+  """Returns the heap's free pages to the OS; the resident bytes it saved.
+
+  Call it after something that allocated and freed a lot of host memory
+  (a compile, the initialisation, an evaluation) and before the memory
+  peak that follows (the train step's temporaries). Returns 0 where the C
+  library has no `malloc_trim` or the resident size cannot be read.
+  `why`, when given, is logged with the amount released.
+  """
+  trim = _malloc_trim()
+  if trim is None:
+    return 0
+  before = resident_bytes()
+  trim(0)
+  after = resident_bytes()
+  if before is None or after is None:
+    return 0
+  released = max(0, before - after)
+  if why:
+    logging.info("Returned %.2f GiB of freed host memory to the OS (%s); "
+                 "resident %.2f GiB.", released / 2**30, why, after / 2**30)
+  return released
+
+
+def available() -> bool:
+  """Whether this platform can release free heap pages (glibc on Linux)."""
+  return _malloc_trim() is not None and os.path.exists("/proc/self/status")
