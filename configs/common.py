@@ -205,6 +205,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # latter keeps matmul and conv outputs). Off: it did not lower temporary
   # memory on CPU (README, memory levers).
   config.remat = "none"
+  # Memory lever on CPU: 'memory' orders the train step's operations to
+  # keep few temporaries alive (2.27 instead of 2.87 GiB at 256 / 128, same
+  # step time); 'concurrency' is XLA:CPU's own concurrency-optimised order.
+  config.cpu_scheduler = "memory"
 
   config.evals = ml_collections.ConfigDict()
   config.evals.panoptic = ml_collections.ConfigDict(

@@ -58,6 +58,7 @@ import copy
 import functools
 import hashlib
 import json
+import os
 import resource
 import statistics
 import sys
@@ -78,6 +79,7 @@ from pix2seq_d_jax import (
     host_memory,
     op_profile,
     reporting,
+    xla_env,
 )
 from pix2seq_d_jax.formats import atomic
 
@@ -463,6 +465,8 @@ def run_benchmark(
       "jax_version": jax.__version__,
       # Set: a second run starts warm (compiled programs read back).
       "compilation_cache": jax.config.jax_compilation_cache_dir,
+      # The scheduler flag and any others the run was started with.
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
   with jax.set_mesh(mesh):
     # The state is donated: each call consumes it and returns the next one.
@@ -794,6 +798,8 @@ def _main(argv: Sequence[str], cli: dict[str, Any]) -> None:
     # Read first: a bad path fails before minutes of measuring.
     earlier = (_read_earlier(cli["compare"].value) if cli["compare"].value
                else None)
+    # As `main` does, before the first device use (XLA reads it once).
+    xla_env.set_cpu_scheduler(config.get("cpu_scheduler", "memory"))
     results = run_benchmark(
         config, steps_list=steps_list, train_iters=cli["train_iters"].value,
         sample_repeats=cli["sample_repeats"].value,

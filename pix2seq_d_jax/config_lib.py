@@ -20,6 +20,8 @@ from typing import Any
 import ml_collections
 from absl import flags
 
+from pix2seq_d_jax import xla_env
+
 
 class ConfigError(ValueError):
   """A config field has a value the framework cannot use."""
@@ -429,6 +431,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            ema_every, "an int >= 1")
   _check_choice("remat", config.remat, ("none", "encoder", "decoder", "both",
                                         "blocks", "blocks_dots"))
+  _check_choice("cpu_scheduler", config.get("cpu_scheduler", "memory"),
+                xla_env.CPU_SCHEDULERS)
   _require(
       config.grad_accum_steps >= 1
       and inp.batch_size % config.grad_accum_steps == 0,

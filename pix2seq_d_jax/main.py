@@ -21,7 +21,7 @@ import tempfile
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pix2seq_d_jax import config_lib, reporting, workdir_lock
+from pix2seq_d_jax import config_lib, reporting, workdir_lock, xla_env
 
 # The default is added to argv by the parser, not given to ml_collections:
 # it would load a default at import, where a bad --config.<field> override
@@ -154,6 +154,8 @@ def main(argv):
   config = _CONFIG.value
   try:
     config_lib.validate(config)
+    # Before the first device use: XLA reads its flags once.
+    xla_env.set_cpu_scheduler(config.get("cpu_scheduler", "memory"))
     train.train_and_evaluate(config, _WORKDIR.value, _MODE.value)
   except (config_lib.ConfigError, FileNotFoundError, ValueError,
           workdir_lock.WorkdirLockedError) as e:

@@ -79,7 +79,13 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from pix2seq_d_jax import config_lib, experiment, reporting, sharding
+from pix2seq_d_jax import (
+    config_lib,
+    experiment,
+    reporting,
+    sharding,
+    xla_env,
+)
 from pix2seq_d_jax.formats import paths as path_lib
 from pix2seq_d_jax.inference import inputs, writers
 from pix2seq_d_jax.inference import predictor as predictor_lib
@@ -341,6 +347,9 @@ def _main(argv: Sequence[str], cli: dict[str, Any]) -> None:
   args = (cli["config"].value, cli["checkpoint"].value, source, output,
           cli["steps"].value, cli["save_trajectory"].value)
   try:
+    # Before the first device use (XLA reads its flags once), as `main`.
+    xla_env.set_cpu_scheduler(cli["config"].value.get("cpu_scheduler",
+                                                      "memory"))
     if video:
       result = predict_videos(
           *args, batch_size=cli["batch_size"].value,
