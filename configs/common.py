@@ -203,7 +203,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # parts' activations in the backward pass instead of storing them;
   # 'blocks' | 'blocks_dots' do it per ResNet/transformer/U-Net block (the
   # latter keeps matmul and conv outputs). Off: it did not lower temporary
-  # memory on CPU (README, memory levers).
+  # memory on CPU, with either cpu_scheduler (README, Scaling out).
   config.remat = "none"
   # Memory lever on CPU: 'memory' orders the train step's operations to
   # keep few temporaries alive (2.27 instead of 2.87 GiB at 256 / 128, same
