@@ -445,8 +445,11 @@ def run_benchmark(
     init_s = time.perf_counter() - t_start
     lowered, compiled = compiling.result()
   # As the training loop does: the heap the compiles and the initialisation
-  # freed goes back to the OS before the step's temporaries.
+  # freed goes back to the OS before the step's temporaries, which then
+  # stay mapped from step to step.
   host_memory.release_free_heap()
+  if config.get("reuse_host_memory", True):
+    host_memory.reuse_step_memory()
   t2 = time.perf_counter()
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   results["setup"] = {
@@ -467,6 +470,7 @@ def run_benchmark(
       "compilation_cache": jax.config.jax_compilation_cache_dir,
       # The scheduler flag and any others the run was started with.
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "reuse_host_memory": config.get("reuse_host_memory", True),
   }
   with jax.set_mesh(mesh):
     # The state is donated: each call consumes it and returns the next one.

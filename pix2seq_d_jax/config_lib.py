@@ -433,6 +433,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                         "blocks", "blocks_dots"))
   _check_choice("cpu_scheduler", config.get("cpu_scheduler", "memory"),
                 xla_env.CPU_SCHEDULERS)
+  reuse = config.get("reuse_host_memory", True)
+  _require(isinstance(reuse, bool), "reuse_host_memory", reuse, "a bool")
   _require(
       config.grad_accum_steps >= 1
       and inp.batch_size % config.grad_accum_steps == 0,

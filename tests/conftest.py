@@ -26,6 +26,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from pix2seq_d_jax import host_memory  # noqa: E402
 
 jax.config.update("jax_disable_most_optimizations", True)
 
@@ -48,6 +51,22 @@ _LONGEST_FIRST = (
     "test_video.py",
     "test_fault_tolerance.py",
 )
+
+
+@pytest.fixture(autouse=True)
+def allocator_changes(monkeypatch):
+  """Records `host_memory`'s allocator settings instead of applying them.
+
+  They last for the rest of a process, so a training run inside a test
+  would change the xdist worker's allocator for every later test; the
+  entry points the tests start as subprocesses apply them for real, and
+  `test_host_memory.py` checks their effect in fresh processes.
+  """
+  calls = []
+  for name in ("keep_freed_heap", "reuse_step_memory"):
+    monkeypatch.setattr(host_memory, name,
+                        lambda name=name: calls.append(name) or True)
+  return calls
 
 
 def pytest_collection_modifyitems(items):

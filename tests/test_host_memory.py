@@ -1,11 +1,23 @@
-"""`host_memory.release_free_heap` returns freed heap pages to the OS.
+"""`host_memory`: freed heap back to the OS, and step memory kept mapped.
 
-Checked on the process itself: about 200 MB of small blocks (glibc serves
-them from its heap, not from separate mappings) are freed below a block
-that stays in use, so glibc cannot trim them from the heap's top on its
-own; the resident size must then drop by about that much, and the block
-still in use must keep its contents.
+`release_free_heap` is checked on the process itself: about 200 MB of small
+blocks (glibc serves them from its heap, not from separate mappings) are
+freed below a block that stays in use, so glibc cannot trim them from the
+heap's top on its own; the resident size must then drop by about that much,
+and the block still in use must keep its contents.
+
+`keep_freed_heap` and `reuse_step_memory` change the allocator (and jax's
+dispatch) for the rest of a process, so they are checked in fresh
+processes: a 256 MiB block, or a jitted computation's 256 MiB result, made
+a second time must not fault its pages in again (page faults from
+`getrusage`).
 """
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -38,3 +50,79 @@ def test_without_malloc_trim_nothing_happens(monkeypatch):
   monkeypatch.setattr(host_memory, "_malloc_trim", lambda: None)
   assert host_memory.release_free_heap("test") == 0
   assert not host_memory.available()
+
+
+_REALLOCATE = textwrap.dedent("""
+    import json, resource, sys, threading
+    from pix2seq_d_jax import host_memory
+
+    keep, where = sys.argv[1] == "1", sys.argv[2]
+    if keep:
+      assert host_memory.keep_freed_heap()
+    faults = []
+
+    def faults_now():
+      return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    def allocate_twice():
+      block = bytearray(256 * 2**20)  # Zero-filled: every page touched.
+      del block
+      before = faults_now()
+      block = bytearray(256 * 2**20)
+      faults.append(faults_now() - before)
+
+    def jitted_twice():  # A computation's 256 MiB result, made twice.
+      import jax, jax.numpy as jnp
+      if keep:
+        assert host_memory.reuse_step_memory()
+      double = jax.jit(lambda x: x * 2)
+      x = jnp.ones(64 * 2**20, jnp.float32)
+      jax.block_until_ready(double(x))  # Compiled; the result freed.
+      before = faults_now()
+      jax.block_until_ready(double(x))
+      faults.append(faults_now() - before)
+
+    if where == "thread":
+      thread = threading.Thread(target=allocate_twice)
+      thread.start()
+      thread.join()
+    else:
+      {"main": allocate_twice, "jax": jitted_twice}[where]()
+    print(json.dumps(faults[0]))
+""")
+
+
+def _refaults(keep: bool, where: str) -> int:
+  """Page faults of the second of two 256 MiB allocations."""
+  proc = subprocess.run(
+      [sys.executable, "-c", _REALLOCATE, str(int(keep)), where],
+      capture_output=True, text=True, timeout=120,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_freed_blocks_stay_mapped_for_the_next_allocation():
+  pages = 256 * MB // 4096
+  # glibc's defaults: a large block is a fresh mapping each time.
+  assert _refaults(keep=False, where="main") > 0.9 * pages
+  assert _refaults(keep=False, where="jax") > 0.9 * pages
+  # Kept: the main heap hands the same pages back.
+  assert _refaults(keep=True, where="main") < 0.02 * pages
+  # A computation's buffers too, as it runs on the calling thread.
+  assert _refaults(keep=True, where="jax") < 0.02 * pages
+  # Another thread's heap still maps such blocks anew (hence the inline
+  # dispatch of `reuse_step_memory`).
+  assert _refaults(keep=True, where="thread") > 0.9 * pages
+
+
+def test_reuse_host_memory_must_be_a_bool():
+  from configs import synthetic
+  from pix2seq_d_jax import config_lib
+
+  config = synthetic.get_config("tiny")
+  config_lib.validate(config)
+  del config["reuse_host_memory"]  # The field's type is bool: retyped.
+  config.reuse_host_memory = "yes"
+  with pytest.raises(config_lib.ConfigError, match="reuse_host_memory"):
+    config_lib.validate(config)

@@ -42,7 +42,7 @@ def fetches(monkeypatch):
 
 
 def test_device_values_are_read_only_at_log_and_checkpoint_steps(
-    tmp_path, fetches, monkeypatch):
+    tmp_path, fetches, monkeypatch, allocator_changes):
   # 7 steps, log at 1 (first), 3, 6 and 7 (last); checkpoint at 7: one
   # read for the resume step, then one per log step, none in between.
   config = _config(tmp_path / "data", total_steps=7, log_every=3,
@@ -57,6 +57,8 @@ def test_device_values_are_read_only_at_log_and_checkpoint_steps(
   # Freed heap goes back once, after the compile and the initialisation
   # (the resume-step read), before the first step's log read.
   assert released == [("after the compile and the initialisation", 1)]
+  # Then the step's temporaries stay mapped (conftest records, not applies).
+  assert allocator_changes == ["reuse_step_memory"]
   logged = [int(np.asarray(f["tracker"]["count"])) for f in fetches[1:]
             if isinstance(f, dict) and "tracker" in f]
   # Steps accumulated between reads: 1, 2 (steps 2-3), 3 (4-6), 1 (7).
