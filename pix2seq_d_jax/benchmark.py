@@ -449,7 +449,7 @@ def run_benchmark(
   # stay mapped from step to step.
   host_memory.release_free_heap()
   if config.get("reuse_host_memory", True):
-    host_memory.reuse_step_memory()
+    host_memory.keep_freed_heap()
   t2 = time.perf_counter()
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   results["setup"] = {
@@ -804,6 +804,8 @@ def _main(argv: Sequence[str], cli: dict[str, Any]) -> None:
                else None)
     # As `main` does, before the first device use (XLA reads it once).
     xla_env.set_cpu_scheduler(config.get("cpu_scheduler", "memory"))
+    if config.get("reuse_host_memory", True):
+      xla_env.run_cpu_computations_inline()
     results = run_benchmark(
         config, steps_list=steps_list, train_iters=cli["train_iters"].value,
         sample_repeats=cli["sample_repeats"].value,

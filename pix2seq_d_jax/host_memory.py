@@ -11,8 +11,8 @@ initialising the state another 0.6 GiB. `release_free_heap` calls glibc's
 use moves, and later allocations simply map pages again.
 
 The opposite matters once training runs: the step's temporaries should stay
-mapped from one step to the next (`reuse_step_memory`, on by default
-through `config.reuse_host_memory`). Other C libraries (macOS, musl)
+mapped from one step to the next (`keep_freed_heap`, on by default through
+`config.reuse_host_memory`). Other C libraries (macOS, musl)
 have none of these calls and are left alone.
 """
 
@@ -95,9 +95,9 @@ def keep_freed_heap() -> bool:
   (about 700,000 page faults, 1.4 s of kernel time per step) and unmapped
   at every step. With no `mmap` and no automatic trimming, each step reuses
   the pages of the previous one's temporaries. This holds for the main
-  heap, i.e. for computations that run on the thread that calls them (the
-  training loop turns off jax's asynchronous CPU dispatch for that): other
-  threads' heaps still map such blocks anew. Call it after
+  heap, i.e. for computations that run on the thread that calls them
+  (`xla_env.run_cpu_computations_inline`, which the entry points call):
+  other threads' heaps still map such blocks anew. Call it after
   `release_free_heap` has returned what the compiles left behind. Returns
   whether glibc accepted both settings.
   """
@@ -105,25 +105,6 @@ def keep_freed_heap() -> bool:
     return False
   # -1 is SIZE_MAX for glibc: never trim the heap's top on `free`.
   return _mallopt(_M_MMAP_MAX, 0) and _mallopt(_M_TRIM_THRESHOLD, -1)
-
-
-def reuse_step_memory() -> bool:
-  """Keeps the train step's host temporaries mapped from step to step.
-
-  `keep_freed_heap`, plus jax's CPU computations run on the thread that
-  calls them (`jax_cpu_enable_async_dispatch=False`) so that their
-  temporaries come from the main heap, which keeps them. jax applies that
-  to single-device computations only; on one CPU the step waited for its
-  result anyway (the loop fetches nothing between log steps, and the input
-  pipeline prefetches in its own workers). Returns False, changing nothing,
-  where glibc's calls are missing.
-  """
-  if not keep_freed_heap():
-    return False
-  import jax  # Here: the other functions need no jax.
-
-  jax.config.update("jax_cpu_enable_async_dispatch", False)
-  return True
 
 
 def available() -> bool:

@@ -392,7 +392,7 @@ def _train_loop(
   # returned before the step's temporaries add to the resident size.
   host_memory.release_free_heap("after the compile and the initialisation")
   if config.get("reuse_host_memory", True):
-    host_memory.reuse_step_memory()  # The step's temporaries stay mapped.
+    host_memory.keep_freed_heap()  # The step's temporaries stay mapped.
 
   # ----------------------------------------------------------------- loop
   block = _blocks_every_step(mesh)

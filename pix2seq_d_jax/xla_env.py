@@ -1,4 +1,4 @@
-"""XLA settings that must be in the environment before the backend starts.
+"""Settings that must be made before jax creates its backend.
 
 XLA reads `XLA_FLAGS` once, when jax creates its first backend; options
 passed to a single compile (`jax.jit(..., compiler_options=...)`) do not
@@ -58,3 +58,24 @@ def _backend_started() -> bool:
   bridge = sys.modules.get("jax._src.xla_bridge")  # Not imported here.
   started = getattr(bridge, "backends_are_initialized", None)
   return bool(started is not None and started())
+
+
+def run_cpu_computations_inline() -> None:
+  """Runs single-device CPU computations on the thread that calls them.
+
+  jax's CPU client dispatches asynchronously by default: a computation runs
+  on a worker thread, whose glibc heap serves the train step's 2.3 GiB of
+  temporaries (256 / 128) with a fresh mapping at every step. On the
+  calling (main) thread they come from the main heap, which
+  `host_memory.keep_freed_heap` makes keep them: about 700,000 page faults
+  and 1.4 s of kernel time less per step. The client reads the setting when
+  it is created; jax applies it to single-device computations only. The
+  training loop does not wait on device values between log steps either
+  way, and the input pipeline prefetches in its own workers.
+  """
+  if _backend_started():
+    logging.warning("Inline CPU dispatch takes effect only in a new "
+                    "process: jax's CPU client exists already.")
+  import jax  # Here: XLA_FLAGS is set without importing jax.
+
+  jax.config.update("jax_cpu_enable_async_dispatch", False)

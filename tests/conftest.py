@@ -63,7 +63,7 @@ def allocator_changes(monkeypatch):
   `test_host_memory.py` checks their effect in fresh processes.
   """
   calls = []
-  for name in ("keep_freed_heap", "reuse_step_memory"):
+  for name in ("keep_freed_heap",):
     monkeypatch.setattr(host_memory, name,
                         lambda name=name: calls.append(name) or True)
   return calls

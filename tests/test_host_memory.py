@@ -6,11 +6,11 @@ freed below a block that stays in use, so glibc cannot trim them from the
 heap's top on its own; the resident size must then drop by about that much,
 and the block still in use must keep its contents.
 
-`keep_freed_heap` and `reuse_step_memory` change the allocator (and jax's
-dispatch) for the rest of a process, so they are checked in fresh
-processes: a 256 MiB block, or a jitted computation's 256 MiB result, made
-a second time must not fault its pages in again (page faults from
-`getrusage`).
+`keep_freed_heap` (with `xla_env.run_cpu_computations_inline`) changes the
+allocator (and jax's dispatch) for the rest of a process, so it is checked
+in fresh processes: a 256 MiB block made a second time by the main thread
+must not fault its pages in again (page faults from `getrusage`), while a
+worker thread's heap still maps it anew.
 """
 
 import json
@@ -71,23 +71,12 @@ _REALLOCATE = textwrap.dedent("""
       block = bytearray(256 * 2**20)
       faults.append(faults_now() - before)
 
-    def jitted_twice():  # A computation's 256 MiB result, made twice.
-      import jax, jax.numpy as jnp
-      if keep:
-        assert host_memory.reuse_step_memory()
-      double = jax.jit(lambda x: x * 2)
-      x = jnp.ones(64 * 2**20, jnp.float32)
-      jax.block_until_ready(double(x))  # Compiled; the result freed.
-      before = faults_now()
-      jax.block_until_ready(double(x))
-      faults.append(faults_now() - before)
-
     if where == "thread":
       thread = threading.Thread(target=allocate_twice)
       thread.start()
       thread.join()
     else:
-      {"main": allocate_twice, "jax": jitted_twice}[where]()
+      allocate_twice()
     print(json.dumps(faults[0]))
 """)
 
@@ -106,13 +95,10 @@ def test_freed_blocks_stay_mapped_for_the_next_allocation():
   pages = 256 * MB // 4096
   # glibc's defaults: a large block is a fresh mapping each time.
   assert _refaults(keep=False, where="main") > 0.9 * pages
-  assert _refaults(keep=False, where="jax") > 0.9 * pages
   # Kept: the main heap hands the same pages back.
   assert _refaults(keep=True, where="main") < 0.02 * pages
-  # A computation's buffers too, as it runs on the calling thread.
-  assert _refaults(keep=True, where="jax") < 0.02 * pages
   # Another thread's heap still maps such blocks anew (hence the inline
-  # dispatch of `reuse_step_memory`).
+  # dispatch, `xla_env.run_cpu_computations_inline`).
   assert _refaults(keep=True, where="thread") > 0.9 * pages
 
 
@@ -126,3 +112,22 @@ def test_reuse_host_memory_must_be_a_bool():
   config.reuse_host_memory = "yes"
   with pytest.raises(config_lib.ConfigError, match="reuse_host_memory"):
     config_lib.validate(config)
+
+
+def test_inline_dispatch_is_set_before_the_backend_starts():
+  code = textwrap.dedent("""
+      import jax
+      from pix2seq_d_jax import xla_env
+      assert jax.config.values["jax_cpu_enable_async_dispatch"]
+      xla_env.run_cpu_computations_inline()
+      print(jax.config.values["jax_cpu_enable_async_dispatch"])
+  """)
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == ["False"]
+  # Too late once the backend exists: said, not silently ignored.
+  late = subprocess.run(
+      [sys.executable, "-c", "import jax; jax.devices()\n" + code],
+      capture_output=True, text=True, timeout=120)
+  assert "takes effect only in a new process" in late.stderr

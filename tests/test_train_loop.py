@@ -58,7 +58,7 @@ def test_device_values_are_read_only_at_log_and_checkpoint_steps(
   # (the resume-step read), before the first step's log read.
   assert released == [("after the compile and the initialisation", 1)]
   # Then the step's temporaries stay mapped (conftest records, not applies).
-  assert allocator_changes == ["reuse_step_memory"]
+  assert allocator_changes == ["keep_freed_heap"]
   logged = [int(np.asarray(f["tracker"]["count"])) for f in fetches[1:]
             if isinstance(f, dict) and "tracker" in f]
   # Steps accumulated between reads: 1, 2 (steps 2-3), 3 (4-6), 1 (7).
