@@ -1,4 +1,4 @@
-"""Hands the host memory that compiles and initialisation freed back to the OS.
+"""The process's glibc heap: freed pages back to the OS, or kept for reuse.
 
 XLA's compiler and the state's initialisation allocate gigabytes of host
 memory through the C library's `malloc` and free them again, but glibc keeps
@@ -12,8 +12,8 @@ use moves, and later allocations simply map pages again.
 
 The opposite matters once training runs: the step's temporaries should stay
 mapped from one step to the next (`keep_freed_heap`, on by default through
-`config.reuse_host_memory`). Other C libraries (macOS, musl)
-have none of these calls and are left alone.
+`config.reuse_host_memory`). Other C libraries (macOS, musl) have none of
+these calls and are left alone.
 """
 
 import ctypes
