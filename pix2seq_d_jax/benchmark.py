@@ -448,8 +448,9 @@ def run_benchmark(
   # freed goes back to the OS before the step's temporaries, which then
   # stay mapped from step to step.
   host_memory.release_free_heap()
-  if config.get("reuse_host_memory", True):
-    host_memory.keep_freed_heap()
+  if (config.get("reuse_host_memory", True)
+      and mesh.devices.flat[0].platform == "cpu"):
+    host_memory.keep_freed_heap()  # Host temporaries: CPU steps only.
   t2 = time.perf_counter()
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   results["setup"] = {
