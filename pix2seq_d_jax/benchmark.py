@@ -448,9 +448,8 @@ def run_benchmark(
   # freed goes back to the OS before the step's temporaries, which then
   # stay mapped from step to step.
   host_memory.release_free_heap()
-  if (config.get("reuse_host_memory", True)
-      and mesh.devices.flat[0].platform == "cpu"):
-    host_memory.keep_freed_heap()  # Host temporaries: CPU steps only.
+  if exp.keeps_host_heap:
+    host_memory.keep_freed_heap()
   t2 = time.perf_counter()
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   results["setup"] = {
@@ -804,9 +803,7 @@ def _main(argv: Sequence[str], cli: dict[str, Any]) -> None:
     earlier = (_read_earlier(cli["compare"].value) if cli["compare"].value
                else None)
     # As `main` does, before the first device use (XLA reads it once).
-    xla_env.set_cpu_scheduler(config.get("cpu_scheduler", "memory"))
-    if config.get("reuse_host_memory", True):
-      xla_env.run_cpu_computations_inline()
+    xla_env.prepare_backend(config)
     results = run_benchmark(
         config, steps_list=steps_list, train_iters=cli["train_iters"].value,
         sample_repeats=cli["sample_repeats"].value,

@@ -255,6 +255,16 @@ class Experiment:
   def is_video(self) -> bool:
     return is_video(self.config)
 
+  @property
+  def keeps_host_heap(self) -> bool:
+    """Whether training keeps freed host memory for the next step.
+
+    `config.reuse_host_memory` on a CPU mesh: elsewhere the step's
+    temporaries are device memory.
+    """
+    return (self.config.get("reuse_host_memory", True)
+            and self.mesh.devices.flat[0].platform == "cpu")
+
   def batch_spec(self, batch_size: int | None = None) -> dict:
     """The global training batch's shapes (default: the config's size)."""
     return batch_spec(self.config, batch_size or self.config.input.batch_size)

@@ -24,13 +24,18 @@ from absl import logging
 
 
 @functools.cache
-def _malloc_trim():
-  """glibc's `malloc_trim`, or None where the C library has none."""
+def _libc():
+  """The process's C library, or None where ctypes cannot open it."""
   try:
-    libc = ctypes.CDLL(None)
+    return ctypes.CDLL(None)
   except OSError:
     return None
-  trim = getattr(libc, "malloc_trim", None)
+
+
+@functools.cache
+def _malloc_trim():
+  """glibc's `malloc_trim`, or None where the C library has none."""
+  trim = getattr(_libc(), "malloc_trim", None)
   if trim is not None:
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
@@ -78,9 +83,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
 def _mallopt(param: int, value: int) -> bool:
-  try:
-    mallopt = ctypes.CDLL(None).mallopt
-  except (OSError, AttributeError):
+  mallopt = getattr(_libc(), "mallopt", None)
+  if mallopt is None:
     return False
   mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
   return bool(mallopt(param, value))

@@ -156,9 +156,7 @@ def main(argv):
     config_lib.validate(config)
     # Before the first device use: XLA reads its flags, and jax its CPU
     # client's dispatch mode, once.
-    xla_env.set_cpu_scheduler(config.get("cpu_scheduler", "memory"))
-    if config.get("reuse_host_memory", True):
-      xla_env.run_cpu_computations_inline()
+    xla_env.prepare_backend(config)
     train.train_and_evaluate(config, _WORKDIR.value, _MODE.value)
   except (config_lib.ConfigError, FileNotFoundError, ValueError,
           workdir_lock.WorkdirLockedError) as e:

@@ -391,8 +391,7 @@ def _train_loop(
   # The compiles and the initialisation freed gigabytes inside the heap:
   # returned before the step's temporaries add to the resident size.
   host_memory.release_free_heap("after the compile and the initialisation")
-  if (config.get("reuse_host_memory", True)
-      and mesh.devices.flat[0].platform == "cpu"):
+  if exp.keeps_host_heap:
     host_memory.keep_freed_heap()  # The step's temporaries stay mapped.
 
   # ----------------------------------------------------------------- loop

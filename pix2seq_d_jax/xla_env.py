@@ -17,6 +17,7 @@ compiles ignore it.
 
 import os
 import sys
+from typing import Any
 
 from absl import logging
 
@@ -79,3 +80,14 @@ def run_cpu_computations_inline() -> None:
   import jax  # Here: XLA_FLAGS is set without importing jax.
 
   jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
+def prepare_backend(config: Any) -> None:
+  """Applies the config's before-the-backend settings (main, benchmark).
+
+  `config.cpu_scheduler` into `XLA_FLAGS`, and inline CPU dispatch when
+  `config.reuse_host_memory` (the training loop then keeps the heap).
+  """
+  set_cpu_scheduler(config.get("cpu_scheduler", "memory"))
+  if config.get("reuse_host_memory", True):
+    run_cpu_computations_inline()
