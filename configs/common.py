@@ -58,6 +58,11 @@ def paper_model() -> ml_collections.ConfigDict:
           # kernel gradients tile by tile (faster on XLA:CPU); "auto"
           # picks it on a single CPU device, "lax" elsewhere.
           conv_impl="auto",
+          # True applies the encoder's and the bottleneck's transformer
+          # blocks as one scanned body each: same parameters, a shorter
+          # compile and cache load (the cached 256 / 128 train step loads
+          # in 8 instead of 17 s), but a 2% slower step on CPU.
+          scan_layers=False,
       )
   )
 

@@ -415,6 +415,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice("model.conv_impl", model.get("conv_impl", "auto"),
                 ("auto", "lax", "tiled"))
   _check_choice("model.backbone_norm", model.backbone_norm, ("batch", "group"))
+  scan_layers = model.get("scan_layers", False)
+  _require(isinstance(scan_layers, bool), "model.scan_layers", scan_layers,
+           "a bool")
   opt = config.optax
   _require(opt.lr > 0, "optax.lr", opt.lr, "> 0")
   _require(

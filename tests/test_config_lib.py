@@ -324,3 +324,12 @@ def test_shipped_configs_stuff_identity():
 
     fn = experiment.train_preprocess_fn(config)
     assert fn.keywords["stuff_identity"] == value, name
+
+
+def test_scan_layers_must_be_a_bool():
+  config = _synthetic()
+  config_lib.validate(config)
+  del config.model["scan_layers"]  # The field's type is bool: retyped.
+  config.model.scan_layers = "yes"
+  with pytest.raises(config_lib.ConfigError, match="config.model.scan_layers"):
+    config_lib.validate(config)

@@ -75,6 +75,9 @@ class Pix2SeqD(nn.Module):
       (recompute everything) or 'dots' (keep matmul/conv outputs); see
       `layers.REMAT_POLICIES`. Only the backward pass changes; parameters
       and outputs are the same.
+    scan_layers: apply the encoder's and the bottleneck's transformer blocks
+      as one scanned body each (`transformer.TransformerStack.scan`): a
+      shorter compile, the same parameters, checkpoints and initial values.
     dtype: compute dtype, 'float32' or 'bfloat16'; parameters stay float32
       and the decoder output is float32.
     conv_impl: how convolutions are computed: 'lax' (`nn.Conv`'s own),
@@ -110,6 +113,7 @@ class Pix2SeqD(nn.Module):
   conditional: str = 'cat+attn'
   time_scaling: float = 10000.0
   remat_blocks: str = 'none'
+  scan_layers: bool = False
   dtype: str = 'float32'
   conv_impl: str = 'auto'
 
@@ -126,7 +130,7 @@ class Pix2SeqD(nn.Module):
     self.encoder = transformer.TokenEncoder(
         self.enc_dim, self.enc_layers, self.enc_mlp_dim, self.enc_heads,
         self.enc_dropout, self.enc_drop_path, remat=self.remat_blocks,
-        dtype=dtype)
+        scan=self.scan_layers, dtype=dtype)
     self.pyramid = pyramid.PyramidMerge(
         self.fuse_dim, tuple(self.mask_size), dtype=dtype,
         conv_impl=conv_impl)
@@ -143,6 +147,7 @@ class Pix2SeqD(nn.Module):
         cross_attention='attn' in self.conditional,
         time_scaling=self.time_scaling,
         remat=self.remat_blocks,
+        scan_transformer=self.scan_layers,
         dtype=dtype,
         conv_impl=conv_impl)
 

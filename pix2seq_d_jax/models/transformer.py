@@ -225,6 +225,15 @@ class TransformerBlock(nn.Module):
 class TransformerStack(nn.Module):
   """A stack of `TransformerBlock`s (no final norm; the caller adds one).
 
+  The blocks' parameters are always stored per block (`block_0`, ...), so
+  checkpoints and initial values do not depend on `scan`. With `scan` the
+  applied stack stacks them along a new leading axis and runs one block body
+  in a `jax.lax.scan`: XLA compiles one block instead of `num_layers`, which
+  shortens the compile (and the compilation cache's load) of every program
+  that contains the stack; the outputs equal the unrolled loop's up to float
+  summation order. Initialisation always runs the unrolled loop, so the
+  initial parameters are the same either way.
+
   Attributes:
     num_layers: number of blocks.
     num_heads: attention heads.
@@ -233,6 +242,7 @@ class TransformerStack(nn.Module):
     drop_path: stochastic-depth rate (the same for every block).
     cross_attention: blocks cross-attend to the context.
     remat: per-block rematerialisation, one of `layers.REMAT_POLICIES`.
+    scan: apply the blocks as one scanned body (see above).
     dtype: compute dtype.
   """
   num_layers: int
@@ -242,7 +252,17 @@ class TransformerStack(nn.Module):
   drop_path: float = 0.0
   cross_attention: bool = False
   remat: str = 'none'
+  scan: bool = False
   dtype: jnp.dtype = jnp.float32
+
+  def _block(self, name: str | None) -> nn.Module:
+    block = layers.remat(TransformerBlock, self.remat, static_argnums=(3,))
+    # `parent=None` makes the scanned body an unbound module that is applied
+    # to one block's parameters at a time.
+    kwargs = dict(name=name) if name else dict(parent=None)
+    return block(self.num_heads, self.mlp_dim, self.dropout, self.drop_path,
+                 cross_attention=self.cross_attention, dtype=self.dtype,
+                 **kwargs)
 
   @nn.compact
   def __call__(self,
@@ -251,14 +271,40 @@ class TransformerStack(nn.Module):
                *,
                train: bool) -> jax.Array:
     """Maps x: [b, t, d] (attending to context [b, s, d_c]) to [b, t, d]."""
-    block = layers.remat(TransformerBlock, self.remat, static_argnums=(3,))
     x = layers.constrain(x, layers.TOKENS)
+    if self.scan and self.num_layers > 1 and not self.is_initializing():
+      return self._scanned(x, context, train)
     for i in range(self.num_layers):
-      x = block(
-          self.num_heads, self.mlp_dim, self.dropout, self.drop_path,
-          cross_attention=self.cross_attention, dtype=self.dtype,
-          name=f'block_{i}')(x, context, train)
+      x = self._block(f'block_{i}')(x, context, train)
       x = layers.constrain(x, layers.TOKENS)
+    return x
+
+  def _scanned(self, x: jax.Array, context: jax.Array | None,
+               train: bool) -> jax.Array:
+    """The blocks as one `lax.scan` body over their stacked parameters."""
+    params = self.variables['params']
+    names = [f'block_{i}' for i in range(self.num_layers)]
+    missing = [n for n in names if n not in params]
+    if missing:
+      raise ValueError(
+          f'TransformerStack {self.name!r}: parameters {missing} are missing '
+          f'(found {sorted(params)}); the checkpoint does not match '
+          f'num_layers={self.num_layers}.')
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                           *[params[n] for n in names])
+    uses_rng = train and (self.dropout > 0 or self.drop_path > 0)
+    keys = (jax.random.split(self.make_rng('dropout'), self.num_layers)
+            if uses_rng else None)
+    body = self._block(None)
+
+    def step(carry, layer):
+      layer_params, key = layer
+      rngs = {'dropout': key} if key is not None else {}
+      y = body.apply({'params': layer_params}, carry, context, train,
+                     rngs=rngs)
+      return layers.constrain(y, layers.TOKENS), None
+
+    x, _ = jax.lax.scan(step, x, (stacked, keys))
     return x
 
 
@@ -277,6 +323,7 @@ class TokenEncoder(nn.Module):
     dropout: dropout on the input tokens and the MLP hidden units.
     drop_path: stochastic-depth rate of every residual branch.
     remat: per-block rematerialisation, one of `layers.REMAT_POLICIES`.
+    scan: apply the blocks as one scanned body (`TransformerStack.scan`).
     dtype: compute dtype.
   """
   dim: int = 512
@@ -286,6 +333,7 @@ class TokenEncoder(nn.Module):
   dropout: float = 0.1
   drop_path: float = 0.1
   remat: str = 'none'
+  scan: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -301,6 +349,6 @@ class TokenEncoder(nn.Module):
     x = TransformerStack(
         self.num_layers, self.num_heads, self.mlp_dim, self.dropout,
         self.drop_path, cross_attention=False, remat=self.remat,
-        dtype=self.dtype, name='transformer')(x, train=train)
+        scan=self.scan, dtype=self.dtype, name='transformer')(x, train=train)
     x = layers.layer_norm(dtype=self.dtype, name='output_ln')(x)
     return layers.constrain(x, layers.TOKENS)

@@ -110,6 +110,8 @@ class BottleneckTransformer(nn.Module):
     dropout: MLP hidden dropout.
     cross_attention: blocks cross-attend to the encoder tokens.
     remat: per-block rematerialisation, one of `layers.REMAT_POLICIES`.
+    scan: apply the blocks as one scanned body
+      (`transformer.TransformerStack.scan`).
     dtype: compute dtype.
     conv_impl: convolution implementation, 'lax' or 'tiled' (see
       `convolution.resolve`).
@@ -121,6 +123,7 @@ class BottleneckTransformer(nn.Module):
   dropout: float = 0.0
   cross_attention: bool = True
   remat: str = 'none'
+  scan: bool = False
   dtype: jnp.dtype = jnp.float32
   conv_impl: str = 'lax'
 
@@ -142,7 +145,7 @@ class BottleneckTransformer(nn.Module):
     x = transformer.TransformerStack(
         self.num_layers, self.num_heads, self.mlp_ratio * self.dim,
         self.dropout, drop_path=0.0, cross_attention=self.cross_attention,
-        remat=self.remat, dtype=self.dtype, name='blocks')(
+        remat=self.remat, scan=self.scan, dtype=self.dtype, name='blocks')(
             x, context, train=train)
     x = x[:, :-1].reshape(b, h, w, self.dim)
     x = layers.group_norm(self.dim, dtype=self.dtype, name='norm_out')(x)
@@ -167,6 +170,8 @@ class TransUNet(nn.Module):
     time_scaling: γ multiplier before the sinusoidal time embedding.
     remat: per-block rematerialisation (residual and transformer blocks),
       one of `layers.REMAT_POLICIES`.
+    scan_transformer: apply the bottleneck blocks as one scanned body
+      (`transformer.TransformerStack.scan`).
     dtype: compute dtype.
     conv_impl: convolution implementation, 'lax' or 'tiled' (see
       `convolution.resolve`).
@@ -183,6 +188,7 @@ class TransUNet(nn.Module):
   cross_attention: bool = True
   time_scaling: float = 10000.0
   remat: str = 'none'
+  scan_transformer: bool = False
   dtype: jnp.dtype = jnp.float32
   conv_impl: str = 'lax'
 
@@ -248,8 +254,8 @@ class TransUNet(nn.Module):
       x = BottleneckTransformer(
           self.transformer_dim, self.transformer_layers, self.num_heads,
           self.mlp_ratio, self.dropout, self.cross_attention,
-          remat=self.remat, dtype=self.dtype, conv_impl=self.conv_impl,
-          name='transformer')(
+          remat=self.remat, scan=self.scan_transformer, dtype=self.dtype,
+          conv_impl=self.conv_impl, name='transformer')(
               x, emb, ctx, train=train)
       x = layers.constrain(x, layers.FEATURES)
 
