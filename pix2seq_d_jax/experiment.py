@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from pix2seq_d_jax import (
     checkpointing,
     config_lib,
+    gc_pause,
     models,
     sharding,
     train_state,
@@ -281,7 +282,7 @@ class Experiment:
     """A fresh state, created directly in its shardings (never on one host)."""
     init = jax.jit(lambda r: nn.unbox(self.init_fn(r)),
                    out_shardings=self.state_shardings)
-    with jax.set_mesh(self.mesh):
+    with jax.set_mesh(self.mesh), gc_pause.paused():
       return init(rng)
 
   def restore_weights(self, path: str) -> train_state.TrainState:
@@ -358,7 +359,7 @@ class Experiment:
 
   def lower_train_step(self, batch_size: int | None = None) -> Any:
     """The step lowered for abstract state and batch (no arrays needed)."""
-    with jax.set_mesh(self.mesh):
+    with jax.set_mesh(self.mesh), gc_pause.paused():
       return self.train_step.lower(
           self.abstract_state, self.batch_spec(batch_size),
           jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
@@ -452,7 +453,7 @@ def create(
       model, tx, image_size=image_hw, mask_size=mask_hw,
       num_bits=2 * config.diffusion.bits_per_channel,
   )
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), gc_pause.paused():
     abstract_boxed = jax.eval_shape(init_fn, jax.random.key(0))
   state_shardings = sharding.state_shardings(
       abstract_boxed, mesh, config.sharding_rules)
