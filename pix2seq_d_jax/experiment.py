@@ -13,12 +13,9 @@ the train step compiles when `compile_train_step` is called.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import os
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -371,10 +368,6 @@ class Experiment:
     """The compiled step; call it as `compiled(state, batch, rng)`."""
     return self.lower_train_step(batch_size).compile()
 
-  def compile_train_step_in_background(self) -> BackgroundCompile:
-    """The step lowered, then compiled, in a thread: `BackgroundCompile`."""
-    return BackgroundCompile(self)
-
   # ------------------------------------------------------------ inference
 
   def predict_fn(
@@ -471,55 +464,3 @@ def create(
       total_steps=total, warmup_steps=warmup, init_fn=init_fn,
       state_shardings=state_shardings, abstract_state=abstract_state,
   )
-
-
-class BackgroundCompile:
-  """The train step lowered, then compiled, in a worker thread.
-
-  The compile needs only the abstract state, so it runs while the caller
-  initialises or restores the state. Lowering is Python tracing that holds
-  the GIL: tracing the initialisation beside it slows both, and the step's
-  lowering is on the path to the first step while the initialisation is
-  not, so callers wait for `traced` before they initialise (lowering the
-  256 / 128 step: 4.5 s alone, 6.1–6.8 s beside the initialisation's
-  trace). XLA's compile itself releases the GIL and runs beside the
-  initialisation.
-
-  The thread is not a daemon (a daemon thread inside XLA at interpreter
-  exit can abort the process): if the caller fails meanwhile, the process
-  exits once the compile is done.
-
-  Attributes:
-    traced: set once lowering is over (done or failed).
-    times: `lower_s` and `compile_s`, as each part finishes.
-  """
-
-  def __init__(self, exp: Experiment):
-    self.traced = threading.Event()
-    self.times: dict[str, float] = {}
-    pool = concurrent.futures.ThreadPoolExecutor(
-        max_workers=1, thread_name_prefix="compile_train_step")
-    try:
-      self._future = pool.submit(self._lower_then_compile, exp)
-    finally:
-      pool.shutdown(wait=False)
-
-  def _lower_then_compile(self, exp: Experiment) -> tuple[Any, Any]:
-    try:
-      start = time.perf_counter()
-      lowered = exp.lower_train_step()
-      self.times["lower_s"] = time.perf_counter() - start
-    finally:
-      self.traced.set()
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    self.times["compile_s"] = time.perf_counter() - start
-    return lowered, compiled
-
-  def wait_traced(self) -> None:
-    """Blocks until the step is lowered (or lowering failed)."""
-    self.traced.wait()
-
-  def result(self) -> tuple[Any, Any]:
-    """`(lowered, compiled)`; re-raises what lowering or compiling raised."""
-    return self._future.result()

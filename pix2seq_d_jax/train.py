@@ -26,6 +26,7 @@ evaluation starts.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import time
@@ -293,13 +294,10 @@ def _run(
         # A fresh start compiles the initialisation and the train step:
         # the step compiles in a thread meanwhile (XLA releases the GIL),
         # so the first step waits for the longer of the two, not their sum.
-        # The initialisation is traced once the step is (both hold the GIL
-        # while tracing; `experiment.BackgroundCompile`).
         # The input starts first: bad data fails before any compile.
         started_input = _start_input(config, train_source, local_batch_size,
                                      data_state=None)
-        compiling = exp.compile_train_step_in_background()
-        compiling.wait_traced()
+        compiling = _compile_in_background(exp)
       state = exp.init_state(init_rng)
       if config.resume:
         state = exp.restore_weights(config.resume)
@@ -334,7 +332,7 @@ def _train_loop(
     meta: Any, manager: Any, reporter: reporting.Reporter, state: Any,
     data_state: Any, latest: int | None, start_step: int, train_source: Any,
     local_batch_size: int, train_rng: jax.Array,
-    compiling: experiment.BackgroundCompile | None,
+    compiling: concurrent.futures.Future | None,
     started_input: tuple[Any, Any] | None,
 ) -> dict[str, Any]:
   mesh, total_steps = exp.mesh, exp.total_steps
@@ -383,7 +381,7 @@ def _train_loop(
         read_first=start_step < total_steps)
   t0 = time.time()
   if compiling is not None:
-    _, compiled = compiling.result()
+    compiled = compiling.result()
     logging.info("Compiled the train step alongside the initialisation "
                  "(waited %.1fs after it).", time.time() - t0)
   else:
@@ -521,6 +519,23 @@ def _start_input(
   if data_state is not None:
     train_iter.set_state(data_state)
   return train_iter, next(train_iter) if read_first else None
+
+
+def _compile_in_background(exp: Any) -> concurrent.futures.Future:
+  """`exp.compile_train_step()` started in a worker thread.
+
+  The compile needs only the abstract state, so it can run while the state
+  is initialised. The thread is not a daemon (a daemon thread inside XLA at
+  interpreter exit can abort the process): if initialisation fails
+  meanwhile, the process exits once the compile is done, after printing
+  the error. Bad data fails before the compile starts (`_start_input`).
+  """
+  pool = concurrent.futures.ThreadPoolExecutor(
+      max_workers=1, thread_name_prefix="compile_train_step")
+  try:
+    return pool.submit(exp.compile_train_step)
+  finally:
+    pool.shutdown(wait=False)
 
 
 def _check_finite(tracker: dict, last_good_ckpt: int | None,
