@@ -144,6 +144,38 @@ def _flops(compiled: Any) -> float:
   return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
+# Vendors' dense bfloat16 peak per chip in TFLOP/s (no sparsity), by jax's
+# `device_kind`: the denominator of the model FLOPs utilisation (MFU).
+# `--peak_tflops` gives it for a device not listed here.
+PEAK_BF16_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.4,
+    "NVIDIA H200": 989.4,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v6 lite": 918.0,
+}
+
+
+def peak_bf16_tflops(device_kind: str,
+                     override: float | None = None) -> float | None:
+  """The chip's dense bfloat16 peak in TFLOP/s, or None where unknown.
+
+  Args:
+    device_kind: `jax.Device.device_kind`, e.g. 'NVIDIA H200'.
+    override: a peak given by the user (`--peak_tflops`); wins when set.
+
+  Raises:
+    ValueError: a non-positive override.
+  """
+  if override is not None:
+    if override <= 0:
+      raise ValueError(f"--peak_tflops={override}: expected > 0")
+    return float(override)
+  return PEAK_BF16_TFLOPS.get(device_kind)
+
+
 def peak_rss_bytes() -> int:
   """Peak resident memory of this process so far (Linux reports KiB)."""
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -369,6 +401,7 @@ def run_benchmark(
     sampling: bool = True,
     host_overhead: bool = True,
     profile_steps: int = 0,
+    peak_tflops: float | None = None,
 ) -> dict[str, Any]:
   """Measures ceilings, the train step and sampling; returns a JSON dict.
 
@@ -387,6 +420,8 @@ def run_benchmark(
       (`measure_host_overhead`). `format_table` needs both.
     profile_steps: train steps to profile for the op-category breakdown
       (`profile_train_steps`); 0 skips the profile.
+    peak_tflops: the device's dense bfloat16 peak per chip for the MFU;
+      None looks it up by device kind (`PEAK_BF16_TFLOPS`; no MFU on CPU).
 
   Returns:
     Nested dict: `setup`, `ceilings`, `train`, `sampling`,
@@ -405,6 +440,7 @@ def run_benchmark(
   batch_size = inp.batch_size
   num_bits = 2 * d.bits_per_channel
   num_classes = inp.get("num_classes") or 2**d.bits_per_channel
+  peak = peak_bf16_tflops(jax.devices()[0].device_kind, peak_tflops)
   results: dict[str, Any] = {}
 
   # ------------------------------------------------------------ ceilings
@@ -436,6 +472,10 @@ def run_benchmark(
     compiled = lowered.compile()
     compile_times.update(lower_s=t1 - t0,
                          compile_s=time.perf_counter() - t1)
+    # Stage by stage in the log: a run cut off by a time limit (a
+    # first compile on an accelerator can take minutes) says how far it got.
+    logging.info("Train step lowered in %.1f s, compiled in %.1f s.",
+                 compile_times["lower_s"], compile_times["compile_s"])
     return lowered, compiled
 
   t_start = time.perf_counter()
@@ -443,6 +483,7 @@ def run_benchmark(
     compiling = pool.submit(lower_and_compile)
     state = jax.block_until_ready(exp.init_state(init_rng))
     init_s = time.perf_counter() - t_start
+    logging.info("State initialised in %.1f s.", init_s)
     lowered, compiled = compiling.result()
   # As the training loop does: the heap the compiles and the initialisation
   # freed goes back to the OS before the step's temporaries, which then
@@ -471,14 +512,18 @@ def run_benchmark(
       # The scheduler flag and any others the run was started with.
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "reuse_host_memory": config.get("reuse_host_memory", True),
+      "peak_bf16_tflops": peak,
   }
   with jax.set_mesh(mesh):
     # The state is donated: each call consumes it and returns the next one.
     state, metrics = compiled(state, batch, train_rng)
     jax.block_until_ready((state, metrics))
     t3 = time.perf_counter()
+    logging.info("First train step done in %.1f s; timing %d more.",
+                 t3 - t2, train_iters)
     state, metrics, step_times = blocked_steps(
         compiled, state, batch, train_rng, repeats=train_iters)
+    logging.info("Train step: median %.3f s.", statistics.median(step_times))
     profile = None
     if profile_steps:
       state, profile = profile_train_steps(
@@ -500,6 +545,8 @@ def run_benchmark(
       "flops_per_step": flops,
       "achieved_gflops": achieved,
       "fraction_of_ceiling": achieved / results["ceilings"]["ceiling_gflops"],
+      # XLA's count is of one device's program, so per chip as the peak.
+      "mfu": None if peak is None else achieved / (peak * 1e3),
       "memory": reporting.compiled_memory(compiled),
       "final_loss": float(metrics["loss"]),
       "peak_rss_bytes": peak_rss_bytes(),
@@ -558,6 +605,8 @@ def run_benchmark(
       compiled_predict = predict_jit.lower(
           params, batch_stats, image, sample_rng).compile()
       predict_compile[str(steps)] = time.perf_counter() - t0
+      logging.info("Sampler with %d steps compiled in %.1f s.", steps,
+                   predict_compile[str(steps)])
       predict_times[str(steps)] = statistics.median(time_calls(
           compiled_predict, params, batch_stats, image, sample_rng,
           repeats=sample_repeats,
@@ -628,6 +677,10 @@ def format_table(results: dict[str, Any]) -> str:
       ("train FLOPs", f"{tr['flops_per_step'] / 1e9:.2f} GFLOP/step, "
                       f"{tr['achieved_gflops']:.1f} GFLOP/s = "
                       f"{100 * tr['fraction_of_ceiling']:.1f}% of ceiling"),
+      ("MFU", "n/a (no bf16 peak known for this device: --peak_tflops)"
+              if tr.get("mfu") is None else
+              f"{100 * tr['mfu']:.1f}% of the {su['peak_bf16_tflops']:g} "
+              "TFLOP/s dense bf16 peak"),
       ("train memory", ", ".join(f"{k[:-6]} {v / mib:.1f} MiB"
                                  for k, v in mem.items()) or "n/a"),
   ]
@@ -753,6 +806,10 @@ def _define_flags() -> dict[str, Any]:
           "breakdown (0: none).", lower_bound=0),
       output=flags.DEFINE_string(
           "output", None, "Write the results as JSON to this file."),
+      peak_tflops=flags.DEFINE_float(
+          "peak_tflops", None, "The device's dense bfloat16 peak per chip "
+          "in TFLOP/s, for the MFU row (default: known accelerators by "
+          "device kind; none on CPU)."),
       compare=flags.DEFINE_string(
           "compare", None, "An earlier run's --output JSON: print each "
           "figure next to it, with the ratio."),
@@ -811,6 +868,7 @@ def _main(argv: Sequence[str], cli: dict[str, Any]) -> None:
         conv_spatial=cli["conv_spatial"].value,
         conv_channels=cli["conv_channels"].value,
         profile_steps=cli["profile_steps"].value,
+        peak_tflops=cli["peak_tflops"].value,
     )
   except (config_lib.ConfigError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

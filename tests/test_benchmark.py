@@ -26,7 +26,7 @@ def results():
   return benchmark.run_benchmark(
       _tiny_config(), steps_list=(1, 2), train_iters=2, sample_repeats=3,
       matmul_size=64, conv_spatial=8, conv_channels=8, ceiling_repeats=5,
-      profile_steps=1,
+      profile_steps=1, peak_tflops=0.5,
   )
 
 
@@ -87,6 +87,9 @@ def test_results_have_every_field_and_consistent_values(results):
       tr["achieved_gflops"], tr["flops_per_step"] / tr["step_time_s"] / 1e9)
   np.testing.assert_allclose(
       tr["fraction_of_ceiling"], tr["achieved_gflops"] / ce["ceiling_gflops"])
+  # The MFU is against the given peak (0.5 TFLOP/s = 500 GFLOP/s).
+  assert results["setup"]["peak_bf16_tflops"] == 0.5
+  np.testing.assert_allclose(tr["mfu"], tr["achieved_gflops"] / 500.0)
   assert set(tr["memory"]) >= {"argument_bytes", "output_bytes", "temp_bytes"}
   assert tr["memory"]["argument_bytes"] > 0
   assert np.isfinite(tr["final_loss"])
@@ -114,6 +117,18 @@ def test_results_have_every_field_and_consistent_values(results):
   assert "predict 2 steps" in table and "ratio at 20 steps" in table
   assert "host overhead" in table
   assert "conv weight-grad" in table and "train start-up" in table
+  assert f"{100 * tr['mfu']:.1f}% of the 0.5 TFLOP/s dense bf16 peak" in table
+
+
+def test_peak_is_looked_up_by_device_kind_or_given():
+  assert benchmark.peak_bf16_tflops("NVIDIA H200") == 989.4
+  assert benchmark.peak_bf16_tflops("TPU v4") == 275.0
+  # A CPU has no listed peak: no MFU unless the user gives one.
+  assert benchmark.peak_bf16_tflops("cpu") is None
+  assert benchmark.peak_bf16_tflops("cpu", 1.5) == 1.5
+  assert benchmark.peak_bf16_tflops("NVIDIA H200", 700) == 700.0
+  with pytest.raises(ValueError, match="--peak_tflops=0"):
+    benchmark.peak_bf16_tflops("cpu", 0)
 
 
 def test_compare_prints_each_figure_with_its_ratio(results):
