@@ -4,6 +4,7 @@ r"""Speed benchmark of training and sampling on random inputs (no dataset).
       [--batch_size 8] [--image_size 64 | H,W] [--mask_size 32 | H,W] \
       [--steps_list 1,5,10,20,50] [--train_iters 10] [--profile_steps 2] \
       [--output results.json] [--compare earlier.json] \
+      [--nosampling] [--nohost_overhead] [--peak_tflops 989.4] \
       [--config.model.dtype=bfloat16 ...]
 
 Method. Every timing blocks on the result (`jax.block_until_ready`), because
@@ -417,7 +418,8 @@ def run_benchmark(
     ceiling_repeats: timed runs per ceiling operation.
     sampling: also time the encoder, a decoder pass and the samplers.
     host_overhead: also measure the loop's host overhead
-      (`measure_host_overhead`). `format_table` needs both.
+      (`measure_host_overhead`). Either can be left out where time is
+      short (a first compile on an accelerator takes minutes).
     profile_steps: train steps to profile for the op-category breakdown
       (`profile_train_steps`); 0 skips the profile.
     peak_tflops: the device's dense bfloat16 peak per chip for the MFU;
@@ -558,6 +560,8 @@ def run_benchmark(
   }
 
   if not sampling:
+    if host_overhead:
+      results["host_overhead"] = measure_host_overhead(config)
     results["peak_rss_bytes"] = peak_rss_bytes()
     return results
 
@@ -643,9 +647,12 @@ def run_benchmark(
 
 
 def format_table(results: dict[str, Any]) -> str:
-  """The results as an aligned two-column text table."""
-  su, ce = results["setup"], results["ceilings"]
-  tr, sa = results["train"], results["sampling"]
+  """The results as an aligned two-column text table.
+
+  A run without sampling or host overhead (`--sampling=false`,
+  `--host_overhead=false`) has no rows for them.
+  """
+  su, ce, tr = results["setup"], results["ceilings"], results["train"]
   mem = tr["memory"]
   mib = 2.0**20
 
@@ -692,25 +699,30 @@ def format_table(results: dict[str, Any]) -> str:
       rows.append((f"  {category}",
                    f"{100 * profile['share'][category]:5.1f}%  "
                    f"{profile['seconds'][category] * 1e3:.1f} ms"))
+  sa = results.get("sampling")
+  if sa:
+    rows += [
+        ("encoder", f"{sa['encoder_s'] * 1e3:.1f} ms"),
+        ("decoder pass", f"{sa['decoder_s'] * 1e3:.1f} ms"),
+    ]
+    for steps, t in sa["predict_s"].items():
+      rows.append((f"predict {steps} steps",
+                   f"{t * 1e3:.1f} ms (compile "
+                   f"{sa['predict_compile_s'][steps]:.1f} s)"))
+    a_ms = None if sa["fit_a_s"] is None else sa["fit_a_s"] * 1e3
+    b_ms = None if sa["fit_b_s"] is None else sa["fit_b_s"] * 1e3
+    rows += [
+        ("fit a + b*steps", f"a = {opt(a_ms, '.1f')} ms, "
+                            f"b = {opt(b_ms, '.2f')} ms/step"),
+        ("ratio at 20 steps", f"{opt(sa['ratio_20_steps'], '.3f')} "
+                              f"({sa['ratio_20_source']})"),
+    ]
+  if results.get("host_overhead"):
+    rows.append((
+        "host overhead", "{host_ms:.2f} ms/step (handoff {handoff_ms:.2f}, "
+        "tracker {tracker_ms:.2f}; step call {dispatch_ms:.2f}, device "
+        "{device_ms:.2f}; micro model)".format(**results["host_overhead"])))
   rows += [
-      ("encoder", f"{sa['encoder_s'] * 1e3:.1f} ms"),
-      ("decoder pass", f"{sa['decoder_s'] * 1e3:.1f} ms"),
-  ]
-  for steps, t in sa["predict_s"].items():
-    rows.append((f"predict {steps} steps",
-                 f"{t * 1e3:.1f} ms (compile "
-                 f"{sa['predict_compile_s'][steps]:.1f} s)"))
-  a_ms = None if sa["fit_a_s"] is None else sa["fit_a_s"] * 1e3
-  b_ms = None if sa["fit_b_s"] is None else sa["fit_b_s"] * 1e3
-  rows += [
-      ("fit a + b*steps", f"a = {opt(a_ms, '.1f')} ms, "
-                          f"b = {opt(b_ms, '.2f')} ms/step"),
-      ("ratio at 20 steps", f"{opt(sa['ratio_20_steps'], '.3f')} "
-                            f"({sa['ratio_20_source']})"),
-      ("host overhead", "{host_ms:.2f} ms/step (handoff {handoff_ms:.2f}, "
-                        "tracker {tracker_ms:.2f}; step call {dispatch_ms:.2f}"
-                        ", device {device_ms:.2f}; micro model)".format(
-                            **results["host_overhead"])),
       ("peak host RSS", f"{tr['peak_rss_bytes'] / mib:.0f} MiB training, "
                         f"{results['peak_rss_bytes'] / mib:.0f} MiB whole "
                         "run"),
@@ -804,6 +816,13 @@ def _define_flags() -> dict[str, Any]:
       profile_steps=flags.DEFINE_integer(
           "profile_steps", 2, "Train steps profiled for the op-category "
           "breakdown (0: none).", lower_bound=0),
+      sampling=flags.DEFINE_boolean(
+          "sampling", True, "Also time the encoder, a decoder pass and the "
+          "sampler for each --steps_list count (each count compiles its "
+          "own sampler)."),
+      host_overhead=flags.DEFINE_boolean(
+          "host_overhead", True, "Also measure the training loop's host "
+          "overhead per step (a micro model)."),
       output=flags.DEFINE_string(
           "output", None, "Write the results as JSON to this file."),
       peak_tflops=flags.DEFINE_float(
@@ -869,6 +888,8 @@ def _main(argv: Sequence[str], cli: dict[str, Any]) -> None:
         conv_channels=cli["conv_channels"].value,
         profile_steps=cli["profile_steps"].value,
         peak_tflops=cli["peak_tflops"].value,
+        sampling=cli["sampling"].value,
+        host_overhead=cli["host_overhead"].value,
     )
   except (config_lib.ConfigError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -198,6 +198,11 @@ def test_benchmark_step_is_the_training_step_with_every_lever():
       sampling=False, host_overhead=False,
   )
   assert "sampling" not in results and "host_overhead" not in results
+  # The table of a train-only run (`--nosampling --nohost_overhead`) has
+  # the train rows and none of the others.
+  table = benchmark.format_table(results)
+  assert "train step" in table and "peak host RSS" in table
+  assert "encoder" not in table and "host overhead" not in table
   assert results["setup"]["video"] and results["setup"]["remat"] == "both"
   assert np.isfinite(results["train"]["final_loss"])
 
