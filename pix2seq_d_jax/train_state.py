@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from pix2seq_d_jax import gradient_clipping
 from pix2seq_d_jax.diffusion import (
     analog_bits,
     losses,
@@ -88,7 +89,8 @@ def make_optimizer(
   )
   parts = []
   if opt_config.grad_clip_norm and opt_config.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(opt_config.grad_clip_norm))
+    parts.append(
+        gradient_clipping.clip_by_global_norm(opt_config.grad_clip_norm))
   parts.append(
       optax.adamw(
           schedule,
@@ -152,10 +154,6 @@ def make_init_fn(
   return init
 
 
-def _tree_norm(tree: PyTree) -> jax.Array:
-  return optax.tree.norm(tree)
-
-
 @jax.jit
 def param_and_update_norms(params: PyTree, previous: PyTree
                            ) -> dict[str, jax.Array]:
@@ -166,8 +164,9 @@ def param_and_update_norms(params: PyTree, previous: PyTree
   two passes over the parameters and stops XLA fusing the update.
   """
   return {
-      "param_norm": _tree_norm(params),
-      "update_norm": _tree_norm(jax.tree.map(jnp.subtract, params, previous)),
+      "param_norm": gradient_clipping.global_norm(params),
+      "update_norm": gradient_clipping.global_norm(
+          jax.tree.map(jnp.subtract, params, previous)),
   }
 
 
@@ -410,7 +409,7 @@ def make_train_step(
         opt_state=opt_state,
         ema_params=ema_params,
     )
-    grad_norm = _tree_norm(grads)
+    grad_norm = gradient_clipping.global_norm(grads)
     skipped = jnp.zeros((), jnp.float32)
     if skip_nonfinite:
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -419,7 +418,8 @@ def make_train_step(
           state.replace(step=state.step + 1),
       )
       skipped = 1.0 - finite.astype(jnp.float32)
-    # The gradient norm is the one clipping computes (XLA merges the two).
+    # The gradient norm is the one clipping computes (the same expression:
+    # XLA merges the two).
     # Parameter and update norms are extra passes over every parameter,
     # which the loop needs only at log steps: `param_and_update_norms`.
     metrics = {
