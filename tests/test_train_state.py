@@ -290,3 +290,26 @@ def test_remat_keeps_the_update_and_lowers_temporary_memory():
     train_state.make_train_step(exp.model, exp.tx, exp.lr_schedule,
                                 config.diffusion, ema_decay=0.5,
                                 remat="all")
+
+
+def test_init_state_equals_the_default_compiled_initialisation():
+  # `init_state` compiles with lighter LLVM options on CPU; the values must
+  # be those of a plainly jitted init, to the bit. XLA's own optimisations
+  # are on here (this module turns most off, and level 0 rounds
+  # differently).
+  import flax.linen as nn
+
+  exp = experiment.create(_tiny_config(), total_steps=10)
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    state = exp.init_state(jax.random.key(4))
+    plain = jax.jit(lambda r: nn.unbox(exp.init_fn(r)))(jax.random.key(4))
+  finally:
+    jax.config.update("jax_disable_most_optimizations", True)
+  leaves, plain_leaves = jax.tree.leaves(state), jax.tree.leaves(plain)
+  assert len(leaves) == len(plain_leaves) > 10
+  for a, b in zip(leaves, plain_leaves, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  other = exp.init_state(jax.random.key(5))
+  assert not np.array_equal(np.asarray(jax.tree.leaves(other.params)[0]),
+                            np.asarray(jax.tree.leaves(state.params)[0]))
