@@ -53,9 +53,7 @@ def global_norm(tree: PyTree, *, small_leaf_size: int = SMALL_LEAF_SIZE
              if x.size > small_leaf_size]
   if small:
     squares.append(jnp.sum(jnp.square(jnp.concatenate(small))))
-  if not squares:
-    return jnp.zeros((), jnp.float32)
-  return jnp.sqrt(sum(squares[1:], squares[0]))
+  return jnp.sqrt(sum(squares, jnp.zeros((), jnp.float32)))
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
