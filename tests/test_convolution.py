@@ -58,8 +58,14 @@ def _equations(fn, *args):
         ((2, 9, 11, 5), 1, 1, 'SAME'),
         ((2, 9, 11, 5), 1, 2, ((0, 0), (0, 0))),
         ((2, 10, 12, 5), 1, 2, 'VALID'),
-        # Left to lax: strided 3x3, the ResNet stem's explicit pads, small
-        # maps.
+        # Strided, explicit and VALID padding with outputs of at least
+        # MIN_TILE_PIXELS: tiled too (32x32 outputs, one tile per example;
+        # the ResNet stem's 7x7 stride-2 pads; uneven explicit pads).
+        ((2, 64, 64, 3), 3, 2, 'SAME'),
+        ((1, 64, 64, 3), 7, 2, ((2, 3), (2, 3))),
+        ((1, 40, 40, 2), 3, 1, 'VALID'),
+        ((1, 36, 36, 2), 3, 1, ((0, 2), (1, 0))),
+        # Left to lax: outputs below MIN_TILE_PIXELS.
         ((2, 16, 16, 3), 3, 2, 'SAME'),
         ((1, 32, 32, 3), 7, 2, ((2, 3), (2, 3))),
         ((2, 8, 8, 4), 3, 1, 'SAME'),
@@ -103,6 +109,36 @@ def test_weight_gradient_is_a_sum_over_example_row_tiles():
   got = convolution.tiled_weight_gradient(x, dy, (3, 3))
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_strided_weight_gradient_in_output_channel_slices(monkeypatch):
+  monkeypatch.setattr(convolution, 'OUT_CHANNEL_CHUNK', 4)
+  x = jax.random.normal(jax.random.key(8), (2, 64, 64, 3))
+  w = jax.random.normal(jax.random.key(9), (3, 3, 3, 6)) * 0.3
+
+  def grads(x, w):
+    return _loss_and_grads(convolution.tiled_conv, x, w, (2, 2), 'SAME')[2]
+
+  # 32x32 outputs: one row tile per example, each in 4 + 2 output channels.
+  tiles = sorted(shape for name, shape, _ in _equations(grads, x, w)
+                 if name == 'conv_general_dilated' and shape[:3] == (3, 3, 3))
+  assert tiles == [(3, 3, 3, 2)] * 2 + [(3, 3, 3, 4)] * 2
+  # By hand: 'SAME' for a 3x3 stride-2 window on 64 pixels pads (0, 1), and
+  # output pixel (i, j) reads input pixels (2i + a, 2j + b).
+  dy = jax.random.normal(jax.random.key(10), (2, 32, 32, 6))
+  padded = np.pad(np.asarray(x), ((0, 0), (0, 1), (0, 1), (0, 0)))
+  expected = np.zeros((3, 3, 3, 6), np.float64)
+  for a in range(3):
+    for b in range(3):
+      expected[a, b] = np.einsum('nhwc,nhwd->cd',
+                                 padded[:, a:a + 64:2, b:b + 64:2], dy)
+  got = convolution.tiled_weight_gradient(x, dy, (3, 3), strides=(2, 2))
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(grads(x, w)[1], _loss_and_grads(
+      lax.conv_general_dilated, x, w, (2, 2), 'SAME')[2][1],
+                             rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match='padding'):
+    convolution.tiled_weight_gradient(x, dy, (3, 3), padding=((-1, 0),) * 2)
 
 
 def test_pointwise_conv_has_no_convolution():
@@ -172,6 +208,7 @@ def test_model_routes_every_convolution(monkeypatch):
   'tiled' no 1x1 convolution is left and the large maps' 3x3 convolutions
   carry the tiled gradient (16x16 maps, 64-pixel tiles here)."""
   monkeypatch.setattr(convolution, 'TILE_PIXELS', 64)
+  monkeypatch.setattr(convolution, 'MIN_TILE_PIXELS', 32)
   kwargs = dict(mask_size=(16, 16), num_bits=4, num_outputs=8,
                 backbone_depths=(1,), backbone_width=4, enc_layers=1,
                 enc_dim=16, enc_mlp_dim=16, enc_heads=2, fuse_dim=8,

@@ -9,18 +9,24 @@ XLA:CPU that convolution is slow exactly where this model spends its time
   150–200 GFLOP/s for the same arithmetic on maps of about 2,048 pixels;
 - a 1×1 weight gradient runs at 18–85 GFLOP/s, while the same product
   written as a matrix multiplication runs 1.4–7.8× faster (100–160 GFLOP/s
-  on the paper model's maps).
+  on the paper model's maps);
+- over a batch of 2 its rate is also low on 32×32 maps with many channels
+  and on strided windows (a 3×3 512→512 gradient at 32×32: 185 ms against
+  58 ms one example at a time), and with 256 or more output channels it
+  runs at about half the rate it reaches with 128.
 
 The `tiled` implementation computes the same convolution with those shapes:
 
 - a 1×1 convolution (any stride, no padding) is a matrix multiplication over
   the pixels (strided: of every `stride`-th pixel), so all three of its
   products (forward, input gradient, weight gradient) are dots;
-- a k×k stride-1 'SAME' convolution on maps larger than `TILE_PIXELS`
-  keeps XLA's forward and input gradient and computes the weight gradient
-  as a sum over row tiles of one example each (about `TILE_PIXELS` pixels,
-  plus the k − 1 halo rows), accumulated in float32;
-- everything else (strided k×k, dilations, groups, small maps) is
+- a k×k convolution (any stride, 'SAME', 'VALID' or explicit padding)
+  whose output has at least `MIN_TILE_PIXELS` pixels per example keeps
+  XLA's forward and input gradient and computes the weight gradient as a
+  sum over row tiles of one example each (about `TILE_PIXELS` output
+  pixels, read with their halo rows), each tile in slices of at most
+  `OUT_CHANNEL_CHUNK` output channels, accumulated in float32;
+- everything else (dilations, groups, small maps) is
   `lax.conv_general_dilated` unchanged.
 
 The results equal `lax`'s up to float summation order. Splitting the batch
@@ -40,11 +46,20 @@ import jax.numpy as jnp
 from jax import lax
 
 IMPLEMENTATIONS = ('auto', 'lax', 'tiled')
-# Pixels per weight-gradient tile: the map size at which XLA:CPU's
+# Output pixels per weight-gradient tile: the map size at which XLA:CPU's
 # weight-gradient convolution runs near its peak.
 TILE_PIXELS = 2048
-# Above this many tiles per convolution (examples × row tiles) the unrolled
-# sum would inflate the program; such shapes keep XLA's weight gradient.
+# Smaller outputs (per example) keep XLA's weight gradient: on 16×16 maps
+# it is as fast as one example at a time, or faster.
+MIN_TILE_PIXELS = 1024
+# Output channels per tile convolution: with 256 or more, XLA:CPU's
+# kernel-gradient convolution runs at half the FLOP rate it reaches with
+# 128 (a 3×3 256→256 gradient on 128×128 maps, batch 2: 538 ms in whole
+# tiles, 287 ms in two 128-channel halves).
+OUT_CHANNEL_CHUNK = 128
+# Above this many tile convolutions per layer (examples × row tiles ×
+# channel slices) the unrolled sum would inflate the program; such shapes
+# keep XLA's weight gradient.
 MAX_TILES = 64
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
@@ -105,16 +120,17 @@ def _is_nhwc(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -> bool:
 
 
 def _explicit_padding(padding: str | Sequence[tuple[int, int]],
-                      kernel: tuple[int, int]) -> list[tuple[int, int]] | None:
-  """Padding pairs for a stride-1 convolution, or None if not expressible."""
+                      spatial: Sequence[int], kernel: tuple[int, int],
+                      strides: tuple[int, int]
+                      ) -> tuple[tuple[int, int], ...] | None:
+  """((top, bottom), (left, right)) of a 2-D convolution, None if unknown."""
   if isinstance(padding, str):
-    if padding.upper() == 'VALID':
-      return [(0, 0), (0, 0)]
-    if padding.upper() == 'SAME':
-      return [((k - 1) // 2, k - 1 - (k - 1) // 2) for k in kernel]
-    return None
-  pairs = [tuple(p) for p in padding]
-  return pairs if len(pairs) == 2 else None
+    if padding.upper() not in ('SAME', 'VALID', 'SAME_LOWER'):
+      return None
+    return tuple(tuple(p) for p in lax.padtype_to_pads(
+        spatial, kernel, strides, padding.upper()))
+  pairs = tuple(tuple(int(v) for v in p) for p in padding)
+  return pairs if len(pairs) == 2 and all(len(p) == 2 for p in pairs) else None
 
 
 def tiled_conv(lhs: jax.Array,
@@ -152,21 +168,30 @@ def tiled_conv(lhs: jax.Array,
     return fallback()
   kernel = tuple(rhs.shape[:2])
   strides = tuple(window_strides)
-  pads = _explicit_padding(padding, kernel)
-  if kernel == (1, 1) and pads == [(0, 0), (0, 0)]:
+  pads = _explicit_padding(padding, lhs.shape[1:3], kernel, strides)
+  if kernel == (1, 1) and pads == ((0, 0), (0, 0)):
     return _pointwise(lhs, rhs, strides, precision)
-  if strides != (1, 1) or pads is None:
+  if pads is None or any(p < 0 for pair in pads for p in pair):
     return fallback()
   b, h, w, _ = lhs.shape
-  rows = _tile_rows(w)
-  same = pads == [((k - 1) // 2, k - 1 - (k - 1) // 2) for k in kernel]
-  if not same or h * w <= TILE_PIXELS or b * -(-h // rows) > MAX_TILES:
+  out_h, out_w = (
+      (size + lo + hi - k) // s + 1
+      for size, (lo, hi), k, s in zip((h, w), pads, kernel, strides,
+                                      strict=True))
+  if out_h < 1 or out_w < 1 or out_h * out_w < MIN_TILE_PIXELS:
     return fallback()
-  return _same_conv(lhs, rhs, precision)
+  if b * -(-out_h // _tile_rows(out_w)) * _channel_slices(
+      rhs.shape[3]) > MAX_TILES:
+    return fallback()
+  return _tiled_conv(lhs, rhs, strides, pads, precision)
 
 
 def _tile_rows(width: int) -> int:
   return max(1, TILE_PIXELS // width)
+
+
+def _channel_slices(channels: int) -> int:
+  return -(-channels // OUT_CHANNEL_CHUNK)
 
 
 def _pointwise(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
@@ -180,64 +205,85 @@ def _pointwise(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   return y.reshape(b, h, w, -1)
 
 
-def _plain_conv(x: jax.Array, kernel: jax.Array, padding: Any,
-                precision: Any) -> jax.Array:
+def _plain_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                pads: tuple[tuple[int, int], ...], precision: Any
+                ) -> jax.Array:
   return lax.conv_general_dilated(
-      x, kernel, (1, 1), padding, dimension_numbers=_NHWC,
+      x, kernel, strides, pads, dimension_numbers=_NHWC,
       precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _same_conv(x: jax.Array, kernel: jax.Array, precision: Any) -> jax.Array:
-  return _plain_conv(x, kernel, 'SAME', precision)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _tiled_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                pads: tuple[tuple[int, int], ...], precision: Any
+                ) -> jax.Array:
+  return _plain_conv(x, kernel, strides, pads, precision)
 
 
-def _same_conv_fwd(x, kernel, precision):
-  return _plain_conv(x, kernel, 'SAME', precision), (x, kernel)
+def _tiled_conv_fwd(x, kernel, strides, pads, precision):
+  return _plain_conv(x, kernel, strides, pads, precision), (x, kernel)
 
 
-def _same_conv_bwd(precision, residuals, dy):
+def _tiled_conv_bwd(strides, pads, precision, residuals, dy):
   x, kernel = residuals
   _, input_vjp = jax.vjp(
-      lambda x_: _plain_conv(x_, kernel, 'SAME', precision), x)
+      lambda x_: _plain_conv(x_, kernel, strides, pads, precision), x)
   (dx,) = input_vjp(dy)
-  return dx, tiled_weight_gradient(x, dy, kernel.shape[:2],
-                                   precision).astype(kernel.dtype)
+  return dx, tiled_weight_gradient(
+      x, dy, kernel.shape[:2], strides=strides, padding=pads,
+      precision=precision).astype(kernel.dtype)
 
 
-_same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
+_tiled_conv.defvjp(_tiled_conv_fwd, _tiled_conv_bwd)
 
 
-def tiled_weight_gradient(x: jax.Array, dy: jax.Array,
-                          kernel: tuple[int, int],
-                          precision: Any = None) -> jax.Array:
-  """Gradient of a stride-1 'SAME' convolution's kernel, tile by tile.
+def tiled_weight_gradient(
+    x: jax.Array, dy: jax.Array, kernel: tuple[int, int], *,
+    strides: tuple[int, int] = (1, 1),
+    padding: str | Sequence[tuple[int, int]] = 'SAME',
+    precision: Any = None) -> jax.Array:
+  """Gradient of a convolution's kernel, tile by tile.
 
   Args:
     x: [b, h, w, c_in] convolution input.
-    dy: [b, h, w, c_out] gradient of the convolution output.
-    kernel: (kh, kw), both odd or even as 'SAME' padding allows.
+    dy: [b, out_h, out_w, c_out] gradient of the convolution output.
+    kernel: (kh, kw).
+    strides: the convolution's window strides.
+    padding: its padding ('SAME', 'VALID' or explicit non-negative pairs).
     precision: passed to the tile convolutions.
 
   Returns:
     float32 [kh, kw, c_in, c_out]: Σ over examples and row tiles of each
-    tile's weight gradient (the tile read with its kh − 1 halo rows).
+    tile's weight gradient (the tile's output rows with the input rows
+    they read), each tile computed in slices of at most
+    `OUT_CHANNEL_CHUNK` output channels.
   """
   kh, kw = kernel
-  b, h, w, _ = x.shape
-  (top, bottom), (left, right) = _explicit_padding('SAME', kernel)
-  padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-  rows = _tile_rows(w)
+  sh, sw = strides
+  pads = _explicit_padding(padding, x.shape[1:3], kernel, strides)
+  if pads is None or any(p < 0 for pair in pads for p in pair):
+    raise ValueError(f'tiled_weight_gradient: padding {padding!r} is not '
+                     "'SAME', 'VALID' or non-negative (low, high) pairs")
+  padded = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  b, out_h, out_w, c_out = dy.shape
+  rows = _tile_rows(out_w)
+  # Input columns the output reads (a strided window may leave some out).
+  cols = (out_w - 1) * sw + kw
   total = None
   for n in range(b):
-    for r in range(0, h, rows):
-      r_end = min(h, r + rows)
+    for r in range(0, out_h, rows):
+      r_end = min(out_h, r + rows)
+      tile = padded[n:n + 1, r * sh:(r_end - 1) * sh + kh, :cols]
       # The kernel gradient of a VALID convolution of the tile is a
-      # convolution whose "batch" is c_in and "features" are the pixels.
-      part = lax.conv_general_dilated(
-          padded[n:n + 1, r:r_end + kh - 1], dy[n:n + 1, r:r_end],
-          (1, 1), 'VALID', dimension_numbers=('CHWN', 'IHWO', 'NHWC'),
-          precision=precision, preferred_element_type=jnp.float32)
+      # convolution whose "batch" is c_in and "features" are the pixels
+      # (the output gradient dilated by the stride).
+      part = jnp.concatenate([
+          lax.conv_general_dilated(
+              tile, dy[n:n + 1, r:r_end, :, c:c + OUT_CHANNEL_CHUNK],
+              (1, 1), 'VALID', rhs_dilation=strides,
+              dimension_numbers=('CHWN', 'IHWO', 'NHWC'),
+              precision=precision, preferred_element_type=jnp.float32)
+          for c in range(0, c_out, OUT_CHANNEL_CHUNK)], axis=-1)
       total = part if total is None else total + part
   # [c_in, kh, kw, c_out] -> [kh, kw, c_in, c_out]
   return jnp.transpose(total, (1, 2, 0, 3))
