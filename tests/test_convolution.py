@@ -85,6 +85,20 @@ def test_tiled_conv_equals_lax(shape, kernel, strides, padding):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
+def _weight_gradient_by_hand(x, dy, pads, stride):
+  """Σ over pixels of the input each kernel tap reads times dy (float64)."""
+  padded = np.pad(np.asarray(x, np.float64), ((0, 0), *pads, (0, 0)))
+  _, out_h, out_w, _ = dy.shape
+  expected = np.zeros((3, 3, x.shape[-1], dy.shape[-1]), np.float64)
+  for a in range(3):
+    for b in range(3):
+      expected[a, b] = np.einsum(
+          'nhwc,nhwd->cd',
+          padded[:, a:a + stride * out_h:stride, b:b + stride * out_w:stride],
+          np.asarray(dy, np.float64))
+  return expected
+
+
 def test_weight_gradient_is_a_sum_over_example_row_tiles():
   x = jax.random.normal(jax.random.key(1), (2, 48, 48, 3))
   w = jax.random.normal(jax.random.key(2), (3, 3, 3, 4))
@@ -100,12 +114,7 @@ def test_weight_gradient_is_a_sum_over_example_row_tiles():
   # The weight gradient by hand: sum over pixels of the shifted input times
   # the output gradient.
   dy = jax.random.normal(jax.random.key(3), (2, 48, 48, 4))
-  padded = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
-  expected = np.zeros((3, 3, 3, 4), np.float64)
-  for i in range(3):
-    for j in range(3):
-      expected[i, j] = np.einsum('nhwc,nhwd->cd',
-                                 padded[:, i:i + 48, j:j + 48], dy)
+  expected = _weight_gradient_by_hand(x, dy, ((1, 1), (1, 1)), 1)
   got = convolution.tiled_weight_gradient(x, dy, (3, 3))
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
@@ -126,12 +135,7 @@ def test_strided_weight_gradient_in_output_channel_slices(monkeypatch):
   # By hand: 'SAME' for a 3x3 stride-2 window on 64 pixels pads (0, 1), and
   # output pixel (i, j) reads input pixels (2i + a, 2j + b).
   dy = jax.random.normal(jax.random.key(10), (2, 32, 32, 6))
-  padded = np.pad(np.asarray(x), ((0, 0), (0, 1), (0, 1), (0, 0)))
-  expected = np.zeros((3, 3, 3, 6), np.float64)
-  for a in range(3):
-    for b in range(3):
-      expected[a, b] = np.einsum('nhwc,nhwd->cd',
-                                 padded[:, a:a + 64:2, b:b + 64:2], dy)
+  expected = _weight_gradient_by_hand(x, dy, ((0, 1), (0, 1)), 2)
   got = convolution.tiled_weight_gradient(x, dy, (3, 3), strides=(2, 2))
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
   np.testing.assert_allclose(grads(x, w)[1], _loss_and_grads(
