@@ -47,30 +47,30 @@ def _equations(fn, *args):
 
 
 @pytest.mark.parametrize(
-    'shape, kernel, strides, padding',
+    'shape, kernel, strides, padding, tiled',
     [
         # 3x3 SAME on a map above TILE_PIXELS: tiled weight gradient, with
         # an uneven last row tile (2048 // 48 = 42 rows, then 6).
-        ((2, 48, 48, 3), 3, 1, 'SAME'),
+        ((2, 48, 48, 3), 3, 1, 'SAME', True),
         # 5x5 SAME (two halo rows each side).
-        ((1, 64, 40, 2), 5, 1, 'SAME'),
+        ((1, 64, 40, 2), 5, 1, 'SAME', True),
         # 1x1 as a matmul, with and without stride.
-        ((2, 9, 11, 5), 1, 1, 'SAME'),
-        ((2, 9, 11, 5), 1, 2, ((0, 0), (0, 0))),
-        ((2, 10, 12, 5), 1, 2, 'VALID'),
+        ((2, 9, 11, 5), 1, 1, 'SAME', False),
+        ((2, 9, 11, 5), 1, 2, ((0, 0), (0, 0)), False),
+        ((2, 10, 12, 5), 1, 2, 'VALID', False),
         # Strided, explicit and VALID padding with outputs of at least
         # MIN_TILE_PIXELS: tiled too (32x32 outputs, one tile per example;
         # the ResNet stem's 7x7 stride-2 pads; uneven explicit pads).
-        ((2, 64, 64, 3), 3, 2, 'SAME'),
-        ((1, 64, 64, 3), 7, 2, ((2, 3), (2, 3))),
-        ((1, 40, 40, 2), 3, 1, 'VALID'),
-        ((1, 36, 36, 2), 3, 1, ((0, 2), (1, 0))),
+        ((2, 64, 64, 3), 3, 2, 'SAME', True),
+        ((1, 64, 64, 3), 7, 2, ((2, 3), (2, 3)), True),
+        ((1, 40, 40, 2), 3, 1, 'VALID', True),
+        ((1, 36, 36, 2), 3, 1, ((0, 2), (1, 0)), True),
         # Left to lax: outputs below MIN_TILE_PIXELS.
-        ((2, 16, 16, 3), 3, 2, 'SAME'),
-        ((1, 32, 32, 3), 7, 2, ((2, 3), (2, 3))),
-        ((2, 8, 8, 4), 3, 1, 'SAME'),
+        ((2, 16, 16, 3), 3, 2, 'SAME', False),
+        ((1, 32, 32, 3), 7, 2, ((2, 3), (2, 3)), False),
+        ((2, 8, 8, 4), 3, 1, 'SAME', False),
     ])
-def test_tiled_conv_equals_lax(shape, kernel, strides, padding):
+def test_tiled_conv_equals_lax(shape, kernel, strides, padding, tiled):
   kx, kw = jax.random.split(jax.random.key(0))
   x = jax.random.normal(kx, shape)
   w = jax.random.normal(kw, (kernel, kernel, shape[-1], 6)) * 0.3
@@ -83,6 +83,13 @@ def test_tiled_conv_equals_lax(shape, kernel, strides, padding):
   for g, r in zip(got[2], ref[2], strict=True):
     assert g.shape == r.shape and g.dtype == r.dtype
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+  # The route the module docstring promises: the tiled kernel gradient
+  # (a custom VJP) exactly for the k x k shapes above the threshold.
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, _NHWC)
+  names = [name for name, _, _ in _equations(
+      lambda x, w: convolution.tiled_conv(x, w, (strides,) * 2, padding,
+                                          dimension_numbers=dn), x, w)]
+  assert any(n.startswith('custom_vjp') for n in names) == tiled
 
 
 def _weight_gradient_by_hand(x, dy, pads, stride):
