@@ -123,14 +123,17 @@ def _explicit_padding(padding: str | Sequence[tuple[int, int]],
                       spatial: Sequence[int], kernel: tuple[int, int],
                       strides: tuple[int, int]
                       ) -> tuple[tuple[int, int], ...] | None:
-  """((top, bottom), (left, right)) of a 2-D convolution, None if unknown."""
+  """((top, bottom), (left, right)) of a 2-D convolution; None if unknown
+  or negative (a cropping window, left to `lax`)."""
   if isinstance(padding, str):
     if padding.upper() not in ('SAME', 'VALID', 'SAME_LOWER'):
       return None
     return tuple(tuple(p) for p in lax.padtype_to_pads(
         spatial, kernel, strides, padding.upper()))
   pairs = tuple(tuple(int(v) for v in p) for p in padding)
-  return pairs if len(pairs) == 2 and all(len(p) == 2 for p in pairs) else None
+  if len(pairs) != 2 or any(len(p) != 2 or min(p) < 0 for p in pairs):
+    return None
+  return pairs
 
 
 def tiled_conv(lhs: jax.Array,
@@ -171,7 +174,7 @@ def tiled_conv(lhs: jax.Array,
   pads = _explicit_padding(padding, lhs.shape[1:3], kernel, strides)
   if kernel == (1, 1) and pads == ((0, 0), (0, 0)):
     return _pointwise(lhs, rhs, strides, precision)
-  if pads is None or any(p < 0 for pair in pads for p in pair):
+  if pads is None:
     return fallback()
   b, h, w, _ = lhs.shape
   out_h, out_w = (
@@ -261,7 +264,7 @@ def tiled_weight_gradient(
   kh, kw = kernel
   sh, sw = strides
   pads = _explicit_padding(padding, x.shape[1:3], kernel, strides)
-  if pads is None or any(p < 0 for pair in pads for p in pair):
+  if pads is None:
     raise ValueError(f'tiled_weight_gradient: padding {padding!r} is not '
                      "'SAME', 'VALID' or non-negative (low, high) pairs")
   padded = jnp.pad(x, ((0, 0), *pads, (0, 0)))
