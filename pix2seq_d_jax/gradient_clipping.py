@@ -71,16 +71,10 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     raise ValueError(f"grad_clip_norm={max_norm!r}: expected > 0 "
                      "(0 or less turns clipping off in make_optimizer)")
 
-  def init(params: PyTree) -> optax.EmptyState:
-    del params
-    return optax.EmptyState()
-
-  def update(updates: PyTree, state: optax.EmptyState,
-             params: PyTree | None = None
-             ) -> tuple[PyTree, optax.EmptyState]:
+  def scale_to_max_norm(updates: PyTree, params: PyTree | None) -> PyTree:
     del params
     norm = global_norm(updates)
     scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
-    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates)
 
-  return optax.GradientTransformation(init, update)
+  return optax.stateless(scale_to_max_norm)
