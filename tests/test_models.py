@@ -479,3 +479,40 @@ def test_scan_layers_keeps_the_model_parameters_and_outputs():
   np.testing.assert_allclose(value, ref, atol=1e-5)
   jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-5),
                state, ref_state)
+
+
+def test_attention_values_and_gradients_equal_a_plain_softmax():
+  """The closed-form softmax derivative gives the textbook attention's."""
+  keys = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(keys[0], (2, 5, 8))
+  context = jax.random.normal(keys[1], (2, 7, 8))
+  upstream = jax.random.normal(keys[2], (2, 5, 8))
+  attention = transformer.MultiHeadAttention(num_heads=2)
+  params = attention.init(jax.random.key(4), x, context)
+
+  def plain(params, x, context):
+    p = nn.meta.unbox(params)['params']
+
+    def project(inputs, name):
+      y = inputs @ p[name]['kernel'] + p[name]['bias']
+      return y.reshape(y.shape[:-1] + (2, 4))
+
+    q, k, v = project(x, 'query'), project(context, 'key'), project(
+        context, 'value')
+    logits = jnp.einsum('btnh,bsnh->bnts', q, k) / np.sqrt(4.0)
+    weights = jnp.exp(logits - logits.max(-1, keepdims=True))
+    weights = weights / weights.sum(-1, keepdims=True)
+    out = jnp.einsum('bnts,bsnh->btnh', weights, v).reshape(2, 5, 8)
+    return out @ p['out']['kernel'] + p['out']['bias']
+
+  def loss(fn):
+    return lambda params, x, context: jnp.sum(fn(params, x, context)
+                                              * upstream)
+
+  np.testing.assert_allclose(attention.apply(params, x, context),
+                             plain(params, x, context), rtol=1e-5, atol=1e-5)
+  got = jax.grad(loss(attention.apply), argnums=(0, 1, 2))(params, x, context)
+  expected = jax.grad(loss(plain), argnums=(0, 1, 2))(params, x, context)
+  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected),
+                  strict=True):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pix2seq_d_jax.models import convolution
+from pix2seq_d_jax.models import group_norm as group_norm_lib
 
 Initializer = Any
 
@@ -178,24 +179,26 @@ def group_norm(channels: int,
                *,
                zero_init: bool = False,
                dtype: jnp.dtype = jnp.float32,
-               name: str | None = None) -> nn.GroupNorm:
+               name: str | None = None) -> group_norm_lib.GroupNorm:
   """GroupNorm (epsilon 1e-5) with `num_groups(channels)` groups.
+
+  The function of `nn.GroupNorm`, with parameters of the same names and
+  shapes, but a hand-derived backward pass (`models/group_norm.py`).
 
   Args:
     channels: number of channels it will normalise.
     zero_init: start the scale at zero (last norm of a residual branch).
-    dtype: compute dtype (statistics are reduced in float32 by flax).
+    dtype: compute dtype (statistics are reduced in float32).
     name: module name.
 
   Returns:
-    An `nn.GroupNorm` with scale/bias on the logical axis 'norm'.
+    A `GroupNorm` with scale/bias on the logical axis 'norm'.
   """
   scale_init = nn.initializers.zeros if zero_init else nn.initializers.ones
-  return nn.GroupNorm(
+  return group_norm_lib.GroupNorm(
       num_groups=num_groups(channels),
       epsilon=1e-5,
       dtype=dtype,
-      param_dtype=jnp.float32,
       name=name,
       **_norm_inits(scale_init))
 
