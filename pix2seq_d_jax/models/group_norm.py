@@ -49,23 +49,20 @@ def _per_channel(per_group: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def _statistics(x: jax.Array, num_groups: int,
-                epsilon: float) -> tuple[jax.Array, jax.Array, int]:
-  """Group mean and 1/std ([batch, groups], float32) and the group size."""
+                epsilon: float) -> tuple[jax.Array, jax.Array]:
+  """Group mean and 1/std ([batch, groups], float32)."""
   spatial = tuple(range(1, x.ndim - 1))
-  count = 1
-  for axis in spatial:
-    count *= x.shape[axis]
-  count *= x.shape[-1] // num_groups
+  count = x.size // (x.shape[0] * num_groups)
   sum_x = _per_group(jnp.sum(x, axis=spatial), num_groups)
   sum_xx = _per_group(jnp.sum(x * x, axis=spatial), num_groups)
   mean = sum_x / count
   variance = jnp.maximum(sum_xx / count - mean * mean, 0.0)
-  return mean, jax.lax.rsqrt(variance + epsilon), count
+  return mean, jax.lax.rsqrt(variance + epsilon)
 
 
 def _forward(x, scale, bias, num_groups, epsilon, out_dtype):
   x32 = x.astype(jnp.float32)
-  mean, rstd, _ = _statistics(x32, num_groups, epsilon)
+  mean, rstd = _statistics(x32, num_groups, epsilon)
   multiplier = _per_channel(rstd, x32) * scale
   shift = bias - _per_channel(mean, x32) * multiplier
   y = (x32 * multiplier + shift).astype(out_dtype)
@@ -104,15 +101,15 @@ def _group_norm_bwd(num_groups, epsilon, out_dtype, residuals, dy):
   count = x.size // (x.shape[0] * num_groups)
   sum_g = jnp.sum(g, axis=spatial)                       # [batch, channels]
   sum_gx = jnp.sum(g * x32, axis=spatial)
-  channel_mean = _per_channel(mean, x32).reshape(sum_g.shape)
-  channel_rstd = _per_channel(rstd, x32).reshape(sum_g.shape)
-  sum_g_xhat = (sum_gx - channel_mean * sum_g) * channel_rstd
+  mean_map = _per_channel(mean, x32)
+  rstd_map = _per_channel(rstd, x32)
+  sum_g_xhat = (sum_gx - mean_map.reshape(sum_g.shape) * sum_g) * (
+      rstd_map.reshape(sum_g.shape))
   d_bias = jnp.sum(sum_g, axis=0)
   d_scale = jnp.sum(sum_g_xhat, axis=0)
   mean_g = _per_group(sum_g * scale, num_groups) / count
   mean_g_xhat = _per_group(sum_g_xhat * scale, num_groups) / count
-  rstd_map = _per_channel(rstd, x32)
-  xhat = (x32 - _per_channel(mean, x32)) * rstd_map
+  xhat = (x32 - mean_map) * rstd_map
   dx = rstd_map * (g * scale - _per_channel(mean_g, x32)
                    - xhat * _per_channel(mean_g_xhat, x32))
   return dx.astype(x.dtype), d_scale, d_bias
