@@ -40,8 +40,9 @@ with `JAX_COMPILATION_CACHE_DIR` set for the warm one.
 Op categories. `--profile_steps` train steps run under `jax.profiler`; each
 executed XLA instruction's time is summed per category (convolution
 forward, input gradient, weight gradient; matmul; transpose/copy; the
-optimizer update; other) by `op_profile`. Shares are of the summed op time
-of all threads.
+optimizer update; other) by `op_profile`. Each execution of an instruction
+counts once, with its duration (an operation that splits its work over
+both cores is one record); shares are of the summed op time.
 
 Comparing. `--output r.json` saves every figure; a later run with
 `--compare r.json` prints each figure next to the saved one with the ratio
@@ -694,7 +695,7 @@ def format_table(results: dict[str, Any]) -> str:
   profile = tr.get("op_profile")
   if profile:
     rows.append(("op time (profile)",
-                 f"{profile['total_s'] * 1e3:.1f} ms summed over threads"))
+                 f"{profile['total_s'] * 1e3:.1f} ms summed over executions"))
     for category in op_profile.CATEGORIES:
       rows.append((f"  {category}",
                    f"{100 * profile['share'][category]:5.1f}%  "

@@ -16,8 +16,12 @@ the summed time per category:
   step (AdamW, clipping, EMA), whatever its kind.
 - `other`: elementwise fusions, reductions, normalisation, RNG, ...
 
-Times are summed over every thread that ran a part of an instruction, so a
-share is of the CPU time of all ops, not of the wall time.
+The profiler records each execution of an instruction once, on the thread
+that ran it, with its wall duration: an instruction that splits its work
+over the thread pool is one record, and instructions that ran side by side
+each count. The summed op time is therefore close to the wall time when
+the program runs one operation at a time (the memory-minimising
+scheduler), and a share is of that sum.
 """
 
 from __future__ import annotations
@@ -140,7 +144,7 @@ def traced_op_times(run: Callable[[], Any], *, repeats: int
     repeats: runs inside the trace.
 
   Returns:
-    {instruction name: seconds}, summed over threads and runs. Python and
+    {instruction name: seconds}, summed over its executions and runs. Python and
     runtime events (names that are no HLO instruction) are included; the
     caller keeps the names it knows.
   """
