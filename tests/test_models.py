@@ -516,3 +516,39 @@ def test_attention_values_and_gradients_equal_a_plain_softmax():
   for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected),
                   strict=True):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_scale_shift_is_a_split_dense_layer(dtype):
+  """ScaleShift = layers.dense(2C) then split: same parameters, same values.
+
+  The parameters (names, shapes, logical axes and initial values for the
+  same key) are those of the dense layer it replaced, so checkpoints do not
+  change; the outputs equal the dense layer's split output bit for bit.
+  """
+  from pix2seq_d_jax.models import layers, transunet
+  emb = jax.random.normal(jax.random.key(0), (2, 24)).astype(dtype)
+  module = transunet.ScaleShift(8, dtype=dtype)
+  dense = layers.dense(16, ("embed", "conv_out"),
+                       kernel_init=layers.fan_avg_uniform(), dtype=dtype)
+  params = module.init(jax.random.key(1), emb)
+  dense_params = dense.init(jax.random.key(1), emb)
+  assert jax.tree.structure(params) == jax.tree.structure(dense_params)
+  for got, want in zip(jax.tree.leaves(params, is_leaf=_is_boxed),
+                       jax.tree.leaves(dense_params, is_leaf=_is_boxed),
+                       strict=True):
+    assert got.names == want.names
+    np.testing.assert_array_equal(got.value, want.value)
+  # Non-zero biases, so their halves must land on the right outputs.
+  params = jax.tree.map(
+      lambda x: x + jax.random.normal(jax.random.key(2), x.shape), params)
+  scale, shift = module.apply(params, emb)
+  whole = dense.apply(params, emb)[:, None, None, :]
+  assert scale.shape == shift.shape == (2, 1, 1, 8)
+  assert scale.dtype == shift.dtype == dtype
+  np.testing.assert_array_equal(scale, whole[..., :8])
+  np.testing.assert_array_equal(shift, whole[..., 8:])
+
+
+def _is_boxed(x):
+  return isinstance(x, nn.Partitioned)

@@ -56,6 +56,48 @@ class TimeEmbedding(nn.Module):
     return nn.silu(x)
 
 
+class ScaleShift(nn.Module):
+  """A residual block's time scale and shift: a dense layer split in two.
+
+  The same function and parameters as `layers.dense(2 * channels,
+  ('embed', 'conv_out'), kernel_init=layers.fan_avg_uniform())` followed by
+  a split of its output into (scale, shift): `kernel` [e, 2·channels] and
+  `bias` [2·channels], created in that order with the same initializers
+  and logical names, so initial values and checkpoints are unchanged. The
+  bias is added after the split, to each half, which gives the same values
+  (each output element is still dot + its bias). Why: when the bias is
+  added to the whole [b, 2·channels] output first, XLA:CPU fuses that add
+  into the block's large GroupNorm + FiLM + SiLU loop and then slices its
+  result per element, and LLVM leaves that loop scalar: 21.5 ms instead of
+  5.5 ms for [2, 128, 128, 128] (forward, 2-core CPU), about 5 ns per
+  element in the training step against 0.7 for most loops.
+
+  Attributes:
+    channels: width of each of scale and shift.
+    dtype: compute dtype (parameters stay float32).
+  """
+  channels: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, emb: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Maps emb [b, e] to (scale, shift), each [b, 1, 1, channels]."""
+    kernel = self.param(
+        'kernel', nn.with_logical_partitioning(layers.fan_avg_uniform(),
+                                               ('embed', 'conv_out')),
+        (emb.shape[-1], 2 * self.channels), jnp.float32)
+    bias = self.param(
+        'bias', nn.with_logical_partitioning(nn.initializers.zeros,
+                                             ('conv_out',)),
+        (2 * self.channels,), jnp.float32)
+    emb, kernel, bias = nn.dtypes.promote_dtype(emb, kernel, bias,
+                                                dtype=self.dtype)
+    projected = jnp.dot(emb, kernel)[:, None, None, :]
+    scale, shift = jnp.split(projected, 2, axis=-1)
+    bias_scale, bias_shift = jnp.split(bias, 2)
+    return scale + bias_scale, shift + bias_shift
+
+
 class ResBlock(nn.Module):
   """Residual block conditioned on the time embedding by scale and shift.
 
@@ -82,11 +124,8 @@ class ResBlock(nn.Module):
     if x.shape[-1] != self.out_dim:
       skip = layers.conv(self.out_dim, 1, dtype=self.dtype,
                          conv_impl=self.conv_impl, name='shortcut')(x)
-    scale_shift = layers.dense(
-        2 * self.out_dim, ('embed', 'conv_out'),
-        kernel_init=layers.fan_avg_uniform(), dtype=self.dtype,
-        name='emb_proj')(emb)[:, None, None, :]
-    scale, shift = jnp.split(scale_shift, 2, axis=-1)
+    scale, shift = ScaleShift(self.out_dim, dtype=self.dtype,
+                              name='emb_proj')(emb)
     h = nn.silu(layers.group_norm(x.shape[-1], dtype=self.dtype,
                                   name='norm0')(x))
     h = layers.conv(self.out_dim, 3, dtype=self.dtype,
