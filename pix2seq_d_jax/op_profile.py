@@ -144,9 +144,9 @@ def traced_op_times(run: Callable[[], Any], *, repeats: int
     repeats: runs inside the trace.
 
   Returns:
-    {instruction name: seconds}, summed over its executions and runs. Python and
-    runtime events (names that are no HLO instruction) are included; the
-    caller keeps the names it knows.
+    {instruction name: seconds}, summed over its executions and runs.
+    Python and runtime events (names that are no HLO instruction) are
+    included; the caller keeps the names it knows.
   """
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)

@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 
 from pix2seq_d_jax import models
-from pix2seq_d_jax.models import pix2seq_d, pyramid, transformer
+from pix2seq_d_jax.models import (
+    layers,
+    pix2seq_d,
+    pyramid,
+    transformer,
+    transunet,
+)
 
 B, IMAGE, MASK, BITS, OUTPUTS, FUSE, DEC = 2, 32, 16, 16, 24, 16, 16
 TINY = dict(
@@ -526,7 +532,6 @@ def test_scale_shift_is_a_split_dense_layer(dtype):
   same key) are those of the dense layer it replaced, so checkpoints do not
   change; the outputs equal the dense layer's split output bit for bit.
   """
-  from pix2seq_d_jax.models import layers, transunet
   emb = jax.random.normal(jax.random.key(0), (2, 24)).astype(dtype)
   module = transunet.ScaleShift(8, dtype=dtype)
   dense = layers.dense(16, ("embed", "conv_out"),

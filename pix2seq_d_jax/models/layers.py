@@ -139,6 +139,19 @@ def conv(features: int,
       name=name)
 
 
+def dense_initializers(axes: tuple[str, str],
+                       kernel_init: Initializer = DENSE_INIT
+                       ) -> tuple[Initializer, Initializer]:
+  """`dense`'s kernel and bias initializers, with their logical axis names.
+
+  For layers that hold a dense layer's parameters but compute with them
+  differently (`transunet.ScaleShift`): the same names, shapes and initial
+  values as `dense`.
+  """
+  return (nn.with_logical_partitioning(kernel_init, axes),
+          nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
+
+
 def dense(features: int,
           axes: tuple[str, str],
           *,
@@ -158,13 +171,13 @@ def dense(features: int,
   Returns:
     An `nn.Dense`.
   """
+  kernel_init, bias_init = dense_initializers(axes, kernel_init)
   return nn.Dense(
       features,
       dtype=dtype,
       param_dtype=jnp.float32,
-      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
-                                             (axes[1],)),
+      kernel_init=kernel_init,
+      bias_init=bias_init,
       name=name)
 
 

@@ -82,14 +82,11 @@ class ScaleShift(nn.Module):
   @nn.compact
   def __call__(self, emb: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Maps emb [b, e] to (scale, shift), each [b, 1, 1, channels]."""
-    kernel = self.param(
-        'kernel', nn.with_logical_partitioning(layers.fan_avg_uniform(),
-                                               ('embed', 'conv_out')),
-        (emb.shape[-1], 2 * self.channels), jnp.float32)
-    bias = self.param(
-        'bias', nn.with_logical_partitioning(nn.initializers.zeros,
-                                             ('conv_out',)),
-        (2 * self.channels,), jnp.float32)
+    kernel_init, bias_init = layers.dense_initializers(
+        ('embed', 'conv_out'), layers.fan_avg_uniform())
+    kernel = self.param('kernel', kernel_init,
+                        (emb.shape[-1], 2 * self.channels), jnp.float32)
+    bias = self.param('bias', bias_init, (2 * self.channels,), jnp.float32)
     emb, kernel, bias = nn.dtypes.promote_dtype(emb, kernel, bias,
                                                 dtype=self.dtype)
     projected = jnp.dot(emb, kernel)[:, None, None, :]
