@@ -182,7 +182,17 @@ def test_local_failure_stops_the_others_and_returns_its_status(
   # would run for a minute; process 1 fails at once.
   stubborn = ("import signal, time; signal.signal(signal.SIGTERM, "
               "signal.SIG_IGN); print('waiting', flush=True); time.sleep(60)")
-  failing = "import sys; print('failing'); sys.exit(3)"
+  # Process 1 fails once process 0 is up (its log says so): on a busy
+  # machine process 0 could otherwise be killed before printing anything.
+  failing = (
+      "import pathlib, sys, time\n"
+      f"log = pathlib.Path({str(tmp_path / 'process_0.log')!r})\n"
+      "deadline = time.time() + 20\n"
+      "while time.time() < deadline and 'waiting' not in (\n"
+      "    log.read_text() if log.exists() else ''):\n"
+      "  time.sleep(0.05)\n"
+      "print('failing')\n"
+      "sys.exit(3)\n")
   monkeypatch.setattr(local, "commands", lambda n, port, main_args: [
       [sys.executable, "-c", stubborn], [sys.executable, "-c", failing]])
   t0 = time.time()
