@@ -1,15 +1,14 @@
-"""Settings shared by the whole suite: CPU, and two fast-compile settings.
+"""Settings shared by the whole suite: CPU, and fast compiles.
 
 The tests check plumbing, shapes and numerics against references, not the
-quality of XLA's optimised code, so every test compiles with
-`jax_disable_most_optimizations` (about half the compile time). Many tests
-and the processes they start compile the same tiny programs, so the whole
-session shares one persistent compilation cache: a fresh empty folder per
-session (so every run starts cold, as on CI), created by the first process
-that loads this file and inherited by the xdist workers and every
-subprocess. The environment variables are set before jax is imported, so
-the subprocesses the tests start (entry points, workers, the notebook)
-inherit them.
+quality of XLA's optimised code, so every test compiles with lighter XLA
+settings (`tests/fast_compile.py`). Many tests and the processes they start
+compile the same tiny programs, so the whole session shares one persistent
+compilation cache: a fresh empty folder per session (so every run starts
+cold, as on CI), created by the first process that loads this file and
+inherited by the xdist workers and every subprocess. The environment
+variables are set before jax is imported, so the subprocesses the tests
+start (entry points, workers, the notebook) inherit them.
 """
 
 import atexit
@@ -17,8 +16,10 @@ import os
 import shutil
 import tempfile
 
+from tests import fast_compile
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+fast_compile.configure_environment()
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="pix2seq_d_jax_test_cache_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache

@@ -9,6 +9,7 @@ import pytest
 
 from configs import common
 from pix2seq_d_jax import experiment, train_state
+from tests.fast_compile import PRODUCTION_EMITTERS
 from tests.multiprocess_worker import NARROW_MODEL
 
 IMAGE, MASK = 32, 16
@@ -292,18 +293,21 @@ def test_remat_keeps_the_update_and_lowers_temporary_memory():
                                 remat="all")
 
 
-def test_init_state_equals_the_default_compiled_initialisation():
+def test_init_state_equals_the_default_compiled_initialisation(monkeypatch):
   # `init_state` compiles with lighter LLVM options on CPU; the values must
   # be those of a plainly jitted init, to the bit. XLA's own optimisations
   # are on here (this module turns most off, and level 0 rounds
-  # differently).
+  # differently), with XLA:CPU's default emitters, as in training.
   import flax.linen as nn
 
+  monkeypatch.setattr(experiment, "INIT_COMPILER_OPTIONS", {
+      **experiment.INIT_COMPILER_OPTIONS, **PRODUCTION_EMITTERS})
   exp = experiment.create(_tiny_config(), total_steps=10)
   jax.config.update("jax_disable_most_optimizations", False)
   try:
     state = exp.init_state(jax.random.key(4))
-    plain = jax.jit(lambda r: nn.unbox(exp.init_fn(r)))(jax.random.key(4))
+    plain = jax.jit(lambda r: nn.unbox(exp.init_fn(r)),
+                    compiler_options=PRODUCTION_EMITTERS)(jax.random.key(4))
   finally:
     jax.config.update("jax_disable_most_optimizations", True)
   leaves, plain_leaves = jax.tree.leaves(state), jax.tree.leaves(plain)
