@@ -317,3 +317,20 @@ def test_init_state_equals_the_default_compiled_initialisation(monkeypatch):
   other = exp.init_state(jax.random.key(5))
   assert not np.array_equal(np.asarray(jax.tree.leaves(other.params)[0]),
                             np.asarray(jax.tree.leaves(state.params)[0]))
+
+
+def test_init_compiler_options_lower_the_level_and_never_raise_it():
+  cpu = jax.devices("cpu")
+  # This module compiles with most optimisations off (XLA's level 0).
+  assert experiment.init_compiler_options(cpu) is None
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    assert experiment.init_compiler_options(cpu) == {
+        "xla_backend_optimization_level": 1}
+  finally:
+    jax.config.update("jax_disable_most_optimizations", True)
+
+  class Accelerator:
+    platform = "tpu"
+
+  assert experiment.init_compiler_options([*cpu, Accelerator()]) is None
