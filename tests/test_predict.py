@@ -1,4 +1,7 @@
-"""The predict CLI on a real (untrained) checkpoint of the tiny config.
+"""The predict CLI on a real (untrained) checkpoint of the tiny configs.
+
+The configs' model is the skeleton one (`NARROW_MODEL`): the prediction
+plumbing is under test, and its programs compile in a fraction of the time.
 
 A checkpoint is written the way training writes it (no training step runs);
 `predict_images` then segments two JPEGs of different sizes and aspect
@@ -36,6 +39,7 @@ from pix2seq_d_jax.evaluators import davis_video, postprocess, visualize
 from pix2seq_d_jax.formats import coco_panoptic as coco_format
 from pix2seq_d_jax.formats import davis as davis_format
 from pix2seq_d_jax.inference import inputs, video_predictor, writers
+from tests.multiprocess_worker import NARROW_MODEL, narrow_model_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (file name, height, width, PIL mode) of the inputs.
@@ -73,6 +77,7 @@ RECT_IMAGE, RECT_MASK = (32, 64), (16, 32)
 def run(tmp_path_factory):
   root = tmp_path_factory.mktemp("predict")
   config = synthetic.get_config("tiny")
+  config.model.update(NARROW_MODEL)
   config.input.image_size, config.input.mask_size = RECT_IMAGE, RECT_MASK
   config.input.data_dir = str(root / "data")
   state = experiment.create(config, total_steps=4).init_state(
@@ -400,6 +405,7 @@ def video_run(tmp_path_factory):
   """`synthetic.py:video,tiny` checkpoint; its predictions, bucket 4."""
   root = tmp_path_factory.mktemp("predict_video")
   config = synthetic.get_config("video,tiny")
+  config.model.update(NARROW_MODEL)
   config.input.image_size, config.input.mask_size = VIDEO_IMAGE, VIDEO_MASK
   config.input.data_dir = str(root / "data")
   exp = experiment.create(config, total_steps=4)
@@ -522,7 +528,7 @@ def test_cli_video_model_same_pngs_for_any_bucket(video_run, tmp_path):
        f"--config.input.data_dir={video_run['config'].input.data_dir}",
        f"--checkpoint={video_run['workdir']}",
        f"--input={video_run['videos']}", f"--output={out}",
-       "--length_bucket=8", "--batch_size=2"],
+       "--length_bucket=8", "--batch_size=2", *narrow_model_flags()],
       cwd=REPO, capture_output=True, text=True, timeout=300,
       env=dict(os.environ, JAX_PLATFORMS="cpu",
                JAX_DISABLE_MOST_OPTIMIZATIONS="1"))

@@ -27,15 +27,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _FAST_ENV = {"JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache_every_compile():
-  # Runs of the same tiny config share compiled steps across processes
-  # through the suite's compilation cache (conftest), short compiles too.
-  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  yield
-  os.environ.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
-
-
 def _run(workdir, data_dir, *extra, config="configs/synthetic.py:tiny",
          check=True, timeout=600):
   cmd = [
