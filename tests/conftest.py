@@ -33,24 +33,36 @@ from pix2seq_d_jax import host_memory  # noqa: E402
 
 jax.config.update("jax_disable_most_optimizations", True)
 
-# The files that take longest (seconds of one worker, measured on the 2-core
-# CI machine kind), in that order. With `--dist loadfile` and
+# The files that take longest (over 10 s of one worker, measured on the
+# 2-core CI machine kind), in that order. With `--dist loadfile` and
 # `--no-loadscope-reorder`, xdist hands out files in collection order, so
 # starting with the longest ones (longest-processing-time first) keeps the
 # two workers' finishing times close; every other file follows in its
 # usual order.
 _LONGEST_FIRST = (
     "test_multiprocess.py",
-    "test_train.py",
     "test_train_state.py",
-    "test_predict.py",
-    "test_benchmark.py",
+    "test_train.py",
+    "test_models.py",
     "test_sharding_multidevice.py",
+    "test_benchmark.py",
     "test_notebook.py",
     "test_gcs.py",
-    "test_models.py",
-    "test_video.py",
+    "test_predict.py",
+    "test_train_loop.py",
     "test_fault_tolerance.py",
+    "test_cli_errors.py",
+    "test_video_data.py",
+    "test_kitti_step.py",
+    "test_cli_run_errors.py",
+    "test_weight_import.py",
+    "test_no_recompile.py",
+    "test_video.py",
+    "test_config_lib.py",
+    "test_xla_env.py",
+    "test_group_norm.py",
+    "test_convolution.py",
+    "test_gc_pause.py",
 )
 
 
