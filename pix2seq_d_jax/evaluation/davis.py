@@ -51,7 +51,6 @@ from typing import Any
 
 import numpy as np
 from absl import logging
-from scipy import ndimage, optimize
 
 from pix2seq_d_jax.evaluation import cli
 from pix2seq_d_jax.formats import davis as davis_format
@@ -198,6 +197,10 @@ def dilate_disk(bmap: np.ndarray, radius: int) -> np.ndarray:
   y0, y1 = max(ys.min() - radius, 0), min(ys.max() + radius + 1, h)
   x0, x1 = max(xs.min() - radius, 0), min(xs.max() + radius + 1, w)
   crop = bmap[y0:y1, x0:x1]
+  # scipy is imported on first use: every training process loads this
+  # module through the evaluator registry, and scipy costs it 0.6 s.
+  from scipy import ndimage
+
   # distance_transform_edt is exact (sqrt of an integer), and sqrt is
   # monotone and correctly rounded, so `<= radius` is `d2 <= radius**2`.
   out[y0:y1, x0:x1] = ndimage.distance_transform_edt(~crop) <= radius
@@ -424,6 +427,8 @@ def _score_frames(
   j_all = j_all.reshape(m, n, num_frames)
   f_all = f_all.reshape(m, n, num_frames)
   score = (np.mean(j_all, axis=2) + np.mean(f_all, axis=2)) / 2
+  from scipy import optimize  # On first use, as ndimage above.
+
   rows, cols = optimize.linear_sum_assignment(-score)
   return j_all[rows, cols, :], f_all[rows, cols, :]
 
