@@ -28,4 +28,3 @@ def test_entry_points_import_no_scipy_tfds_or_tensorflow():
   assert {"pix2seq_d_jax", "jax", "flax", "grain", "orbax"} <= loaded
   assert not loaded & {"scipy", "tensorflow_datasets", "tensorflow"}, (
       loaded & {"scipy", "tensorflow_datasets", "tensorflow"})
-
