@@ -98,9 +98,22 @@ def _setup(config, ema_decay=0.5, lr=3e-3, skip_nonfinite=False,
   return exp, state, jax.jit(exp.train_step_fn())
 
 
-def test_train_step_updates_ema_stats_and_reduces_loss():
+@pytest.fixture(scope="module")
+def default_run():
+  """(exp, state, step) of the default skeleton config, built once.
+
+  Its step skips non-finite updates: with a finite loss that changes
+  nothing (`test_train_step_updates_ema_stats_and_reduces_loss` checks the
+  plain AdamW + EMA update on it), and the non-finite test needs it.
+  `max_instances=9` reaches only the predict function.
+  """
   config = _tiny_config()
-  _, state, step = _setup(config)
+  config.input.max_instances = 9
+  return _setup(config, skip_nonfinite=True)
+
+
+def test_train_step_updates_ema_stats_and_reduces_loss(default_run):
+  _, state, step = default_run
   batch = _batch()
   new_state, metrics = step(state, batch, jax.random.key(1))
   assert int(new_state.step) == 1
@@ -113,6 +126,7 @@ def test_train_step_updates_ema_stats_and_reduces_loss():
                          state.batch_stats, new_state.batch_stats)
   assert any(jax.tree.leaves(changed))
   assert float(metrics["lr"]) == pytest.approx(3e-3)
+  assert float(metrics["skipped"]) == 0.0
   # Overfitting one batch: the loss must fall (t is resampled every step).
   losses = []
   s = new_state
@@ -150,10 +164,8 @@ def test_self_conditioning_feeds_the_estimate_to_the_decoder():
       loss_with_self_cond_weights(50.0), rel=1e-6)
 
 
-def test_predict_returns_masks_in_range():
-  config = _tiny_config()
-  config.input.max_instances = 9
-  exp, state, _ = _setup(config)
+def test_predict_returns_masks_in_range(default_run):
+  exp, state, _ = default_run
   predict = jax.jit(exp.predict_fn(5, num_steps=3))
   sem, inst = predict(state.ema_params, state.batch_stats,
                       _batch()["image"], jax.random.key(0))
@@ -180,11 +192,10 @@ def test_optimizer_clips_global_norm():
   np.testing.assert_allclose(np.sign(updates["w"]), [-1, -1, 0])
 
 
-def test_bfloat16_compute_matches_float32_loss():
+def test_bfloat16_compute_matches_float32_loss(default_run):
   from pix2seq_d_jax.diffusion import losses, schedules
 
-  config = _tiny_config()
-  exp32, state, _ = _setup(config)
+  exp32, state, _ = default_run
   model32 = exp32.model
   config16 = _tiny_config()
   config16.model.dtype = "bfloat16"
@@ -218,8 +229,8 @@ def test_bfloat16_compute_matches_float32_loss():
   assert l16 != l32  # The bf16 path really computes in bf16.
 
 
-def test_nonfinite_update_is_skipped_when_configured():
-  _, state, step = _setup(_tiny_config(), skip_nonfinite=True)
+def test_nonfinite_update_is_skipped_when_configured(default_run):
+  _, state, step = default_run
   bad = dict(_batch(), loss_weight=jnp.full((2, MASK, MASK), jnp.nan))
   new_state, metrics = step(state, bad, jax.random.key(1))
   assert not np.isfinite(float(metrics["loss"]))
