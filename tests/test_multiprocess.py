@@ -4,11 +4,8 @@ Two processes of one CPU device each, each feeding half of a fixed global
 batch, must take the same steps as one process fed the whole batch; their
 training data shards must be disjoint and cover the split; and the real entry
 point started by `launch/local.py` trains, checkpoints and writes
-`metrics.jsonl` from process 0 only. A SIGTERM to one process stops both at
-one step; the rerun resumes there and, as `train_eval`, evaluates panoptic
-PQ to the same bytes as 1 process on its checkpoint (one 2-process job
-serves both properties: each launch costs two process start-ups and
-compiles). A 2-process DAVIS `train_eval` does the same for J&F.
+`metrics.jsonl` from process 0 only. A 2-process `train_eval` evaluates
+(panoptic PQ, DAVIS J&F) to the same bytes as 1 process on its checkpoint.
 """
 
 import glob
@@ -143,32 +140,19 @@ def test_data_shards_are_disjoint_and_cover_the_split(worker_runs, data_dir):
   assert len(single["image_ids"]) == 16
 
 
-# The panoptic evaluation's settings: 3 of the 4 val images in global
-# batches of 2, so one batch is half padding, which sits in process 1's rows.
-PANOPTIC_EVAL_ARGS = ("--config.evals.panoptic.batch_size=2",
-                      "--config.evals.panoptic.max_examples=3",
-                      "--config.evals.panoptic.num_overlays=2")
-
-
-@pytest.fixture(scope="module")
-def preempted_job(tmp_path_factory, data_dir):
-  """A 2-process job stopped by SIGTERM to one process, then resumed.
-
-  The resumed run trains 2 more steps and evaluates (`train_eval`); one
-  process then evaluates the same checkpoint alone. Returns the workdirs,
-  the step of the preemption checkpoint and the state seen right after the
-  preemption.
-  """
+def test_sigterm_to_one_process_stops_both_at_the_same_step(
+    tmp_path, tmp_path_factory, data_dir):
+  # A preemption notice reaches hosts at different moments: the processes
+  # must agree on the step to stop at, save one checkpoint there and exit 0
+  # (stopping at different steps would hang the other in a collective).
   cache = shared_cache_dir(tmp_path_factory)
-  root = tmp_path_factory.mktemp("preempted")
-  workdir, log_dir = str(root / "two"), str(root / "logs")
-  args = ["--config=configs/synthetic.py:tiny",
-          f"--config.input.data_dir={data_dir}", "--config.ckpt_steps=100000",
-          "--config.log_training_steps=1", *PANOPTIC_EVAL_ARGS]
+  workdir, log_dir = str(tmp_path / "w"), str(tmp_path / "logs")
   cmd = [
       sys.executable, os.path.join(REPO, "launch", "local.py"),
       "--num_processes=2", f"--log_dir={log_dir}", "--",
-      f"--workdir={workdir}", *args, "--config.total_steps=100000",
+      "--config=configs/synthetic.py:tiny", f"--workdir={workdir}",
+      f"--config.input.data_dir={data_dir}", "--config.total_steps=100000",
+      "--config.ckpt_steps=100000", "--config.log_training_steps=1",
       "--mode=train", *narrow_model_flags(),
   ]
   launcher = subprocess.Popen(cmd, cwd=REPO, env=_env(cache),
@@ -198,42 +182,21 @@ def preempted_job(tmp_path_factory, data_dir):
                                                          "checkpoints"))
                  if n.isdigit())
   with open(jsonl) as f:
-    logged_steps = [json.loads(line)["step"] for line in f]
-  logs = [open(os.path.join(log_dir, f"process_{i}.log")).read()
-          for i in range(2)]
-  step = saved[-1] + 2
+    last = max(json.loads(line)["step"] for line in f)
+  assert len(saved) == 1 and saved[0] == last >= 3
+  for i in range(2):
+    log = open(os.path.join(log_dir, f"process_{i}.log")).read()
+    assert f"Stopped by signal at step {saved[0]}" in log, log[-2000:]
   # The checkpoint holds each process's own input position (grain refuses
   # another shard's), so the same job resumes on both processes.
-  stdout, resumed_logs = _launch(
-      [*args, "--mode=train_eval", f"--config.total_steps={step}"], workdir,
-      cache, num_processes=2)
-  one = _eval_alone(workdir, str(root / "one"), cache, [*args, (
-      f"--config.total_steps={step}")])
-  return dict(two=workdir, one=one, step=step, saved=saved,
-              logged_steps=logged_steps, preempted_logs=logs, stdout=stdout,
-              resumed_logs=resumed_logs)
-
-
-def test_sigterm_to_one_process_stops_both_at_the_same_step(preempted_job):
-  # A preemption notice reaches hosts at different moments: the processes
-  # must agree on the step to stop at, save one checkpoint there and exit 0
-  # (stopping at different steps would hang the other in a collective).
-  saved = preempted_job["saved"]
-  assert len(saved) == 1 and saved[0] == max(
-      preempted_job["logged_steps"]) >= 3
-  for log in preempted_job["preempted_logs"]:
-    assert f"Stopped by signal at step {saved[0]}" in log, log[-2000:]
-  # The rerun resumed there, on both processes, and trained to the end.
-  with open(os.path.join(preempted_job["two"], "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  assert [r["step"] for r in rows if "train/loss" in r] == list(
-      range(1, preempted_job["step"] + 1))
-  assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
-  # The launcher started a 2-process job and echoes process 0.
-  logs = preempted_job["resumed_logs"]
-  assert "Process 0 of 2; 1 local / 2 global devices" in logs[0]
-  assert "Process 1 of 2; 1 local / 2 global devices" in logs[1]
-  assert "Process 0 of 2" in preempted_job["stdout"]
+  _launch(["--config=configs/synthetic.py:tiny",
+           f"--config.input.data_dir={data_dir}",
+           f"--config.total_steps={saved[0] + 2}", "--config.ckpt_steps=100000",
+           "--config.log_training_steps=1", "--mode=train"],
+          workdir, cache, num_processes=2)
+  with open(jsonl) as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert steps == list(range(1, saved[0] + 3)), steps
 
 
 def _launch(args, workdir, cache, *, num_processes):
@@ -267,29 +230,45 @@ def _files(folder):
   return out
 
 
-def _eval_alone(two, one, cache, args):
-  """1 process evaluating the latest checkpoint of the 2-process run `two`.
+def _train_eval_then_eval_alone(tmp_path, cache, args):
+  """2-process train_eval, then 1 process evaluating the same checkpoint.
 
   The training itself differs between 1 and 2 processes (each process
   shuffles its own data shard), so the 1-process run (one CPU device)
   evaluates the checkpoint the 2-process run evaluated: the same weights
-  through both evaluation paths, which must agree bit for bit. Returns
-  `one`, its workdir.
+  through both evaluation paths, which must agree bit for bit.
   """
+  two, one = str(tmp_path / "two"), str(tmp_path / "one")
+  stdout, logs = _launch([*args, "--mode=train_eval",
+                          "--config.total_steps=2"], two, cache,
+                         num_processes=2)
+  # The launcher started a 2-process job and echoes process 0.
+  assert "Process 0 of 2; 1 local / 2 global devices" in logs[0]
+  assert "Process 1 of 2; 1 local / 2 global devices" in logs[1]
+  assert "Process 0 of 2" in stdout
+  names = os.listdir(os.path.join(two, "checkpoints"))
+  assert sorted(n for n in names if n.isdigit()) == ["2"]
+  assert len(glob.glob(os.path.join(two, "events.out.tfevents.*"))) == 1
   shutil.copytree(os.path.join(two, "checkpoints"),
                   os.path.join(one, "checkpoints"))
-  _launch([*args, "--mode=eval"], one, cache, num_processes=1)
-  return one
+  _launch([*args, "--mode=eval", "--config.total_steps=2"], one, cache,
+          num_processes=1)
+  return two, one
 
 
-def test_two_process_panoptic_eval_equals_one_process(preempted_job,
-                                                      data_dir):
-  two, one, step = (preempted_job[k] for k in ("two", "one", "step"))
-  names = os.listdir(os.path.join(two, "checkpoints"))
-  assert max(int(n) for n in names if n.isdigit()) == step
-  # Process 0 alone writes events: one file for each of the two runs.
-  assert len(glob.glob(os.path.join(two, "events.out.tfevents.*"))) == 2
-  pred = os.path.join("predictions", f"panoptic_step{step}")
+def test_two_process_panoptic_eval_equals_one_process(
+    tmp_path, tmp_path_factory, data_dir):
+  # 3 of the 4 val images in global batches of 2: one batch is half
+  # padding, which sits in process 1's rows.
+  args = ["--config=configs/synthetic.py:tiny",
+          f"--config.input.data_dir={data_dir}",
+          "--config.log_training_steps=1",
+          "--config.evals.panoptic.batch_size=2",
+          "--config.evals.panoptic.max_examples=3",
+          "--config.evals.panoptic.num_overlays=2"]
+  two, one = _train_eval_then_eval_alone(
+      tmp_path, shared_cache_dir(tmp_path_factory), args)
+  pred = os.path.join("predictions", "panoptic_step2")
   with open(os.path.join(two, pred, "panoptic.json")) as f:
     written = json.load(f)
   from configs import synthetic
@@ -310,15 +289,17 @@ def test_two_process_panoptic_eval_equals_one_process(preempted_job,
   with open(os.path.join(two, pred, "metrics.json")) as f:
     metrics = json.load(f)
   assert metrics["num_images"] == 3 and 0.0 <= metrics["All"]["pq"] <= 1.0
-  overlays = [_files(os.path.join(w, "overlays", f"panoptic_step{step}"))
+  overlays = [_files(os.path.join(w, "overlays", "panoptic_step2"))
               for w in (two, one)]
   assert overlays[0] == overlays[1] and len(overlays[0]) == 2
-  # The logged metrics of the 2-process run are the same numbers, logged
-  # once (process 1 wrote none).
+  # The logged metrics of the 2-process run are the same numbers.
   with open(os.path.join(two, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
+  # One record per logged step: process 1 wrote none.
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+  assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
   logged = [r for r in rows if "eval/panoptic/pq" in r]
-  assert len(logged) == 1 and logged[0]["step"] == step
+  assert len(logged) == 1 and logged[0]["step"] == 2
   assert logged[0]["eval/panoptic/pq"] == metrics["All"]["pq"]
   assert logged[0]["eval/panoptic/num_images"] == 3
 
@@ -345,13 +326,8 @@ def test_two_process_davis_eval_equals_one_process(
   args = ["--config=configs/synthetic.py:video,tiny",
           f"--config.input.data_dir={data_dir}",
           "--config.input.synthetic_video.num_val=3"]
-  cache = shared_cache_dir(tmp_path_factory)
-  two = str(tmp_path / "two")
-  _, logs = _launch([*args, "--mode=train_eval", "--config.total_steps=2"],
-                    two, cache, num_processes=2)
-  assert "Process 1 of 2; 1 local / 2 global devices" in logs[1]
-  one = _eval_alone(two, str(tmp_path / "one"), cache,
-                    [*args, "--config.total_steps=2"])
+  two, one = _train_eval_then_eval_alone(
+      tmp_path, shared_cache_dir(tmp_path_factory), args)
   pred = os.path.join("predictions", "davis_step2")
   files_two, files_one = (_files(os.path.join(w, pred)) for w in (two, one))
   # The results folder (palette PNGs of 3 sequences x 4 frames) and the
