@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pix2seq_d_jax.models import accumulation
+
 IMPLEMENTATIONS = ('auto', 'lax', 'tiled')
 # Output pixels per weight-gradient tile: the map size at which XLA:CPU's
 # weight-gradient convolution runs near its peak.
@@ -203,8 +205,9 @@ def _pointwise(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   if strides != (1, 1):
     x = x[:, ::strides[0], ::strides[1], :]
   b, h, w, c = x.shape
-  y = jnp.dot(x.reshape(b * h * w, c), kernel.reshape(c, -1),
-              precision=precision)
+  y = accumulation.dot_general(
+      x.reshape(b * h * w, c), kernel.reshape(c, -1),
+      (((1,), (0,)), ((), ())), precision=precision)
   return y.reshape(b, h, w, -1)
 
 

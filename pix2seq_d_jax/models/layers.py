@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pix2seq_d_jax.models import convolution
+from pix2seq_d_jax.models import accumulation, convolution
 from pix2seq_d_jax.models import group_norm as group_norm_lib
 
 Initializer = Any
@@ -178,6 +178,9 @@ def dense(features: int,
       param_dtype=jnp.float32,
       kernel_init=kernel_init,
       bias_init=bias_init,
+      # bfloat16 products accumulate in float32 (native on CPU and
+      # accelerators); float32 ones are plain `lax.dot_general`.
+      dot_general=accumulation.dot_general,
       name=name)
 
 

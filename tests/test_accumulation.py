@@ -1,0 +1,152 @@
+"""bfloat16 products accumulated in float32 (`models/accumulation.py`)."""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from pix2seq_d_jax.models import accumulation, convolution, layers
+
+DENSE = (((2,), (0,)), ((), ()))
+
+
+def _operands(dtype=jnp.bfloat16):
+  x = jax.random.normal(jax.random.key(0), (2, 24, 48)).astype(dtype)
+  k = (0.2 * jax.random.normal(jax.random.key(1), (48, 40))).astype(dtype)
+  return x, k
+
+
+def _float64_product(x, k):
+  return np.einsum("btd,df->btf", np.asarray(x, np.float64),
+                   np.asarray(k, np.float64))
+
+
+def test_float32_operands_are_plain_dot_general():
+  x, k = _operands(jnp.float32)
+  out = accumulation.dot_general(x, k, DENSE)
+  np.testing.assert_array_equal(out, lax.dot_general(x, k, DENSE))
+  # A float32 dense layer computes what flax's default layer computes.
+  dense = layers.dense(40, ("embed", "mlp"))
+  params = dense.init(jax.random.key(2), x)
+  np.testing.assert_array_equal(
+      dense.apply(params, x),
+      nn.Dense(40).apply({"params": nn.unbox(params["params"])}, x))
+
+
+def test_bfloat16_product_is_the_rounded_exact_sum():
+  x, k = _operands()
+  out = accumulation.dot_general(x, k, DENSE)
+  assert out.dtype == jnp.bfloat16
+  exact = _float64_product(x, k)
+  # Products of bfloat16 values are exact in float32; summed in float32
+  # and rounded once, the result is within one bfloat16 rounding (2^-8
+  # relative) of the exact sum.
+  np.testing.assert_allclose(np.asarray(out, np.float64), exact,
+                             rtol=2.0**-8, atol=1e-6)
+  # A general contraction (batch dimensions) takes the same route.
+  q = x.reshape(2, 24, 4, 12)
+  logits = accumulation.dot_general(
+      q, q, (((3,), (3,)), ((0, 2), (0, 2))))
+  assert logits.dtype == jnp.bfloat16 and logits.shape == (2, 4, 24, 24)
+  exact_logits = np.einsum("bthd,bshd->bhts", np.asarray(q, np.float64),
+                           np.asarray(q, np.float64))
+  np.testing.assert_allclose(np.asarray(logits, np.float64), exact_logits,
+                             rtol=2.0**-8, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel_gradient_in_float32", [True, False])
+def test_bfloat16_gradients_equal_autodiff_of_the_accumulated_product(
+    monkeypatch, kernel_gradient_in_float32):
+  monkeypatch.setattr(accumulation, "kernel_gradient_in_float32",
+                      lambda: kernel_gradient_in_float32)
+  x, k = _operands()
+  g = jax.random.normal(jax.random.key(3), (2, 24, 40)).astype(jnp.bfloat16)
+
+  def reference(x, k):
+    return lax.dot_general(x, k, DENSE,
+                           preferred_element_type=jnp.float32).astype(x.dtype)
+
+  _, vjp = jax.vjp(lambda x, k: accumulation.dot_general(x, k, DENSE), x, k)
+  _, ref_vjp = jax.vjp(reference, x, k)
+  (dx, dk), (ref_dx, ref_dk) = vjp(g), ref_vjp(g)
+  assert dx.dtype == dk.dtype == jnp.bfloat16
+  # Against the exact (float64) gradients: within one bfloat16 rounding.
+  g64, x64, k64 = (np.asarray(a, np.float64) for a in (g, x, k))
+  np.testing.assert_allclose(np.asarray(dx, np.float64),
+                             np.einsum("btf,df->btd", g64, k64),
+                             rtol=2.0**-8, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(dk, np.float64),
+                             np.einsum("btd,btf->df", x64, g64),
+                             rtol=2.0**-8, atol=1e-6)
+  for ours, ref in ((dx, ref_dx), (dk, ref_dk)):
+    np.testing.assert_allclose(np.asarray(ours, np.float32),
+                               np.asarray(ref, np.float32),
+                               rtol=2.0**-7, atol=1e-6)
+
+
+def test_explicit_result_dtype_passes_through():
+  x, k = _operands()
+  out = accumulation.dot_general(x, k, DENSE,
+                                 preferred_element_type=jnp.float32)
+  assert out.dtype == jnp.float32
+  np.testing.assert_array_equal(
+      out, lax.dot_general(x, k, DENSE, preferred_element_type=jnp.float32))
+
+
+def _dot_operand_dtypes(compiled_text: str) -> list[tuple[str, str]]:
+  """(lhs, rhs) dtypes of every dot in an optimised HLO module."""
+  shapes, dots, computation = {}, [], ""
+  for line in compiled_text.splitlines():
+    header = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$", line)
+    if header and " = " not in line:
+      computation = header.group(1)
+      continue
+    m = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)\s+([a-z][\w\-]*)"
+                 r"\((.*)$", line)
+    if not m:
+      continue
+    name, shape, opcode, rest = m.groups()
+    shapes[(computation, name)] = shape.split("[")[0]
+    if opcode == "dot":
+      a, b = re.match(r"\s*%?([\w.\-]+),\s*%?([\w.\-]+)\)", rest).groups()
+      dots.append((shapes[(computation, a)], shapes[(computation, b)]))
+  return dots
+
+
+def test_bfloat16_dense_layer_keeps_bfloat16_operands_in_the_compiled_program():
+  # The point of the module: XLA:CPU turns a bfloat16 -> bfloat16 product
+  # into a float32 one (both operands converted), but keeps a bfloat16
+  # product into float32 native, forward and in the input's gradient.
+  x, _ = _operands()
+  plain = nn.Dense(40, dtype=jnp.bfloat16)
+  ours = layers.dense(40, ("embed", "mlp"), dtype=jnp.bfloat16)
+  params = ours.init(jax.random.key(2), x)
+
+  def program(module, variables):
+    def loss(v, x):
+      return jnp.sum(module.apply(v, x).astype(jnp.float32) ** 2)
+    return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
+        variables, x).compile().as_text()
+
+  plain_dots = _dot_operand_dtypes(
+      program(plain, {"params": nn.unbox(params["params"])}))
+  our_dots = _dot_operand_dtypes(program(ours, params))
+  assert plain_dots and all(d == ("f32", "f32") for d in plain_dots)
+  assert our_dots.count(("bf16", "bf16")) == 2, our_dots
+
+
+def test_pointwise_convolution_accumulates_in_float32():
+  x = jax.random.normal(jax.random.key(4), (2, 8, 8, 48)).astype(jnp.bfloat16)
+  k = (0.2 * jax.random.normal(jax.random.key(5), (1, 1, 48, 40))).astype(
+      jnp.bfloat16)
+  out = convolution.tiled_conv(x, k, (1, 1), "VALID",
+                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  assert out.dtype == jnp.bfloat16
+  exact = np.einsum("bhwc,co->bhwo", np.asarray(x, np.float64),
+                    np.asarray(k[0, 0], np.float64))
+  np.testing.assert_allclose(np.asarray(out, np.float64), exact,
+                             rtol=2.0**-8, atol=1e-6)
