@@ -84,6 +84,7 @@ from pix2seq_d_jax import (
     xla_env,
 )
 from pix2seq_d_jax.formats import atomic
+from pix2seq_d_jax.models import accumulation
 
 # ------------------------------------------------------------- measuring
 
@@ -192,7 +193,9 @@ def measure_ceilings(
 
   Both dtypes are measured so that a bfloat16 run can be judged against
   what the machine's bfloat16 kernels reach (a CPU without native bf16
-  arithmetic gains nothing from it).
+  arithmetic gains nothing from it). The bfloat16 matmul accumulates in
+  float32 as the model's dense layers do; the convolution is the model's
+  bf16 -> bf16 one.
 
   Args:
     matmul_size: n of the [n, n] x [n, n] matmul (2 n^3 FLOPs).
@@ -210,7 +213,10 @@ def measure_ceilings(
   key_a, key_b, key_x, key_w = jax.random.split(jax.random.key(0), 4)
   n = matmul_size
   s, c = conv_spatial, conv_channels
-  matmul = jax.jit(jnp.matmul)
+  # As the model multiplies: a bfloat16 product accumulates in float32
+  # (`models.accumulation`; XLA:CPU computes a bf16 -> bf16 one in f32).
+  matmul = jax.jit(functools.partial(
+      accumulation.dot_general, dimension_numbers=(((1,), (0,)), ((), ()))))
   conv = jax.jit(functools.partial(
       jax.lax.conv_general_dilated, window_strides=(1, 1), padding="SAME",
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
