@@ -24,9 +24,8 @@ and the 1×1 convolutions of `convolution.tiled_conv`:
   float32 than in bfloat16 at these shapes: [32768, 256]ᵀ·[32768, 256] in
   46 ms against 71 ms) is, on CPU, a float32 product of the upcast
   operands, rounded to the kernel's compute dtype as plain autodiff
-  would. On accelerators
-  the kernel's gradient is a 16-bit product into float32 like the others
-  (`kernel_gradient_in_float32`).
+  would. On accelerators the kernel's gradient is a 16-bit product into
+  float32 like the others (`kernel_gradient_in_float32`).
 """
 
 from __future__ import annotations
@@ -65,6 +64,11 @@ def dot_general(lhs: jax.Array,
   if (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
       and not lhs_batch and not rhs_batch and rhs.ndim == 2):
     return _dense_product(lhs, rhs, precision)
+  return _accumulated(lhs, rhs, dimension_numbers, precision)
+
+
+def _accumulated(lhs, rhs, dimension_numbers, precision):
+  """The product accumulated in float32, rounded to lhs's dtype."""
   return lax.dot_general(
       lhs, rhs, dimension_numbers, precision=precision,
       preferred_element_type=jnp.float32).astype(lhs.dtype)
@@ -74,9 +78,8 @@ def dot_general(lhs: jax.Array,
 def _dense_product(x: jax.Array, kernel: jax.Array, precision: Any
                    ) -> jax.Array:
   """x [..., d] · kernel [d, f], accumulated in float32, in x's dtype."""
-  return lax.dot_general(
-      x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision,
-      preferred_element_type=jnp.float32).astype(x.dtype)
+  return _accumulated(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                      precision)
 
 
 def _dense_product_fwd(x, kernel, precision):
@@ -85,9 +88,8 @@ def _dense_product_fwd(x, kernel, precision):
 
 def _dense_product_bwd(precision, residuals, dy):
   x, kernel = residuals
-  dx = lax.dot_general(
-      dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())), precision=precision,
-      preferred_element_type=jnp.float32).astype(x.dtype)
+  dx = _accumulated(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())),
+                    precision)
   rows_x = x.reshape(-1, x.shape[-1])
   rows_dy = dy.reshape(-1, dy.shape[-1])
   if kernel_gradient_in_float32():
