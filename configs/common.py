@@ -54,6 +54,12 @@ def paper_model() -> ml_collections.ConfigDict:
           conditional="cat+attn",
           time_scaling=10000.0,
           dtype="float32",
+          # jax.default_matmul_precision of the model's products; "bfloat16"
+          # (or "BF16_BF16_F32") multiplies float32 activations as bfloat16
+          # operands with float32 accumulation: native on TPU/GPU, and on
+          # CPU for the dense layers and tiled 1x1 convolutions (README,
+          # Speed). None keeps jax's default.
+          matmul_precision=config_dict.placeholder(str),
           # "tiled" computes 1x1 convolutions as matmuls and large-map
           # kernel gradients tile by tile (faster on XLA:CPU); "auto"
           # picks it on a single CPU device, "lax" elsewhere.

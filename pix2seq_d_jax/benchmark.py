@@ -188,6 +188,7 @@ def peak_rss_bytes() -> int:
 def measure_ceilings(
     *, matmul_size: int, conv_spatial: int, conv_channels: int,
     conv_batch: int = 8, repeats: int = 5, dtype: str = "float32",
+    matmul_precision: str | None = None,
 ) -> dict[str, Any]:
   """GFLOP/s of a matmul and a 3x3 SAME convolution, float32 and bfloat16.
 
@@ -205,6 +206,9 @@ def measure_ceilings(
     repeats: timed runs per operation; the median is used.
     dtype: the compute dtype of the run ('float32' or 'bfloat16'): its
       two figures make `ceiling_gflops`.
+    matmul_precision: the run's `model.matmul_precision`; a bfloat16 one
+      makes the bfloat16 matmul figure the run's matmul ceiling (its
+      products take bfloat16 operands) beside the float32 convolution.
 
   Returns:
     The GFLOP/s of each (bfloat16 ones under `*_bf16_gflops`), their
@@ -232,13 +236,16 @@ def measure_ceilings(
     figures[f"matmul{suffix}_gflops"] = 2.0 * n**3 / t_mm / 1e9
     figures[f"conv{suffix}_gflops"] = (
         2.0 * conv_batch * s * s * c * c * 9 / t_conv / 1e9)
-  run = "_bf16" if dtype == "bfloat16" else ""
+  conv_run = "_bf16" if dtype == "bfloat16" else ""
+  matmul_run = ("_bf16" if dtype == "bfloat16" or (
+      matmul_precision is not None
+      and accumulation.requests_bfloat16_products(matmul_precision)) else "")
   return {
       "matmul_size": n,
       "conv_shape": [conv_batch, s, s, c, c],
       **figures,
-      "ceiling_gflops": max(figures[f"matmul{run}_gflops"],
-                            figures[f"conv{run}_gflops"]),
+      "ceiling_gflops": max(figures[f"matmul{matmul_run}_gflops"],
+                            figures[f"conv{conv_run}_gflops"]),
   }
 
 
@@ -458,6 +465,7 @@ def run_benchmark(
       matmul_size=matmul_size, conv_spatial=conv_spatial,
       conv_channels=conv_channels, repeats=ceiling_repeats,
       dtype=config.model.dtype,
+      matmul_precision=config.model.get("matmul_precision"),
   )
 
   # ------------------------------ model, state and step (as train.py)
@@ -509,6 +517,7 @@ def run_benchmark(
       "image_size": inp.image_size,
       "mask_size": inp.mask_size,
       "dtype": config.model.dtype,
+      "matmul_precision": config.model.get("matmul_precision"),
       "remat": config.remat,
       "grad_accum_steps": config.grad_accum_steps,
       "video": exp.is_video,
@@ -668,7 +677,9 @@ def format_table(results: dict[str, Any]) -> str:
 
   rows = [
       ("model", f"{su['model']} ({su['num_params']:,} params, "
-                f"{su['dtype']})"),
+                f"{su['dtype']}"
+                + (f", matmul precision {su['matmul_precision']}"
+                   if su.get("matmul_precision") else "") + ")"),
       ("shapes", f"batch {su['batch_size']}, image {su['image_size']}, "
                  f"mask {su['mask_size']}"),
       ("device", f"{su['num_devices']} x {su['device']}"),

@@ -412,6 +412,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   )
   _check_choice("model.conditional", model.conditional, ("cat", "cat+attn"))
   _check_choice("model.dtype", model.dtype, ("float32", "bfloat16"))
+  if model.get("matmul_precision") is not None:
+    from pix2seq_d_jax.models import accumulation
+    _check_choice("model.matmul_precision", model.matmul_precision,
+                  accumulation.MATMUL_PRECISIONS)
   _check_choice("model.conv_impl", model.get("conv_impl", "auto"),
                 ("auto", "lax", "tiled"))
   _check_choice("model.backbone_norm", model.backbone_norm, ("batch", "group"))

@@ -150,3 +150,83 @@ def test_pointwise_convolution_accumulates_in_float32():
                     np.asarray(k[0, 0], np.float64))
   np.testing.assert_allclose(np.asarray(out, np.float64), exact,
                              rtol=2.0**-8, atol=1e-6)
+
+
+BFLOAT16_PRECISIONS = ["bfloat16", "BF16_BF16_F32",
+                       lax.DotAlgorithmPreset.BF16_BF16_F32]
+
+
+def _float64_of_bfloat16(*arrays):
+  return [np.asarray(jnp.asarray(a).astype(jnp.bfloat16), np.float64)
+          for a in arrays]
+
+
+@pytest.mark.parametrize("precision", BFLOAT16_PRECISIONS)
+def test_bfloat16_precision_multiplies_float32_operands_as_bfloat16(
+    precision):
+  x, k = _operands(jnp.float32)
+  out = accumulation.dot_general(x, k, DENSE, precision=precision)
+  assert out.dtype == jnp.float32
+  # The exact product of the operands rounded to bfloat16, summed in
+  # float32 (not rounded to bfloat16 afterwards) ...
+  rounded = _float64_product(*_float64_of_bfloat16(x, k))
+  np.testing.assert_allclose(np.asarray(out, np.float64), rounded,
+                             rtol=1e-5, atol=1e-5)
+  # ... which is not the float32 product: the operands were rounded.
+  exact = _float64_product(x, k)
+  assert np.abs(np.asarray(out, np.float64) - exact).max() > 1e-3
+  # `jax.default_matmul_precision` asks the same as the argument.
+  if isinstance(precision, str):
+    with jax.default_matmul_precision(precision):
+      np.testing.assert_array_equal(
+          jax.jit(lambda a, b: accumulation.dot_general(a, b, DENSE))(x, k),
+          out)
+  # A float32 precision keeps the float32 product.
+  np.testing.assert_array_equal(
+      accumulation.dot_general(x, k, DENSE, precision="highest"),
+      lax.dot_general(x, k, DENSE))
+
+
+@pytest.mark.parametrize("kernel_gradient_in_float32", [True, False])
+def test_bfloat16_precision_gradients(monkeypatch, kernel_gradient_in_float32):
+  monkeypatch.setattr(accumulation, "kernel_gradient_in_float32",
+                      lambda: kernel_gradient_in_float32)
+  x, k = _operands(jnp.float32)
+  g = jax.random.normal(jax.random.key(3), (2, 24, 40))
+  _, vjp = jax.vjp(lambda x, k: accumulation.dot_general(
+      x, k, DENSE, precision="bfloat16"), x, k)
+  dx, dk = vjp(g)
+  assert dx.dtype == dk.dtype == jnp.float32
+  g16, k16, x16 = _float64_of_bfloat16(g, k, x)
+  np.testing.assert_allclose(np.asarray(dx, np.float64),
+                             np.einsum("btf,df->btd", g16, k16),
+                             rtol=1e-5, atol=1e-5)
+  # On CPU the kernel's gradient is the float32 product of the unrounded
+  # operands; elsewhere the bfloat16 one.
+  x_k, g_k = ((np.asarray(x, np.float64), np.asarray(g, np.float64))
+              if kernel_gradient_in_float32 else (x16, g16))
+  np.testing.assert_allclose(np.asarray(dk, np.float64),
+                             np.einsum("btd,btf->df", x_k, g_k),
+                             rtol=1e-5, atol=1e-4)
+
+
+def test_bfloat16_precision_compiles_to_bfloat16_operand_dots():
+  # XLA:CPU keeps the float32 dot of a float32 layer under a bfloat16
+  # precision (the precision is accepted and ignored); ours multiplies
+  # bfloat16 operands, forward and in the input's gradient.
+  x, _ = _operands(jnp.float32)
+  dense = layers.dense(40, ("embed", "mlp"))
+  params = dense.init(jax.random.key(2), x)
+
+  def program(module, variables):
+    def loss(v, x):
+      return jnp.sum(module.apply(v, x) ** 2)
+    with jax.default_matmul_precision("bfloat16"):
+      return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
+          variables, x).compile().as_text()
+
+  plain_dots = _dot_operand_dtypes(
+      program(nn.Dense(40), {"params": nn.unbox(params["params"])}))
+  our_dots = _dot_operand_dtypes(program(dense, params))
+  assert plain_dots and all(d == ("f32", "f32") for d in plain_dots)
+  assert our_dots.count(("bf16", "bf16")) == 2, our_dots

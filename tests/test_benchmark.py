@@ -46,6 +46,14 @@ def test_ceilings_of_a_bfloat16_run_are_the_bfloat16_kernels():
   assert ce["ceiling_gflops"] == max(ce["matmul_bf16_gflops"],
                                      ce["conv_bf16_gflops"])
   assert ce["matmul_gflops"] > 0 and ce["conv_gflops"] > 0
+  # float32 activations with bfloat16 products: the bfloat16 matmul beside
+  # the float32 convolution (the figures are re-measured, so compare the
+  # choice, not the values).
+  mixed = benchmark.measure_ceilings(matmul_size=32, conv_spatial=8,
+                                     conv_channels=8, repeats=1,
+                                     matmul_precision="bfloat16")
+  assert mixed["ceiling_gflops"] == max(mixed["matmul_bf16_gflops"],
+                                        mixed["conv_gflops"])
 
 
 def test_time_calls_measures_blocking_work():

@@ -144,6 +144,7 @@ def _synthetic():
         ("diffusion.sample_steps", 0, "sample_steps=0"),
         ("diffusion.instance_bit_scale", 0.0, "instance_bit_scale=0.0"),
         ("model.conditional", "attn", "model.conditional='attn'"),
+        ("model.matmul_precision", "fp8", "'bfloat16'"),
         ("optax.end_lr_factor", 2.0, "end_lr_factor=2.0"),
     ],
 )

@@ -356,6 +356,30 @@ def test_bfloat16_compute_float32_params_and_output():
   assert rms_err < 0.05 * rms
 
 
+def test_matmul_precision_bfloat16_rounds_the_products_only():
+  variables, fns = _tiny()
+  image, x_t, gamma, _ = _inputs(7)
+  out32 = fns['call'](image, x_t, gamma)
+
+  def output(precision):
+    model = models.get_model('pix2seq_d', matmul_precision=precision, **TINY)
+    return jax.jit(functools.partial(model.apply, train=False))(
+        variables, image, x_t, gamma)
+
+  # A float32 precision name gives the float32 result (up to summation
+  # order: the program compiles with other precision attributes).
+  np.testing.assert_allclose(output('highest'), out32, rtol=1e-5, atol=1e-5)
+  rounded = output('bfloat16')
+  assert rounded.dtype == jnp.float32
+  # bfloat16 operands: an error of the order of bfloat16's rounding.
+  err = float(jnp.abs(rounded - out32).max())
+  assert 1e-3 < err < 0.05 * float(jnp.abs(out32).max())
+  np.testing.assert_array_equal(output('BF16_BF16_F32'), rounded)
+  with pytest.raises(ValueError, match='matmul_precision=.fp8.'):
+    models.get_model('pix2seq_d', matmul_precision='fp8', **TINY).init(
+        jax.random.key(0), image, x_t, gamma, train=False)
+
+
 def test_block_remat_keeps_parameters_outputs_and_gradients():
   variables = _tiny()[0]
   image, x_t, gamma, _ = _inputs(3)

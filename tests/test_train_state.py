@@ -192,13 +192,16 @@ def test_optimizer_clips_global_norm():
   np.testing.assert_allclose(np.sign(updates["w"]), [-1, -1, 0])
 
 
-def test_bfloat16_compute_matches_float32_loss(default_run):
+@pytest.mark.parametrize("field", ["dtype", "matmul_precision"])
+def test_bfloat16_compute_matches_float32_loss(default_run, field):
+  # dtype: bfloat16 activations; matmul_precision: float32 activations whose
+  # dense products (and tiled 1x1 convolutions) take bfloat16 operands.
   from pix2seq_d_jax.diffusion import losses, schedules
 
   exp32, state, _ = default_run
   model32 = exp32.model
   config16 = _tiny_config()
-  config16.model.dtype = "bfloat16"
+  config16.model[field] = "bfloat16"
   model16 = experiment.build_model(config16)
   # Random output layer: a fresh decoder's output is ~0 (see above).
   conv_out = state.params["decoder"]["conv_out"]

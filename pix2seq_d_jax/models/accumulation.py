@@ -25,7 +25,15 @@ and the 1×1 convolutions of `convolution.tiled_conv`:
   46 ms against 71 ms) is, on CPU, a float32 product of the upcast
   operands, rounded to the kernel's compute dtype as plain autodiff
   would. On accelerators the kernel's gradient is a 16-bit product into
-  float32 like the others (`kernel_gradient_in_float32`).
+  float32 like the others (`kernel_gradient_in_float32`);
+- float32 operands under a bfloat16 matmul precision (the `precision`
+  argument or `jax.default_matmul_precision`, 'bfloat16' or
+  'BF16_BF16_F32'; the model's `matmul_precision`): on CPU, the operands
+  rounded to bfloat16, the same native product into float32, and a float32
+  result, with the same gradient rule. XLA:CPU accepts that precision but
+  computes a float32 product (measured: the same values, the same time);
+  TPU and GPU honour it themselves, so elsewhere the call goes to
+  `lax.dot_general` with the precision unchanged.
 """
 
 from __future__ import annotations
@@ -55,47 +63,78 @@ def dot_general(lhs: jax.Array,
   Returns the result in the operands' dtype (or `preferred_element_type`
   when given), as `lax.dot_general` does.
   """
-  if (preferred_element_type is not None or kwargs
-      or not (_is_low_precision(lhs) and lhs.dtype == rhs.dtype)):
+  if preferred_element_type is not None or kwargs or lhs.dtype != rhs.dtype:
+    operand_dtype = None
+  elif _is_low_precision(lhs):
+    operand_dtype = lhs.dtype
+  elif (lhs.dtype == jnp.float32 and jax.default_backend() == "cpu"
+        and requests_bfloat16_products(precision)):
+    operand_dtype = jnp.dtype(jnp.bfloat16)
+    # The bfloat16 operands' product needs no precision of its own.
+    precision = None
+  else:
+    operand_dtype = None
+  if operand_dtype is None:
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type,
                            **kwargs)
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
   if (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
       and not lhs_batch and not rhs_batch and rhs.ndim == 2):
-    return _dense_product(lhs, rhs, precision)
-  return _accumulated(lhs, rhs, dimension_numbers, precision)
+    return _dense_product(lhs, rhs, operand_dtype, precision)
+  return _accumulated(lhs, rhs, dimension_numbers, operand_dtype, precision)
 
 
-def _accumulated(lhs, rhs, dimension_numbers, precision):
-  """The product accumulated in float32, rounded to lhs's dtype."""
+_BFLOAT16_PRECISIONS = ('bfloat16', 'BF16_BF16_F32')
+# The `jax.default_matmul_precision` names a model may set: the legacy
+# levels and the float32-accumulating algorithms XLA:CPU accepts.
+MATMUL_PRECISIONS = ('default', 'high', 'highest', 'float32',
+                     'tensorfloat32', *_BFLOAT16_PRECISIONS, 'F32_F32_F32')
+
+
+def requests_bfloat16_products(precision: Any = None) -> bool:
+  """Whether `precision` (None: `jax.default_matmul_precision`) asks that
+  float32 products take bfloat16 operands and accumulate in float32."""
+  if precision is None:
+    precision = jax.config.jax_default_matmul_precision
+  if isinstance(precision, lax.DotAlgorithmPreset):
+    return precision == lax.DotAlgorithmPreset.BF16_BF16_F32
+  return isinstance(precision, str) and precision in _BFLOAT16_PRECISIONS
+
+
+def _accumulated(lhs, rhs, dimension_numbers, operand_dtype, precision):
+  """The product of the operands in `operand_dtype`, accumulated in
+  float32, in lhs's dtype."""
   return lax.dot_general(
-      lhs, rhs, dimension_numbers, precision=precision,
+      lhs.astype(operand_dtype), rhs.astype(operand_dtype),
+      dimension_numbers, precision=precision,
       preferred_element_type=jnp.float32).astype(lhs.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dense_product(x: jax.Array, kernel: jax.Array, precision: Any
-                   ) -> jax.Array:
-  """x [..., d] · kernel [d, f], accumulated in float32, in x's dtype."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense_product(x: jax.Array, kernel: jax.Array, operand_dtype: Any,
+                   precision: Any) -> jax.Array:
+  """x [..., d] · kernel [d, f] with operands in `operand_dtype`,
+  accumulated in float32, in x's dtype."""
   return _accumulated(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
-                      precision)
+                      operand_dtype, precision)
 
 
-def _dense_product_fwd(x, kernel, precision):
-  return _dense_product(x, kernel, precision), (x, kernel)
+def _dense_product_fwd(x, kernel, operand_dtype, precision):
+  return _dense_product(x, kernel, operand_dtype, precision), (x, kernel)
 
 
-def _dense_product_bwd(precision, residuals, dy):
+def _dense_product_bwd(operand_dtype, precision, residuals, dy):
   x, kernel = residuals
   dx = _accumulated(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())),
-                    precision)
+                    operand_dtype, precision).astype(x.dtype)
   rows_x = x.reshape(-1, x.shape[-1])
   rows_dy = dy.reshape(-1, dy.shape[-1])
-  if kernel_gradient_in_float32():
-    rows_x, rows_dy = rows_x.astype(jnp.float32), rows_dy.astype(jnp.float32)
+  rows_dtype = (jnp.float32 if kernel_gradient_in_float32()
+                else operand_dtype)
   dkernel = lax.dot_general(
-      rows_x, rows_dy, (((0,), (0,)), ((), ())), precision=precision,
+      rows_x.astype(rows_dtype), rows_dy.astype(rows_dtype),
+      (((0,), (0,)), ((), ())), precision=precision,
       preferred_element_type=jnp.float32)
   return dx, dkernel.astype(kernel.dtype)
 

@@ -12,11 +12,14 @@ the TransUNet, cross-attending to the encoder tokens when `conditional` is
 model has 94,492,480 parameters, the count of the official code.
 """
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from pix2seq_d_jax.models import (
+  accumulation,
   convolution,
   layers,
   pyramid,
@@ -80,6 +83,12 @@ class Pix2SeqD(nn.Module):
       shorter compile, the same parameters, checkpoints and initial values.
     dtype: compute dtype, 'float32' or 'bfloat16'; parameters stay float32
       and the decoder output is float32.
+    matmul_precision: `jax.default_matmul_precision` while encoding and
+      decoding (None: jax's own). 'bfloat16' or 'BF16_BF16_F32' multiplies
+      float32 activations as bfloat16 operands accumulated in float32:
+      TPU and GPU do that for their matmuls and convolutions, and on CPU
+      `accumulation.dot_general` does it for the dense layers and the
+      tiled 1×1 convolutions (XLA:CPU itself computes float32).
     conv_impl: how convolutions are computed: 'lax' (`nn.Conv`'s own),
       'tiled' (the same convolutions and parameters with XLA:CPU-friendly
       backward shapes, `convolution.tiled_conv`) or 'auto' ('tiled' on a
@@ -115,6 +124,7 @@ class Pix2SeqD(nn.Module):
   remat_blocks: str = 'none'
   scan_layers: bool = False
   dtype: str = 'float32'
+  matmul_precision: str | None = None
   conv_impl: str = 'auto'
 
   def setup(self):
@@ -163,6 +173,11 @@ class Pix2SeqD(nn.Module):
       raise ValueError(f'{name}.backbone_norm={self.backbone_norm!r}; '
                        f'expected one of {resnet.NORMS}.')
     layers.get_dtype(self.dtype)
+    if (self.matmul_precision is not None
+        and self.matmul_precision not in accumulation.MATMUL_PRECISIONS):
+      raise ValueError(f'{name}.matmul_precision={self.matmul_precision!r}; '
+                       f'expected None or one of '
+                       f'{accumulation.MATMUL_PRECISIONS}.')
     if (len(self.mask_size) != 2 or
         any(int(s) != s or s <= 0 for s in self.mask_size)):
       raise ValueError(f'{name}.mask_size={self.mask_size!r}; expected two '
@@ -205,6 +220,12 @@ class Pix2SeqD(nn.Module):
           f'integer multiple of the stride-4 feature size {c2} of the image '
           f'size {size}.')
 
+  def _precision(self) -> contextlib.AbstractContextManager:
+    """The matmul precision the model's products are traced under."""
+    if self.matmul_precision is None:
+      return contextlib.nullcontext()
+    return jax.default_matmul_precision(self.matmul_precision)
+
   def encode(self, image: jax.Array, *, train: bool) -> dict[str, jax.Array]:
     """Encodes images once; the result conditions every decoder step.
 
@@ -231,14 +252,15 @@ class Pix2SeqD(nn.Module):
     # A frozen encoder behaves like a non-trainable Keras layer in the
     # reference: batch norm uses its running averages and dropout is off.
     enc_train = train and not self.freeze_backbone
-    maps = self.backbone(x, train=enc_train)
-    tokens = self.encoder(maps[-1], train=enc_train)
-    b, h, w, _ = maps[-1].shape
-    maps = maps[:-1] + [tokens.reshape(b, h, w, tokens.shape[-1])]
-    if self.freeze_backbone:
-      maps = [jax.lax.stop_gradient(m) for m in maps]
-      tokens = jax.lax.stop_gradient(tokens)
-    return {'features': self.pyramid(maps), 'tokens': tokens}
+    with self._precision():
+      maps = self.backbone(x, train=enc_train)
+      tokens = self.encoder(maps[-1], train=enc_train)
+      b, h, w, _ = maps[-1].shape
+      maps = maps[:-1] + [tokens.reshape(b, h, w, tokens.shape[-1])]
+      if self.freeze_backbone:
+        maps = [jax.lax.stop_gradient(m) for m in maps]
+        tokens = jax.lax.stop_gradient(tokens)
+      return {'features': self.pyramid(maps), 'tokens': tokens}
 
   def decode(self,
              x_t: jax.Array,
@@ -296,7 +318,8 @@ class Pix2SeqD(nn.Module):
     dtype = layers.get_dtype(self.dtype)
     x = jnp.concatenate([p.astype(dtype) for p in parts], axis=-1)
     context = encoded['tokens'] if 'attn' in self.conditional else None
-    return self.decoder(x, gamma.astype(jnp.float32), context, train=train)
+    with self._precision():
+      return self.decoder(x, gamma.astype(jnp.float32), context, train=train)
 
   def __call__(self,
                image: jax.Array,
