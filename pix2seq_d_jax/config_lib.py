@@ -221,6 +221,14 @@ def _require(cond: bool, field: str, value: Any, expected: str) -> None:
     raise ConfigError(f"config.{field}={value!r}: expected {expected}")
 
 
+# The `jax.default_matmul_precision` names `model.matmul_precision` may
+# take: jax's precision levels and the float32-accumulating algorithms that
+# XLA:CPU accepts ('bfloat16' and 'BF16_BF16_F32' give bfloat16 products).
+MATMUL_PRECISIONS = ("default", "high", "highest", "float32",
+                     "tensorfloat32", "bfloat16", "BF16_BF16_F32",
+                     "F32_F32_F32")
+
+
 def _check_choice(field: str, value: Any, choices: Sequence[Any]) -> None:
   _require(value in choices, field, value, f"one of {list(choices)}")
 
@@ -413,9 +421,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice("model.conditional", model.conditional, ("cat", "cat+attn"))
   _check_choice("model.dtype", model.dtype, ("float32", "bfloat16"))
   if model.get("matmul_precision") is not None:
-    from pix2seq_d_jax.models import accumulation
     _check_choice("model.matmul_precision", model.matmul_precision,
-                  accumulation.MATMUL_PRECISIONS)
+                  MATMUL_PRECISIONS)
   _check_choice("model.conv_impl", model.get("conv_impl", "auto"),
                 ("auto", "lax", "tiled"))
   _check_choice("model.backbone_norm", model.backbone_norm, ("batch", "group"))

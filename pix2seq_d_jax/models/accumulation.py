@@ -86,10 +86,6 @@ def dot_general(lhs: jax.Array,
 
 
 _BFLOAT16_PRECISIONS = ('bfloat16', 'BF16_BF16_F32')
-# The `jax.default_matmul_precision` names a model may set: the legacy
-# levels and the float32-accumulating algorithms XLA:CPU accepts.
-MATMUL_PRECISIONS = ('default', 'high', 'highest', 'float32',
-                     'tensorfloat32', *_BFLOAT16_PRECISIONS, 'F32_F32_F32')
 
 
 def requests_bfloat16_products(precision: Any = None) -> bool:

@@ -18,8 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pix2seq_d_jax import config_lib
 from pix2seq_d_jax.models import (
-  accumulation,
   convolution,
   layers,
   pyramid,
@@ -174,10 +174,10 @@ class Pix2SeqD(nn.Module):
                        f'expected one of {resnet.NORMS}.')
     layers.get_dtype(self.dtype)
     if (self.matmul_precision is not None
-        and self.matmul_precision not in accumulation.MATMUL_PRECISIONS):
+        and self.matmul_precision not in config_lib.MATMUL_PRECISIONS):
       raise ValueError(f'{name}.matmul_precision={self.matmul_precision!r}; '
                        f'expected None or one of '
-                       f'{accumulation.MATMUL_PRECISIONS}.')
+                       f'{config_lib.MATMUL_PRECISIONS}.')
     if (len(self.mask_size) != 2 or
         any(int(s) != s or s <= 0 for s in self.mask_size)):
       raise ValueError(f'{name}.mask_size={self.mask_size!r}; expected two '
