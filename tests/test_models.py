@@ -366,15 +366,12 @@ def test_matmul_precision_bfloat16_rounds_the_products_only():
     return jax.jit(functools.partial(model.apply, train=False))(
         variables, image, x_t, gamma)
 
-  # A float32 precision name gives the float32 result (up to summation
-  # order: the program compiles with other precision attributes).
-  np.testing.assert_allclose(output('highest'), out32, rtol=1e-5, atol=1e-5)
+  # (Each precision name's product is checked in test_accumulation.py.)
   rounded = output('bfloat16')
   assert rounded.dtype == jnp.float32
   # bfloat16 operands: an error of the order of bfloat16's rounding.
   err = float(jnp.abs(rounded - out32).max())
   assert 1e-3 < err < 0.05 * float(jnp.abs(out32).max())
-  np.testing.assert_array_equal(output('BF16_BF16_F32'), rounded)
   with pytest.raises(ValueError, match='matmul_precision=.fp8.'):
     models.get_model('pix2seq_d', matmul_precision='fp8', **TINY).init(
         jax.random.key(0), image, x_t, gamma, train=False)
