@@ -16,9 +16,10 @@ and the 1×1 convolutions of `convolution.tiled_conv`:
 
 - float32 (or any non-16-bit) operands: `lax.dot_general` unchanged, so
   float32 models compute exactly what they computed before;
-- 16-bit float operands: the product accumulated in float32 and rounded to
-  the operands' dtype. A dense layer's product (the last axis of the input
-  against the first of a 2-D kernel) has its own gradient: the input's
+- 16-bit float operands of a dense layer's product (the last axis of the
+  input against the first of a 2-D kernel): the product accumulated in
+  float32 and rounded to the operands' dtype, with its own gradient: the
+  input's
   gradient is again a bfloat16 product into float32, while the kernel's
   gradient (a contraction over all rows, which XLA:CPU computes faster in
   float32 than in bfloat16 at these shapes: [32768, 256]ᵀ·[32768, 256] in
@@ -33,7 +34,9 @@ and the 1×1 convolutions of `convolution.tiled_conv`:
   result, with the same gradient rule. XLA:CPU accepts that precision but
   computes a float32 product (measured: the same values, the same time);
   TPU and GPU honour it themselves, so elsewhere the call goes to
-  `lax.dot_general` with the precision unchanged.
+  `lax.dot_general` with the precision unchanged;
+- any other contraction (batch dimensions, other axes): `lax.dot_general`
+  unchanged (see `dot_general` for why).
 """
 
 from __future__ import annotations
@@ -63,29 +66,50 @@ def dot_general(lhs: jax.Array,
   Returns the result in the operands' dtype (or `preferred_element_type`
   when given), as `lax.dot_general` does.
   """
-  if preferred_element_type is not None or kwargs or lhs.dtype != rhs.dtype:
-    operand_dtype = None
-  elif _is_low_precision(lhs):
-    operand_dtype = lhs.dtype
-  elif (lhs.dtype == jnp.float32 and jax.default_backend() == "cpu"
-        and requests_bfloat16_products(precision)):
-    operand_dtype = jnp.dtype(jnp.bfloat16)
-    # The bfloat16 operands' product needs no precision of its own.
-    precision = None
-  else:
-    operand_dtype = None
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  dense = (tuple(lhs_contract) == (lhs.ndim - 1,)
+           and tuple(rhs_contract) == (0,) and not lhs_batch
+           and not rhs_batch and rhs.ndim == 2)
+  operand_dtype = None
+  if dense and preferred_element_type is None and not kwargs:
+    operand_dtype = product_operand_dtype(lhs, rhs, precision)
   if operand_dtype is None:
+    # Other contractions stay XLA's: on CPU, a 16-bit product into float32
+    # whose operands XLA lays out transposed (e.g. a contraction over a
+    # batched operand's second-minor axis) is not handed to YNNPACK, and
+    # XLA:CPU's own dot kernel refuses it at run time ("Unsupported element
+    # type for DotThunk::Execute: BF16 x BF16 = F32", jax 0.10). XLA
+    # computes a 16-bit product in float32 and rounds it once: the values
+    # an accumulated product has.
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type,
                            **kwargs)
-  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
-  if (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
-      and not lhs_batch and not rhs_batch and rhs.ndim == 2):
-    return _dense_product(lhs, rhs, operand_dtype, precision)
-  return _accumulated(lhs, rhs, dimension_numbers, operand_dtype, precision)
+  if lhs.dtype == jnp.float32:
+    # The bfloat16 operands' product needs no precision of its own.
+    precision = None
+  return _dense_product(lhs, rhs, operand_dtype, precision)
 
 
 _BFLOAT16_PRECISIONS = ('bfloat16', 'BF16_BF16_F32')
+
+
+def product_operand_dtype(lhs: jax.Array, rhs: jax.Array,
+                          precision: Any = None) -> jnp.dtype | None:
+  """The dtype this module multiplies `lhs` and `rhs` in, or None for a
+  plain `lax.dot_general`.
+
+  16-bit float operands of one dtype: that dtype. float32 operands on CPU
+  under a bfloat16 precision (`precision`, or None for
+  `jax.default_matmul_precision`): bfloat16. Anything else: None.
+  """
+  if lhs.dtype != rhs.dtype:
+    return None
+  if _is_low_precision(lhs):
+    return lhs.dtype
+  if (lhs.dtype == jnp.float32 and jax.default_backend() == "cpu"
+      and requests_bfloat16_products(precision)):
+    return jnp.dtype(jnp.bfloat16)
+  return None
 
 
 def requests_bfloat16_products(precision: Any = None) -> bool:
@@ -145,3 +169,4 @@ def kernel_gradient_in_float32() -> bool:
 
 
 _dense_product.defvjp(_dense_product_fwd, _dense_product_bwd)
+
