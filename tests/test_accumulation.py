@@ -211,3 +211,40 @@ def test_bfloat16_precision_compiles_to_bfloat16_operand_dots():
   assert plain_dots and all(d == ("f32", "f32") for d in plain_dots)
   assert our_dots.count(("bf16", "bf16")) == 2, our_dots
 
+
+
+@pytest.mark.parametrize("shape,features", [
+    ((1, 7), 3), ((1, 1, 64), 16), ((2, 1, 16), 128), ((3, 5, 16), 1),
+    ((4, 2, 3, 8), 32), ((8, 3), 64)])
+@pytest.mark.parametrize("mode", ["bfloat16 operands", "bfloat16 precision"])
+def test_dense_products_run_at_any_shape(shape, features, mode):
+  # XLA:CPU's own dot kernel refuses bfloat16 operands into float32; such
+  # a product runs only where XLA hands it to YNNPACK. The dense forms
+  # (forward and both gradients) must run, with their values, whatever
+  # the row count or rank.
+  x = jax.random.normal(jax.random.key(9), shape)
+  k = 0.3 * jax.random.normal(jax.random.key(10), (shape[-1], features))
+  precision = "bfloat16" if mode == "bfloat16 precision" else None
+  if precision is None:
+    x, k = x.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+  dense = (((x.ndim - 1,), (0,)), ((), ()))
+
+  def loss(x, k):
+    out = accumulation.dot_general(x, k, dense).astype(jnp.float32)
+    return jnp.sum(out ** 2), out
+
+  with jax.default_matmul_precision(precision):
+    (_, out), (dx, dk) = jax.jit(jax.value_and_grad(
+        loss, argnums=(0, 1), has_aux=True))(x, k)
+  x16, k16 = _float64_of_bfloat16(x, k)
+  exact = np.einsum("...d,df->...f", x16, k16)
+  np.testing.assert_allclose(np.asarray(out, np.float64), exact,
+                             rtol=2.0**-7, atol=1e-3)
+  # The gradients, within bfloat16 roundings of their largest entry (the
+  # output gradient is itself a rounded value).
+  g = 2.0 * exact
+  for value, ref in (
+      (dx, np.einsum("...f,df->...d", g, k16)),
+      (dk, x16.reshape(-1, shape[-1]).T @ g.reshape(-1, features))):
+    np.testing.assert_allclose(np.asarray(value, np.float64), ref,
+                               rtol=0, atol=2e-2 * np.abs(ref).max())
