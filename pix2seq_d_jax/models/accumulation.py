@@ -147,7 +147,7 @@ def _dense_product_fwd(x, kernel, operand_dtype, precision):
 def _dense_product_bwd(operand_dtype, precision, residuals, dy):
   x, kernel = residuals
   dx = _accumulated(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())),
-                    operand_dtype, precision).astype(x.dtype)
+                    operand_dtype, precision)
   rows_x = x.reshape(-1, x.shape[-1])
   rows_dy = dy.reshape(-1, dy.shape[-1])
   rows_dtype = (jnp.float32 if kernel_gradient_in_float32()
@@ -169,4 +169,3 @@ def kernel_gradient_in_float32() -> bool:
 
 
 _dense_product.defvjp(_dense_product_fwd, _dense_product_bwd)
-
