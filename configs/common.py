@@ -220,6 +220,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # keep few temporaries alive (2.27 instead of 2.87 GiB at 256 / 128, same
   # step time); 'concurrency' is XLA:CPU's own concurrency-optimised order.
   config.cpu_scheduler = "memory"
+  # Speed lever on CPU: 'eigen' runs XLA:CPU's convolutions with Eigen
+  # instead of YNNPACK (train step 8.42 -> 7.48 s at 256 / 128); 'ynnpack'
+  # keeps XLA's default. Set in XLA_FLAGS by the entry points; process-wide.
+  config.cpu_convolutions = "eigen"
   # Keep the train step's host temporaries mapped from step to step: once
   # compiled, single-device CPU computations run on the calling thread and
   # glibc keeps freed memory (no mmap, no trimming), instead of ~700,000

@@ -42,7 +42,9 @@ executed XLA instruction's time is summed per category (convolution
 forward, input gradient, weight gradient; matmul; transpose/copy; the
 optimizer update; other) by `op_profile`. Each execution of an instruction
 counts once, with its duration (an operation that splits its work over
-both cores is one record); shares are of the summed op time.
+both cores is one record; a convolution XLA:CPU gives to Eigen counts
+until the next operation starts, see `op_profile`); shares are of the
+summed op time.
 
 Comparing. `--output r.json` saves every figure; a later run with
 `--compare r.json` prints each figure next to the saved one with the ratio
@@ -398,8 +400,11 @@ def profile_train_steps(
     holder[0], metrics = compiled(holder[0], batch, rng)
     jax.block_until_ready((holder[0], metrics))
 
-  times = op_profile.traced_op_times(run, repeats=repeats)
-  categories = op_profile.op_categories(compiled.as_text(), batch_size)
+  hlo_text = compiled.as_text()
+  categories = op_profile.op_categories(hlo_text, batch_size)
+  times = op_profile.traced_op_times(
+      run, repeats=repeats, ops=categories,
+      launched=op_profile.launched_instructions(hlo_text))
   return holder[0], op_profile.category_shares(categories, times)
 
 

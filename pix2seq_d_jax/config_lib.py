@@ -447,6 +447,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                         "blocks", "blocks_dots"))
   _check_choice("cpu_scheduler", config.get("cpu_scheduler", "memory"),
                 xla_env.CPU_SCHEDULERS)
+  _check_choice("cpu_convolutions", config.get("cpu_convolutions", "eigen"),
+                xla_env.CPU_CONVOLUTIONS)
   reuse = config.get("reuse_host_memory", True)
   _require(isinstance(reuse, bool), "reuse_host_memory", reuse, "a bool")
   _require(

@@ -22,10 +22,17 @@ over the thread pool is one record, and instructions that ran side by side
 each count. The summed op time is therefore close to the wall time when
 the program runs one operation at a time (the memory-minimising
 scheduler), and a share is of that sum.
+
+XLA:CPU runs a convolution it hands to Eigen asynchronously: the traced
+event is only its launch, and the next operation starts when the
+convolution is done. So such an instruction (`launched_instructions`)
+counts until the next operation's event starts, which is exact when the
+program runs one operation at a time.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import glob
 import gzip
@@ -33,7 +40,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import jax
@@ -134,14 +141,54 @@ def op_categories(hlo_text: str, batch_size: int) -> dict[str, str]:
   return out
 
 
-def traced_op_times(run: Callable[[], Any], *, repeats: int
-                    ) -> dict[str, float]:
+def launched_instructions(hlo_text: str) -> set[str]:
+  """Instructions whose traced event may be only their launch.
+
+  The convolutions that are instructions of their own (not inside a
+  fusion): XLA:CPU runs those it gives to Eigen asynchronously.
+  """
+  instructions, _, _ = _parse(hlo_text)
+  return {name for name, inst in instructions.items()
+          if inst["opcode"] == "convolution"}
+
+
+def op_durations(events: list[dict], *, launched: Collection[str] = (),
+                 ops: Collection[str] = ()) -> dict[str, float]:
+  """Summed seconds per event name of a trace's complete ('X') events.
+
+  Args:
+    events: Perfetto/Chrome trace events (`ts` and `dur` in µs).
+    launched: names whose event is only a launch: each execution counts
+      until the next event of `ops` starts (at least its own duration).
+    ops: the names that make up the program's timeline.
+
+  Returns:
+    {event name: seconds}, summed over its executions.
+  """
+  complete = [e for e in events if e.get("ph") == "X"]
+  starts = sorted(e["ts"] for e in complete if e["name"] in ops)
+  times: dict[str, float] = collections.defaultdict(float)
+  for event in complete:
+    duration = event.get("dur", 0.0)
+    if event["name"] in launched:
+      later = bisect.bisect_right(starts, event["ts"])
+      if later < len(starts):
+        duration = max(duration, starts[later] - event["ts"])
+    times[event["name"]] += duration * 1e-6
+  return dict(times)
+
+
+def traced_op_times(run: Callable[[], Any], *, repeats: int,
+                    launched: Collection[str] = (),
+                    ops: Collection[str] = ()) -> dict[str, float]:
   """Summed seconds per executed instruction name over `repeats` runs.
 
   Args:
     run: one blocked execution of the program (it may close over and
       update its own state between calls).
     repeats: runs inside the trace.
+    launched, ops: as for `op_durations` (`launched_instructions` and
+      the program's instruction names).
 
   Returns:
     {instruction name: seconds}, summed over its executions and runs.
@@ -161,11 +208,7 @@ def traced_op_times(run: Callable[[], Any], *, repeats: int
     with gzip.open(path, "rt") as f:
       trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  times: dict[str, float] = collections.defaultdict(float)
-  for event in events:
-    if event.get("ph") == "X":
-      times[event["name"]] += event.get("dur", 0.0) * 1e-6
-  return dict(times)
+  return op_durations(events, launched=launched, ops=ops)
 
 
 def category_shares(categories: dict[str, str],

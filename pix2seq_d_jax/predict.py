@@ -348,8 +348,7 @@ def _main(argv: Sequence[str], cli: dict[str, Any]) -> None:
           cli["steps"].value, cli["save_trajectory"].value)
   try:
     # Before the first device use (XLA reads its flags once), as `main`.
-    xla_env.set_cpu_scheduler(cli["config"].value.get("cpu_scheduler",
-                                                      "memory"))
+    xla_env.set_xla_flags(cli["config"].value)
     if video:
       result = predict_videos(
           *args, batch_size=cli["batch_size"].value,

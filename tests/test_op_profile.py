@@ -1,5 +1,7 @@
 """The op-category breakdown: HLO classification and the profile join."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,3 +77,35 @@ def test_traced_times_name_the_program_instructions():
   for kind in ("conv forward", "conv weight-grad", "matmul"):
     assert shares["seconds"][kind] > 0, kind
   np.testing.assert_allclose(sum(shares["share"].values()), 1.0)
+
+
+def test_a_launched_instruction_counts_until_the_next_operation_starts():
+  # µs: conv launched at 0 (1 µs event), the relu starts at 10 and runs 5;
+  # the conv launched again at 20 is the last operation (keeps its own 2).
+  events = [
+      {"ph": "X", "name": "conv.1", "ts": 0, "dur": 1},
+      {"ph": "X", "name": "python_event", "ts": 3, "dur": 1},
+      {"ph": "X", "name": "relu.2", "ts": 10, "dur": 5},
+      {"ph": "X", "name": "conv.1", "ts": 20, "dur": 2},
+      {"ph": "i", "name": "relu.2", "ts": 30},
+  ]
+  times = op_profile.op_durations(events, launched={"conv.1"},
+                                  ops={"conv.1", "relu.2"})
+  assert times["conv.1"] == pytest.approx(12e-6)
+  assert times["relu.2"] == pytest.approx(5e-6)
+  assert times["python_event"] == pytest.approx(1e-6)
+  # Without `launched`, each event's own duration.
+  plain = op_profile.op_durations(events)
+  assert plain["conv.1"] == pytest.approx(3e-6)
+
+
+def test_launched_instructions_are_the_unfused_convolutions():
+  compiled, _ = _program()
+  hlo_text = compiled.as_text()
+  launched = op_profile.launched_instructions(hlo_text)
+  categories = op_profile.op_categories(hlo_text, batch_size=2)
+  assert launched and launched <= set(categories)
+  assert {categories[name] for name in launched} <= {
+      "conv forward", "conv input-grad", "conv weight-grad"}
+  for name in launched:
+    assert re.search(rf"%{re.escape(name)} = \S+ convolution\(", hlo_text)

@@ -1,10 +1,12 @@
-"""`xla_env.set_cpu_scheduler`: the XLA_FLAGS it writes and their effect.
+"""`xla_env`: the XLA_FLAGS it writes and their effect.
 
 The effect is checked in fresh processes (XLA reads its flags once per
 process, `tests/xla_env_probe.py`): the memory scheduler needs less
 temporary memory for independent matmul chains than XLA:CPU's
 concurrency-optimised one, and the same train steps give the same losses
-and parameters under both, to the bit.
+and parameters under both, to the bit; with `cpu_convolutions` 'eigen' a
+convolution runs outside YNNPACK (`tests/conv_library_probe.py`), and both
+libraries' values and gradients match a float64 reference.
 """
 
 import json
@@ -12,6 +14,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from pix2seq_d_jax import config_lib, xla_env
@@ -75,3 +78,98 @@ def test_memory_scheduler_lowers_temporaries_and_keeps_the_numbers():
   assert len(set(memory["losses"])) == 3  # The steps did train.
   assert memory["param_checksum"] == concurrency["param_checksum"]
   assert memory["param_checksum"] != memory["initial_checksum"]
+
+
+CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+
+
+def test_eigen_convolutions_flag(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=true")
+  assert xla_env.set_cpu_convolutions("eigen")
+  assert os.environ["XLA_FLAGS"].split() == [
+      "--xla_cpu_use_thunk_runtime=true",
+      f"{CONV_FLAG}=-individual_convolution"]
+  assert not xla_env.set_cpu_convolutions("eigen")
+  assert os.environ["XLA_FLAGS"].count(CONV_FLAG) == 1
+
+
+def test_ynnpack_and_the_users_fusion_types_leave_the_flags_alone(
+    monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", f"{CONV_FLAG}=-reduce")
+  assert not xla_env.set_cpu_convolutions("eigen")
+  assert os.environ["XLA_FLAGS"] == f"{CONV_FLAG}=-reduce"
+  monkeypatch.delenv("XLA_FLAGS")
+  assert not xla_env.set_cpu_convolutions("ynnpack")
+  assert "XLA_FLAGS" not in os.environ
+
+
+def test_set_xla_flags_applies_the_configs_choices(monkeypatch):
+  from configs import synthetic
+
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  config = synthetic.get_config("tiny")
+  xla_env.set_xla_flags(config)  # The defaults: memory, eigen.
+  assert os.environ["XLA_FLAGS"].split() == [
+      f"{FLAG}=false", f"{CONV_FLAG}=-individual_convolution"]
+  monkeypatch.delenv("XLA_FLAGS")
+  config.cpu_scheduler, config.cpu_convolutions = "concurrency", "ynnpack"
+  xla_env.set_xla_flags(config)
+  assert os.environ["XLA_FLAGS"] == f"{FLAG}=true"
+
+
+def test_bad_convolution_libraries_are_refused(monkeypatch):
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  with pytest.raises(ValueError, match="cpu_convolutions='mkl'"):
+    xla_env.set_cpu_convolutions("mkl")
+  assert "XLA_FLAGS" not in os.environ
+  from configs import synthetic
+
+  config = synthetic.get_config("tiny")
+  config.cpu_convolutions = "mkl"
+  with pytest.raises(config_lib.ConfigError, match="cpu_convolutions"):
+    config_lib.validate(config)
+
+
+def _numpy_conv(x, kernel):
+  """3×3 'SAME' NHWC convolution in float64: a sum over the nine taps."""
+  x = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  h, w = x.shape[1] - 2, x.shape[2] - 2
+  return sum(np.einsum("nhwc,co->nhwo", x[:, i:i + h, j:j + w],
+                       kernel[i, j].astype(np.float64))
+             for i in range(3) for j in range(3))
+
+
+def test_each_library_runs_the_convolutions_with_the_same_values():
+  from tests import conv_library_probe
+
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  procs = {lib: subprocess.Popen(
+      [sys.executable, os.path.join(HERE, "conv_library_probe.py"), lib],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for lib in xla_env.CPU_CONVOLUTIONS}
+  out = {}
+  for lib, proc in procs.items():
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    out[lib] = json.loads(stdout.strip().splitlines()[-1])
+  eigen, ynnpack = out["eigen"], out["ynnpack"]
+  assert eigen["changed"] and not ynnpack["changed"]
+  # Which library ran the convolution: YNNPACK's fusion, or Eigen's
+  # convolution under its instruction's name.
+  assert "ynn_fusion" in ynnpack["op_names"]
+  assert not any(n.startswith("ynn_fusion") for n in eigen["op_names"])
+  assert any(n.startswith("conv_general_dilated") for n in eigen["op_names"])
+  # The values agree with a float64 reference (and so with each other).
+  x, kernel, cotangent = conv_library_probe.conv_inputs()
+  y = _numpy_conv(x, kernel)
+  # d<y, c>/dx is the convolution of c with the flipped, transposed kernel.
+  dx = _numpy_conv(cotangent, kernel[::-1, ::-1].transpose(0, 1, 3, 2))
+  xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  dk = np.stack([np.stack([
+      np.einsum("nhwc,nhwo->co", xp[:, i:i + 32, j:j + 32], cotangent)
+      for j in range(3)]) for i in range(3)])
+  for result in (eigen, ynnpack):
+    for name, want in (("y", y), ("dx", dx), ("dk", dk)):
+      np.testing.assert_allclose(np.asarray(result[name]), want,
+                                 rtol=1e-4, atol=1e-4 * np.abs(want).max(),
+                                 err_msg=name)
