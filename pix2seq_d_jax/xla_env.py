@@ -57,16 +57,9 @@ def set_cpu_scheduler(scheduler: str) -> bool:
   if scheduler not in CPU_SCHEDULERS:
     raise ValueError(f"cpu_scheduler={scheduler!r}: expected one of "
                      f"{list(CPU_SCHEDULERS)}")
-  flags = os.environ.get("XLA_FLAGS", "")
-  if _FLAG in flags:
-    return False
   value = "false" if scheduler == "memory" else "true"
-  if _backend_started():
-    logging.warning(
-        "cpu_scheduler=%r takes effect only in a new process: jax's backend "
-        "has already read XLA_FLAGS.", scheduler)
-  os.environ["XLA_FLAGS"] = f"{flags} {_FLAG}={value}".strip()
-  return True
+  return _add_xla_flag(_FLAG, f"{_FLAG}={value}",
+                       f"cpu_scheduler={scheduler!r}")
 
 
 def set_cpu_convolutions(library: str) -> bool:
@@ -86,14 +79,25 @@ def set_cpu_convolutions(library: str) -> bool:
   if library not in CPU_CONVOLUTIONS:
     raise ValueError(f"cpu_convolutions={library!r}: expected one of "
                      f"{list(CPU_CONVOLUTIONS)}")
+  if library == "ynnpack":
+    return False
+  return _add_xla_flag(_YNN_FUSION_FLAG, _WITHOUT_YNN_CONVOLUTIONS,
+                       f"cpu_convolutions={library!r}")
+
+
+def _add_xla_flag(name: str, flag: str, setting: str) -> bool:
+  """Appends `flag` to `XLA_FLAGS` unless a flag `name` is there already.
+
+  Returns whether it did; warns (naming `setting`) when jax's backend has
+  read `XLA_FLAGS` already, so the flag would reach only child processes.
+  """
   flags = os.environ.get("XLA_FLAGS", "")
-  if library == "ynnpack" or _YNN_FUSION_FLAG in flags:
+  if name in flags:
     return False
   if _backend_started():
-    logging.warning(
-        "cpu_convolutions=%r takes effect only in a new process: jax's "
-        "backend has already read XLA_FLAGS.", library)
-  os.environ["XLA_FLAGS"] = f"{flags} {_WITHOUT_YNN_CONVOLUTIONS}".strip()
+    logging.warning("%s takes effect only in a new process: jax's backend "
+                    "has already read XLA_FLAGS.", setting)
+  os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
   return True
 
 

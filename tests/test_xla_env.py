@@ -44,30 +44,40 @@ def test_the_users_flag_wins(monkeypatch):
   assert os.environ["XLA_FLAGS"] == f"{FLAG}=false"
 
 
-def test_bad_names_are_refused(monkeypatch):
+@pytest.mark.parametrize("field,setter", [
+    ("cpu_scheduler", xla_env.set_cpu_scheduler),
+    ("cpu_convolutions", xla_env.set_cpu_convolutions)])
+def test_bad_names_are_refused(monkeypatch, field, setter):
   monkeypatch.delenv("XLA_FLAGS", raising=False)
-  with pytest.raises(ValueError, match="cpu_scheduler='fast'"):
-    xla_env.set_cpu_scheduler("fast")
+  with pytest.raises(ValueError, match=f"{field}='fast'"):
+    setter("fast")
   assert "XLA_FLAGS" not in os.environ
   from configs import synthetic
 
   config = synthetic.get_config("tiny")
-  config.cpu_scheduler = "fast"
-  with pytest.raises(config_lib.ConfigError, match="cpu_scheduler"):
+  config[field] = "fast"
+  with pytest.raises(config_lib.ConfigError, match=field):
     config_lib.validate(config)
 
 
-def test_memory_scheduler_lowers_temporaries_and_keeps_the_numbers():
+def _run_probes(script: str, choices) -> dict:
+  """{choice: the JSON line `script choice` prints}, in fresh processes
+  (side by side) without the suite's `XLA_FLAGS`."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  procs = {s: subprocess.Popen(
-      [sys.executable, os.path.join(HERE, "xla_env_probe.py"), s],
+  procs = {c: subprocess.Popen(
+      [sys.executable, os.path.join(HERE, script), c],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for s in xla_env.CPU_SCHEDULERS}
+      for c in choices}
   out = {}
-  for s, proc in procs.items():
+  for c, proc in procs.items():
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
-    out[s] = json.loads(stdout.strip().splitlines()[-1])
+    out[c] = json.loads(stdout.strip().splitlines()[-1])
+  return out
+
+
+def test_memory_scheduler_lowers_temporaries_and_keeps_the_numbers():
+  out = _run_probes("xla_env_probe.py", xla_env.CPU_SCHEDULERS)
   memory, concurrency = out["memory"], out["concurrency"]
   assert memory["xla_flags"] == f"{FLAG}=false"
   assert concurrency["xla_flags"] == f"{FLAG}=true"
@@ -117,19 +127,6 @@ def test_set_xla_flags_applies_the_configs_choices(monkeypatch):
   assert os.environ["XLA_FLAGS"] == f"{FLAG}=true"
 
 
-def test_bad_convolution_libraries_are_refused(monkeypatch):
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
-  with pytest.raises(ValueError, match="cpu_convolutions='mkl'"):
-    xla_env.set_cpu_convolutions("mkl")
-  assert "XLA_FLAGS" not in os.environ
-  from configs import synthetic
-
-  config = synthetic.get_config("tiny")
-  config.cpu_convolutions = "mkl"
-  with pytest.raises(config_lib.ConfigError, match="cpu_convolutions"):
-    config_lib.validate(config)
-
-
 def _numpy_conv(x, kernel):
   """3×3 'SAME' NHWC convolution in float64: a sum over the nine taps."""
   x = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -142,16 +139,7 @@ def _numpy_conv(x, kernel):
 def test_each_library_runs_the_convolutions_with_the_same_values():
   from tests import conv_library_probe
 
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  procs = {lib: subprocess.Popen(
-      [sys.executable, os.path.join(HERE, "conv_library_probe.py"), lib],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for lib in xla_env.CPU_CONVOLUTIONS}
-  out = {}
-  for lib, proc in procs.items():
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
-    out[lib] = json.loads(stdout.strip().splitlines()[-1])
+  out = _run_probes("conv_library_probe.py", xla_env.CPU_CONVOLUTIONS)
   eigen, ynnpack = out["eigen"], out["ynnpack"]
   assert eigen["changed"] and not ynnpack["changed"]
   # Which library ran the convolution: YNNPACK's fusion, or Eigen's
