@@ -144,8 +144,10 @@ def op_categories(hlo_text: str, batch_size: int) -> dict[str, str]:
 def launched_instructions(hlo_text: str) -> set[str]:
   """Instructions whose traced event may be only their launch.
 
-  The convolutions that are instructions of their own (not inside a
-  fusion): XLA:CPU runs those it gives to Eigen asynchronously.
+  Every convolution instruction of the program. Those inside a fusion
+  never appear as events of their own (their fusion does), so this
+  selects, in a trace, the unfused convolutions: XLA:CPU runs those it
+  gives to Eigen asynchronously.
   """
   instructions, _, _ = _parse(hlo_text)
   return {name for name, inst in instructions.items()
