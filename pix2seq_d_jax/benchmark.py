@@ -5,6 +5,7 @@ r"""Speed benchmark of training and sampling on random inputs (no dataset).
       [--steps_list 1,5,10,20,50] [--train_iters 10] [--profile_steps 2] \
       [--output results.json] [--compare earlier.json] \
       [--nosampling] [--nohost_overhead] [--peak_tflops 989.4] \
+      [--alternate model.conv_impl=lax ... [--alternate_pairs 6]] \
       [--config.model.dtype=bfloat16 ...]
 
 Method. Every timing blocks on the result (`jax.block_until_ready`), because
@@ -48,7 +49,14 @@ summed op time.
 
 Comparing. `--output r.json` saves every figure; a later run with
 `--compare r.json` prints each figure next to the saved one with the ratio
-now / before, so a change is judged side by side.
+now / before. On a shared machine the same step drifts by 10-20% within an
+hour, so a small change is better judged in one process: `--alternate
+field=value` (repeatable) compiles a variant config's train step too and
+times the two in alternating pairs (A B, B A, ...; `--alternate_pairs`),
+reporting both medians, the median per-pair difference and how many pairs
+the variant won. Settings XLA reads once per process (`cpu_scheduler`,
+`cpu_convolutions`, `reuse_host_memory`) cannot alternate: compare those
+with `--output` / `--compare`.
 
 One concept: the model's speed figures (ceilings, train step, sampling,
 host overhead) and their CLI; the input pipeline's are in
@@ -379,6 +387,88 @@ def blocked_steps(
   return state, metrics, times
 
 
+# Config fields whose value XLA reads once, when the backend starts: two
+# values cannot both be in one process, so `--alternate` refuses them (run
+# the two settings as two processes and `--compare` their outputs).
+PROCESS_WIDE_FIELDS = ("cpu_scheduler", "cpu_convolutions",
+                       "reuse_host_memory")
+
+
+def alternate_steps(
+    step_a: Callable, state_a: Any, args_a: Sequence[Any],
+    step_b: Callable, state_b: Any, args_b: Sequence[Any], *, pairs: int,
+) -> tuple[Any, Any, dict[str, Any]]:
+  """Times two state-donating steps in alternating order, one process.
+
+  Pair i runs A then B when i is even, B then A when odd, each call blocked
+  on, so both see the same machine: on a shared machine the same program's
+  step time drifts by 10-20% within an hour, more than most changes, and
+  only figures taken side by side compare.
+
+  Args:
+    step_a, step_b: `(state, *args) -> (state, metrics)`, e.g. compiled
+      train steps; each is warmed up by the caller.
+    state_a, state_b: their states (threaded through the calls).
+    args_a, args_b: their other arguments.
+    pairs: timed pairs (>= 1).
+
+  Returns:
+    The two last states, and {"pairs", "a_s", "b_s" (the step times),
+    "a_median_s", "b_median_s", "ratio" (B's median / A's),
+    "difference_median_s" (median of B - A per pair), "b_faster_pairs",
+    "a_final_loss", "b_final_loss"}.
+  """
+  if pairs < 1:
+    raise ValueError(f"--alternate_pairs={pairs}: expected >= 1")
+  states = {"a": state_a, "b": state_b}
+  steps = {"a": (step_a, args_a), "b": (step_b, args_b)}
+  times: dict[str, list[float]] = {"a": [], "b": []}
+  losses: dict[str, float] = {}
+  for i in range(pairs):
+    for name in ("a", "b") if i % 2 == 0 else ("b", "a"):
+      step, args = steps[name]
+      t0 = time.perf_counter()
+      states[name], metrics = step(states[name], *args)
+      jax.block_until_ready((states[name], metrics))
+      times[name].append(time.perf_counter() - t0)
+      losses[name] = float(metrics["loss"])
+  differences = [b - a for a, b in zip(times["a"], times["b"], strict=True)]
+  a_median = statistics.median(times["a"])
+  b_median = statistics.median(times["b"])
+  return states["a"], states["b"], {
+      "pairs": pairs,
+      "a_s": times["a"],
+      "b_s": times["b"],
+      "a_median_s": a_median,
+      "b_median_s": b_median,
+      "ratio": b_median / a_median,
+      "difference_median_s": statistics.median(differences),
+      "b_faster_pairs": sum(d < 0 for d in differences),
+      "a_final_loss": losses["a"],
+      "b_final_loss": losses["b"],
+  }
+
+
+def alternate_config(config: ml_collections.ConfigDict,
+                     overrides: Sequence[str]) -> ml_collections.ConfigDict:
+  """The `--alternate` variant of `config`, validated.
+
+  Raises:
+    config_lib.ConfigError: a bad override, one of `PROCESS_WIDE_FIELDS`,
+      or an invalid variant.
+  """
+  for item in overrides:
+    field = item.partition("=")[0].strip()
+    if field in PROCESS_WIDE_FIELDS:
+      raise config_lib.ConfigError(
+          f"--alternate={item}: {field} is read once per process, so both "
+          "settings cannot run in one; benchmark each in its own process "
+          "and compare them with --output / --compare")
+  variant = config_lib.with_overrides(config, overrides, flag="--alternate")
+  config_lib.validate(variant)
+  return variant
+
+
 def profile_train_steps(
     compiled: Any, state: Any, batch: Any, rng: jax.Array, *, repeats: int,
     batch_size: int,
@@ -422,6 +512,8 @@ def run_benchmark(
     host_overhead: bool = True,
     profile_steps: int = 0,
     peak_tflops: float | None = None,
+    alternate: Sequence[str] = (),
+    alternate_pairs: int = 6,
 ) -> dict[str, Any]:
   """Measures ceilings, the train step and sampling; returns a JSON dict.
 
@@ -443,10 +535,14 @@ def run_benchmark(
       (`profile_train_steps`); 0 skips the profile.
     peak_tflops: the device's dense bfloat16 peak per chip for the MFU;
       None looks it up by device kind (`PEAK_BF16_TFLOPS`; no MFU on CPU).
+    alternate: `field=value` overrides of a variant config; if given, its
+      train step is compiled too and timed against this config's in
+      `alternate_pairs` alternating pairs (`alternate_steps`).
+    alternate_pairs: pairs timed for `alternate`.
 
   Returns:
-    Nested dict: `setup`, `ceilings`, `train`, `sampling`,
-    `host_overhead`, `peak_rss_bytes`.
+    Nested dict: `setup`, `ceilings`, `train`, `alternate` (with
+    `alternate` only), `sampling`, `host_overhead`, `peak_rss_bytes`.
 
   Raises:
     config_lib.ConfigError: the config (with overrides) is invalid.
@@ -455,6 +551,10 @@ def run_benchmark(
   config_lib.validate(config)
   if train_iters < 1:
     raise ValueError(f"--train_iters={train_iters}: expected >= 1")
+  if alternate_pairs < 1:
+    raise ValueError(f"--alternate_pairs={alternate_pairs}: expected >= 1")
+  # Checked before minutes of measuring.
+  variant = alternate_config(config, alternate) if alternate else None
   if not steps_list or min(steps_list) < 1:
     raise ValueError(f"--steps_list={list(steps_list)}: expected counts >= 1")
   inp, d = config.input, config.diffusion
@@ -580,6 +680,12 @@ def run_benchmark(
           lowered.as_text().encode()).hexdigest(),
   }
 
+  if variant is not None:
+    del state  # Both sides start again from the initial state.
+    state = _alternate_with_variant(
+        results, variant, alternate, exp, compiled, batch, init_rng,
+        train_rng, num_classes=num_classes, pairs=alternate_pairs)
+
   if not sampling:
     if host_overhead:
       results["host_overhead"] = measure_host_overhead(config)
@@ -667,6 +773,60 @@ def run_benchmark(
   return results
 
 
+def _alternate_with_variant(
+    results: dict[str, Any], variant: ml_collections.ConfigDict,
+    overrides: Sequence[str], exp: Any, compiled: Any, batch: Any,
+    init_rng: jax.Array, rng: jax.Array, *, num_classes: int,
+    pairs: int) -> Any:
+  """Compiles the variant's step and times it against `compiled`.
+
+  Both start from a state initialised with `init_rng` and take the same
+  random batch (when their input shapes agree) and step key, so their
+  losses compare: equal for the same program, close for a change that
+  keeps the numerics. Fills `results["alternate"]`; returns A's last
+  state.
+  """
+  exp_b = experiment.create(variant)
+  t0 = time.perf_counter()
+  lowered_b = exp_b.lower_train_step()
+  compiled_b = lowered_b.compile()
+  compile_s = time.perf_counter() - t0
+  logging.info("Variant's train step lowered and compiled in %.1f s.",
+               compile_s)
+  state = exp.init_state(init_rng)
+  state_b = exp_b.init_state(init_rng)
+  batch_b = exp_b.global_batch(random_batch(
+      exp_b.batch_spec(), num_classes=num_classes,
+      max_instances=variant.input.max_instances, seed=variant.seed))
+
+  def step_a(state, *args):
+    with jax.set_mesh(exp.mesh):
+      return compiled(state, *args)
+
+  def step_b(state, *args):
+    with jax.set_mesh(exp_b.mesh):
+      return compiled_b(state, *args)
+
+  # One untimed step each, as the first pair's; losses are of the last.
+  state, _ = step_a(state, batch, rng)
+  state_b, _ = step_b(state_b, batch_b, rng)
+  jax.block_until_ready((state, state_b))
+  state, state_b, timing = alternate_steps(
+      step_a, state, (batch, rng), step_b, state_b, (batch_b, rng),
+      pairs=pairs)
+  del state_b
+  logging.info("Alternated %d pairs: A median %.3f s, B median %.3f s.",
+               pairs, timing["a_median_s"], timing["b_median_s"])
+  results["alternate"] = {
+      "overrides": list(overrides),
+      "compile_s": compile_s,
+      "same_program": results["train"]["program_sha256"] == hashlib.sha256(
+          lowered_b.as_text().encode()).hexdigest(),
+      **timing,
+  }
+  return state
+
+
 def format_table(results: dict[str, Any]) -> str:
   """The results as an aligned two-column text table.
 
@@ -722,6 +882,20 @@ def format_table(results: dict[str, Any]) -> str:
       rows.append((f"  {category}",
                    f"{100 * profile['share'][category]:5.1f}%  "
                    f"{profile['seconds'][category] * 1e3:.1f} ms"))
+  al = results.get("alternate")
+  if al:
+    rows += [
+        ("alternated with", " ".join(al["overrides"])
+         + (" (the same program)" if al["same_program"] else "")),
+        ("  train step A / B", f"{al['a_median_s'] * 1e3:.1f} / "
+                               f"{al['b_median_s'] * 1e3:.1f} ms (medians, "
+                               f"B / A = {al['ratio']:.3f})"),
+        ("  B - A per pair", f"{al['difference_median_s'] * 1e3:+.1f} ms "
+                             f"(median); B faster in {al['b_faster_pairs']} "
+                             f"of {al['pairs']} pairs"),
+        ("  final loss A / B", f"{al['a_final_loss']:.6f} / "
+                               f"{al['b_final_loss']:.6f}"),
+    ]
   sa = results.get("sampling")
   if sa:
     rows += [
@@ -852,6 +1026,14 @@ def _define_flags() -> dict[str, Any]:
           "peak_tflops", None, "The device's dense bfloat16 peak per chip "
           "in TFLOP/s, for the MFU row (default: known accelerators by "
           "device kind; none on CPU)."),
+      alternate=flags.DEFINE_multi_string(
+          "alternate", [], "A config override (field=value, e.g. "
+          "model.conv_impl=lax) of a variant whose train step is compiled "
+          "too and timed against this config's in alternating pairs, in "
+          "this process; repeat the flag for several fields."),
+      alternate_pairs=flags.DEFINE_integer(
+          "alternate_pairs", 6, "Timed pairs for --alternate.",
+          lower_bound=1),
       compare=flags.DEFINE_string(
           "compare", None, "An earlier run's --output JSON: print each "
           "figure next to it, with the ratio."),
@@ -913,6 +1095,8 @@ def _main(argv: Sequence[str], cli: dict[str, Any]) -> None:
         peak_tflops=cli["peak_tflops"].value,
         sampling=cli["sampling"].value,
         host_overhead=cli["host_overhead"].value,
+        alternate=cli["alternate"].value,
+        alternate_pairs=cli["alternate_pairs"].value,
     )
   except (config_lib.ConfigError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

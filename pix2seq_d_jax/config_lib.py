@@ -11,6 +11,7 @@ anything is built so that a bad value fails with one line naming the field.
 from __future__ import annotations
 
 import ast
+import copy
 import numbers
 import os
 import sys
@@ -99,6 +100,74 @@ def _convert(key: str, value: str, default: Any) -> Any:
           f"{type(default).__name__}"
       ) from e
   return value
+
+
+def with_overrides(config: ml_collections.ConfigDict,
+                   overrides: Sequence[str], *,
+                   flag: str) -> ml_collections.ConfigDict:
+  """A copy of `config` with `field=value` overrides applied.
+
+  Each value is converted to the type of the field it replaces, as
+  `--config.field=value` does: booleans, numbers, strings, and tuples or
+  lists written as Python literals (`(256, 256)`); a field that holds None
+  takes any literal, or the text itself.
+
+  Args:
+    config: the config to copy; it is not changed.
+    overrides: `dotted.field=value` items.
+    flag: the command-line flag they came from, for error messages.
+
+  Returns:
+    The changed copy (not validated).
+
+  Raises:
+    ConfigError: an item without `=`, a field the config does not have, or
+      a value that does not parse as the field's type.
+  """
+  result = copy.deepcopy(config)
+  groups = (Mapping, ml_collections.ConfigDict)
+  for item in overrides:
+    field, has_value, text = item.partition("=")
+    field, text = field.strip(), text.strip()
+    if not has_value or not field:
+      raise ConfigError(f"{flag}={item}: expected field=value, e.g. "
+                        "model.conv_impl=lax")
+    *parents, name = field.split(".")
+    node = result
+    for part in parents:
+      node = node.get(part) if isinstance(node, groups) else None
+    if not isinstance(node, groups) or name not in node:
+      raise ConfigError(f"{flag}={item}: the config has no field {field}")
+    current = node[name]
+    if isinstance(current, groups):
+      raise ConfigError(f"{flag}={item}: {field} is a group of fields; "
+                        "override one of them")
+    if isinstance(current, bool | int | float):
+      try:
+        value = _convert(field, text, current)
+      except (ConfigError, TypeError) as e:
+        raise ConfigError(
+            f"{flag}={item}: expected a value of type "
+            f"{type(current).__name__} for {field}, e.g. {current!r}") from e
+    elif isinstance(current, tuple | list) or current is None:
+      try:
+        value = ast.literal_eval(text)
+      except (ValueError, SyntaxError) as e:
+        if current is not None:
+          raise ConfigError(
+              f"{flag}={item}: expected a {type(current).__name__} literal "
+              f"for {field}, e.g. {current!r}") from e
+        value = text
+      if isinstance(current, tuple | list):
+        if not isinstance(value, tuple | list):
+          raise ConfigError(
+              f"{flag}={item}: expected a {type(current).__name__} literal "
+              f"for {field}, e.g. {current!r}")
+        value = type(current)(value)
+    else:
+      value = text
+    node[name] = value
+  return result
 
 
 _DURATION_SUFFIXES = ("steps", "epochs", "examples", "percent")

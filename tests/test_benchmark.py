@@ -4,11 +4,12 @@ import hashlib
 import json
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import synthetic
-from pix2seq_d_jax import benchmark, experiment, op_profile
+from pix2seq_d_jax import benchmark, config_lib, experiment, op_profile
 from tests.multiprocess_worker import NARROW_MODEL
 
 
@@ -27,6 +28,9 @@ def results():
       _tiny_config(), steps_list=(1, 2), train_iters=2, sample_repeats=3,
       matmul_size=64, conv_spatial=8, conv_channels=8, ceiling_repeats=5,
       profile_steps=1, peak_tflops=0.5,
+      # The tiny config's own value: the variant is the same program, so
+      # the two sides must give the same losses.
+      alternate=["model.conv_impl=lax"], alternate_pairs=2,
   )
 
 
@@ -222,3 +226,72 @@ def test_benchmark_step_is_the_training_step_with_every_lever():
   for lever in (dict(remat="none"), dict(grad_accum_steps=1),
                 dict(skip_nonfinite_updates=False)):
     assert program(_video_levers_config(**lever)) != program(config), lever
+
+
+def test_alternate_steps_alternates_the_order_and_threads_the_states(
+    monkeypatch):
+  clock, calls = [0.0], []
+  monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock[0])
+
+  def step(name, seconds):
+    def run(state, increment):
+      calls.append(name)
+      clock[0] += seconds
+      state = state + increment
+      return state, {"loss": state * 0.5}
+    return run
+
+  state_a, state_b, timing = benchmark.alternate_steps(
+      step("a", 2.0), jnp.float32(0), (1.0,), step("b", 1.5),
+      jnp.float32(10), (2.0,), pairs=3)
+  assert calls == ["a", "b", "b", "a", "a", "b"]
+  assert float(state_a) == 3.0 and float(state_b) == 16.0
+  assert timing["a_s"] == [2.0] * 3 and timing["b_s"] == [1.5] * 3
+  assert timing["a_median_s"] == 2.0 and timing["b_median_s"] == 1.5
+  assert timing["ratio"] == 0.75
+  assert timing["difference_median_s"] == -0.5
+  assert timing["b_faster_pairs"] == 3
+  assert (timing["a_final_loss"], timing["b_final_loss"]) == (1.5, 8.0)
+  with pytest.raises(ValueError, match="--alternate_pairs=0"):
+    benchmark.alternate_steps(step("a", 1), 0, (), step("b", 1), 0, (),
+                              pairs=0)
+
+
+def test_alternate_variant_of_the_same_program_gives_the_same_losses(
+    results):
+  al = results["alternate"]
+  assert al["overrides"] == ["model.conv_impl=lax"]
+  assert al["same_program"]
+  assert al["pairs"] == 2 and len(al["a_s"]) == len(al["b_s"]) == 2
+  assert al["a_median_s"] == pytest.approx(np.median(al["a_s"]))
+  assert al["b_median_s"] == pytest.approx(np.median(al["b_s"]))
+  wins = sum(b < a for a, b in zip(al["a_s"], al["b_s"], strict=True))
+  assert al["b_faster_pairs"] == wins
+  # Both from the same initial state, batch and key, through the same
+  # program: the same loss after the same number of steps.
+  assert al["a_final_loss"] == al["b_final_loss"]
+  assert np.isfinite(al["a_final_loss"])
+  table = benchmark.format_table(results)
+  assert "alternated with     model.conv_impl=lax (the same program)" in (
+      table)
+  assert f"of {al['pairs']} pairs" in table
+
+
+def test_alternate_config_overrides_and_refuses_what_cannot_alternate():
+  config = _tiny_config()
+  variant = benchmark.alternate_config(
+      config, ["model.conv_impl=tiled", "remat=blocks"])
+  assert (variant.model.conv_impl, variant.remat) == ("tiled", "blocks")
+  assert (config.model.conv_impl, config.remat) == ("lax", "none")
+  # Read once per process: both values cannot run in one.
+  for field in benchmark.PROCESS_WIDE_FIELDS:
+    with pytest.raises(config_lib.ConfigError,
+                       match=f"--alternate={field}=.*--compare"):
+      benchmark.alternate_config(config, [f"{field}=x"])
+  with pytest.raises(config_lib.ConfigError,
+                     match="--alternate=model.nope=1: the config has no "
+                           "field model.nope"):
+    benchmark.alternate_config(config, ["model.nope=1"])
+  # The variant is validated like any config.
+  with pytest.raises(config_lib.ConfigError, match="conv_impl"):
+    benchmark.alternate_config(config, ["model.conv_impl=winograd"])

@@ -1,6 +1,7 @@
 """Tests of config parsing, durations and validation, and shipped configs."""
 
 import importlib
+import re
 
 import ml_collections
 import numpy as np
@@ -334,3 +335,34 @@ def test_scan_layers_must_be_a_bool():
   config.model.scan_layers = "yes"
   with pytest.raises(config_lib.ConfigError, match="config.model.scan_layers"):
     config_lib.validate(config)
+
+
+def test_with_overrides_converts_to_each_fields_type_and_copies():
+  config = ml_collections.ConfigDict({
+      "flag": False, "count": 3, "rate": 0.5, "name": "a",
+      "size": (1, 2), "steps": [1, 2], "unset": None,
+      "group": {"inner": 1}})
+  changed = config_lib.with_overrides(
+      config, ["flag=true", "count=7", "rate=1e-3", "name=b",
+               "size=(3, 4)", "steps=[5]", "unset=(8, 8)",
+               "group.inner=2"], flag="--alternate")
+  assert changed.to_dict() == {
+      "flag": True, "count": 7, "rate": 1e-3, "name": "b", "size": (3, 4),
+      "steps": [5], "unset": (8, 8), "group": {"inner": 2}}
+  # The original is untouched; a None field also takes plain text.
+  assert config.count == 3 and config.group.inner == 1
+  assert config_lib.with_overrides(config, ["unset=eigen"],
+                                   flag="--x").unset == "eigen"
+  for item, message in (
+      ("count", "expected field=value"),
+      ("missing=1", "the config has no field missing"),
+      ("group.missing.x=1", "the config has no field group.missing.x"),
+      ("group=1", "group is a group of fields"),
+      ("count=many", "expected a value of type int for count, e.g. 3"),
+      ("flag=maybe", "expected a value of type bool for flag"),
+      ("size=7", "expected a tuple literal for size, e.g. \\(1, 2\\)"),
+      ("size=(1", "expected a tuple literal for size"),
+  ):
+    with pytest.raises(config_lib.ConfigError,
+                       match=f"--alternate={re.escape(item)}: {message}"):
+      config_lib.with_overrides(config, [item], flag="--alternate")
