@@ -102,6 +102,14 @@ def _convert(key: str, value: str, default: Any) -> Any:
   return value
 
 
+def _literal(text: str, default: Any) -> Any:
+  """`text` as a Python literal, or `default` if it is none."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return default
+
+
 def with_overrides(config: ml_collections.ConfigDict,
                    overrides: Sequence[str], *,
                    flag: str) -> ml_collections.ConfigDict:
@@ -149,21 +157,15 @@ def with_overrides(config: ml_collections.ConfigDict,
         raise ConfigError(
             f"{flag}={item}: expected a value of type "
             f"{type(current).__name__} for {field}, e.g. {current!r}") from e
-    elif isinstance(current, tuple | list) or current is None:
-      try:
-        value = ast.literal_eval(text)
-      except (ValueError, SyntaxError) as e:
-        if current is not None:
-          raise ConfigError(
-              f"{flag}={item}: expected a {type(current).__name__} literal "
-              f"for {field}, e.g. {current!r}") from e
-        value = text
-      if isinstance(current, tuple | list):
-        if not isinstance(value, tuple | list):
-          raise ConfigError(
-              f"{flag}={item}: expected a {type(current).__name__} literal "
-              f"for {field}, e.g. {current!r}")
-        value = type(current)(value)
+    elif isinstance(current, tuple | list):
+      value = _literal(text, default=None)
+      if not isinstance(value, tuple | list):
+        raise ConfigError(
+            f"{flag}={item}: expected a {type(current).__name__} literal "
+            f"for {field}, e.g. {current!r}")
+      value = type(current)(value)
+    elif current is None:
+      value = _literal(text, default=text)
     else:
       value = text
     node[name] = value
