@@ -85,6 +85,38 @@ def set_cpu_convolutions(library: str) -> bool:
                        f"cpu_convolutions={library!r}")
 
 
+def cpu_convolution_library(xla_flags: str | None = None) -> str:
+  """The library XLA:CPU runs unfused convolutions with, per `XLA_FLAGS`.
+
+  XLA's fusion-type flag takes either exact type names (which replace its
+  default list) or only `+`/`-` prefixed ones (which edit the default
+  list, where `individual_convolution` is); the last flag wins. Without
+  the flag XLA hands such convolutions to YNNPACK.
+
+  Args:
+    xla_flags: the flags to read; None reads this process's `XLA_FLAGS`
+      (what jax's backend reads when it starts).
+
+  Returns:
+    'ynnpack' or 'eigen' (`CPU_CONVOLUTIONS`).
+  """
+  if xla_flags is None:
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+  value = None
+  for word in xla_flags.split():
+    name, _, setting = word.partition("=")
+    if name == _YNN_FUSION_FLAG:
+      value = setting
+  if value is None:
+    return "ynnpack"
+  types = [t for t in value.split(",") if t]
+  if types and all(t[0] in "+-" for t in types):
+    ynn = "-individual_convolution" not in types
+  else:
+    ynn = "individual_convolution" in types
+  return "ynnpack" if ynn else "eigen"
+
+
 def _add_xla_flag(name: str, flag: str, setting: str) -> bool:
   """Appends `flag` to `XLA_FLAGS` unless a flag `name` is there already.
 

@@ -152,6 +152,45 @@ def test_strided_weight_gradient_in_output_channel_slices(monkeypatch):
     convolution.tiled_weight_gradient(x, dy, (3, 3), padding=((-1, 0),) * 2)
 
 
+EIGEN_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type='
+               '-individual_convolution')
+
+
+def test_with_eigen_convolutions_tiles_keep_their_channels(monkeypatch):
+  """With Eigen running the convolutions, a tile's weight gradient is one
+  convolution over all output channels, and strided windows keep XLA's."""
+  monkeypatch.setenv('XLA_FLAGS', EIGEN_FLAGS)
+  monkeypatch.setattr(convolution, 'OUT_CHANNEL_CHUNK', 4)
+  x = jax.random.normal(jax.random.key(11), (2, 48, 48, 3))
+  w = jax.random.normal(jax.random.key(12), (3, 3, 3, 6)) * 0.3
+
+  def grads(x, w, strides):
+    return _loss_and_grads(convolution.tiled_conv, x, w, strides, 'SAME')[2]
+
+  # 2048 // 48 = 42 rows, then 6: two tiles per example, all 6 channels.
+  eqns = _equations(functools.partial(grads, strides=(1, 1)), x, w)
+  tiles = [shape for name, shape, _ in eqns
+           if name == 'conv_general_dilated' and shape[:3] == (3, 3, 3)]
+  assert tiles == [(3, 3, 3, 6)] * 4
+  for got, ref in zip(grads(x, w, (1, 1)), _loss_and_grads(
+      lax.conv_general_dilated, x, w, (1, 1), 'SAME')[2], strict=True):
+    # Entries up to ~300: float32 summation order differs by ~1e-4.
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-3)
+  # Strided, with outputs above MIN_TILE_PIXELS (32x32): XLA's gradient,
+  # i.e. no tiled custom VJP in the forward function.
+  x = jax.random.normal(jax.random.key(13), (2, 64, 64, 3))
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, _NHWC)
+
+  def strided_vjps():
+    return sum(name.startswith('custom_vjp') for name, _, _ in _equations(
+        lambda x, w: convolution.tiled_conv(x, w, (2, 2), 'SAME',
+                                            dimension_numbers=dn), x, w))
+  assert strided_vjps() == 0
+  # The same strided convolution is tiled when YNNPACK runs them.
+  monkeypatch.setenv('XLA_FLAGS', '')
+  assert strided_vjps() == 1
+
+
 def test_pointwise_conv_has_no_convolution():
   x = jnp.ones((2, 8, 8, 4))
   w = jnp.ones((1, 1, 4, 5))

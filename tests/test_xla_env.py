@@ -113,6 +113,31 @@ def test_ynnpack_and_the_users_fusion_types_leave_the_flags_alone(
   assert "XLA_FLAGS" not in os.environ
 
 
+@pytest.mark.parametrize("flags, library", [
+    ("", "ynnpack"),  # XLA's default list has individual_convolution.
+    ("--xla_cpu_use_thunk_runtime=true", "ynnpack"),
+    (f"{CONV_FLAG}=-individual_convolution", "eigen"),
+    (f"{CONV_FLAG}=-reduce", "ynnpack"),
+    (f"{CONV_FLAG}=+eltwise,-individual_convolution", "eigen"),
+    # Exact names replace the default list.
+    (f"{CONV_FLAG}=dot,individual_convolution", "ynnpack"),
+    (f"{CONV_FLAG}=dot,reduce", "eigen"),
+    (f"{CONV_FLAG}=", "eigen"),  # YNNPACK off altogether.
+    # The last flag wins.
+    (f"{CONV_FLAG}=-individual_convolution {CONV_FLAG}=-reduce", "ynnpack"),
+    (f"{CONV_FLAG}=dot {CONV_FLAG}=-individual_convolution", "eigen"),
+])
+def test_cpu_convolution_library_reads_the_fusion_types(flags, library):
+  assert xla_env.cpu_convolution_library(flags) == library
+
+
+def test_cpu_convolution_library_reads_the_environment(monkeypatch):
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  assert xla_env.cpu_convolution_library() == "ynnpack"
+  assert xla_env.set_cpu_convolutions("eigen")
+  assert xla_env.cpu_convolution_library() == "eigen"
+
+
 def test_set_xla_flags_applies_the_configs_choices(monkeypatch):
   from configs import synthetic
 

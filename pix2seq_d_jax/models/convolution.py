@@ -12,22 +12,34 @@ XLA:CPU that convolution is slow exactly where this model spends its time
   on the paper model's maps);
 - over a batch of 2 its rate is also low on 32×32 maps with many channels
   and on strided windows (a 3×3 512→512 gradient at 32×32: 185 ms against
-  58 ms one example at a time), and with 256 or more output channels it
-  runs at about half the rate it reaches with 128.
+  58 ms one example at a time), and with YNNPACK's convolutions it runs
+  at about half the rate with 256 or more output channels as with 128.
 
 The `tiled` implementation computes the same convolution with those shapes:
 
 - a 1×1 convolution (any stride, no padding) is a matrix multiplication over
   the pixels (strided: of every `stride`-th pixel), so all three of its
   products (forward, input gradient, weight gradient) are dots;
-- a k×k convolution (any stride, 'SAME', 'VALID' or explicit padding)
-  whose output has at least `MIN_TILE_PIXELS` pixels per example keeps
-  XLA's forward and input gradient and computes the weight gradient as a
-  sum over row tiles of one example each (about `TILE_PIXELS` output
-  pixels, read with their halo rows), each tile in slices of at most
-  `OUT_CHANNEL_CHUNK` output channels, accumulated in float32;
+- a k×k convolution ('SAME', 'VALID' or explicit padding) whose output
+  has at least `MIN_TILE_PIXELS` pixels per example keeps XLA's forward
+  and input gradient and computes the weight gradient as a sum over row
+  tiles of one example each (about `TILE_PIXELS` output pixels, read with
+  their halo rows), accumulated in float32;
 - everything else (dilations, groups, small maps) is
   `lax.conv_general_dilated` unchanged.
+
+How the tiles are cut depends on the library that runs XLA:CPU's
+convolutions in this process (`xla_env.cpu_convolution_library`, set by
+`config.cpu_convolutions`). With YNNPACK's (XLA's default) each tile runs
+in slices of at most `OUT_CHANNEL_CHUNK` output channels, and strided
+convolutions are tiled too. With Eigen's (the entry points' default) a
+tile keeps all its output channels, and strided convolutions keep XLA's
+weight gradient: Eigen's kernel gradient runs as fast on 256 or 512
+channels as on 128 (3×3 on 128×128 maps, 256→256 channels: 177–188 ms
+whole, 191–207 ms in 128-channel slices), and over the batch it beats the
+tiles on strided windows (the 3×3 stride-2 128→128 gradient on 128×128
+maps 28 against 51 ms, the 7×7 stride-2 stem 10.5 against 20.6 ms;
+2-core Intel Xeon, float32, batch 2, minimum of 5).
 
 The results equal `lax`'s up to float summation order. Splitting the batch
 into single examples would make a batch-sharded array move between devices,
@@ -45,6 +57,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pix2seq_d_jax import xla_env
 from pix2seq_d_jax.models import accumulation
 
 IMPLEMENTATIONS = ('auto', 'lax', 'tiled')
@@ -54,10 +67,11 @@ TILE_PIXELS = 2048
 # Smaller outputs (per example) keep XLA's weight gradient: on 16×16 maps
 # it is as fast as one example at a time, or faster.
 MIN_TILE_PIXELS = 1024
-# Output channels per tile convolution: with 256 or more, XLA:CPU's
-# kernel-gradient convolution runs at half the FLOP rate it reaches with
-# 128 (a 3×3 256→256 gradient on 128×128 maps, batch 2: 538 ms in whole
-# tiles, 287 ms in two 128-channel halves).
+# Output channels per tile convolution when YNNPACK runs the convolutions:
+# with 256 or more, its kernel-gradient convolution runs at half the FLOP
+# rate it reaches with 128 (a 3×3 256→256 gradient on 128×128 maps, batch
+# 2: 538 ms in whole tiles, 287 ms in two 128-channel halves). Eigen's
+# does not slow down, so with Eigen a tile keeps all its channels.
 OUT_CHANNEL_CHUNK = 128
 # Above this many tile convolutions per layer (examples × row tiles ×
 # channel slices) the unrolled sum would inflate the program; such shapes
@@ -178,6 +192,10 @@ def tiled_conv(lhs: jax.Array,
     return _pointwise(lhs, rhs, strides, precision)
   if pads is None:
     return fallback()
+  eigen = xla_env.cpu_convolution_library() == 'eigen'
+  if eigen and strides != (1, 1):
+    return fallback()
+  chunk = None if eigen else OUT_CHANNEL_CHUNK
   b, h, w, _ = lhs.shape
   out_h, out_w = (
       (size + lo + hi - k) // s + 1
@@ -186,17 +204,17 @@ def tiled_conv(lhs: jax.Array,
   if out_h < 1 or out_w < 1 or out_h * out_w < MIN_TILE_PIXELS:
     return fallback()
   if b * -(-out_h // _tile_rows(out_w)) * _channel_slices(
-      rhs.shape[3]) > MAX_TILES:
+      rhs.shape[3], chunk) > MAX_TILES:
     return fallback()
-  return _tiled_conv(lhs, rhs, strides, pads, precision)
+  return _tiled_conv(lhs, rhs, strides, pads, precision, chunk)
 
 
 def _tile_rows(width: int) -> int:
   return max(1, TILE_PIXELS // width)
 
 
-def _channel_slices(channels: int) -> int:
-  return -(-channels // OUT_CHANNEL_CHUNK)
+def _channel_slices(channels: int, chunk: int | None) -> int:
+  return 1 if chunk is None else -(-channels // chunk)
 
 
 def _pointwise(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
@@ -219,25 +237,27 @@ def _plain_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
       precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _tiled_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-                pads: tuple[tuple[int, int], ...], precision: Any
-                ) -> jax.Array:
+                pads: tuple[tuple[int, int], ...], precision: Any,
+                out_channel_chunk: int | None) -> jax.Array:
   return _plain_conv(x, kernel, strides, pads, precision)
 
 
-def _tiled_conv_fwd(x, kernel, strides, pads, precision):
+def _tiled_conv_fwd(x, kernel, strides, pads, precision, out_channel_chunk):
   return _plain_conv(x, kernel, strides, pads, precision), (x, kernel)
 
 
-def _tiled_conv_bwd(strides, pads, precision, residuals, dy):
+def _tiled_conv_bwd(strides, pads, precision, out_channel_chunk, residuals,
+                    dy):
   x, kernel = residuals
   _, input_vjp = jax.vjp(
       lambda x_: _plain_conv(x_, kernel, strides, pads, precision), x)
   (dx,) = input_vjp(dy)
   return dx, tiled_weight_gradient(
       x, dy, kernel.shape[:2], strides=strides, padding=pads,
-      precision=precision).astype(kernel.dtype)
+      precision=precision,
+      out_channel_chunk=out_channel_chunk).astype(kernel.dtype)
 
 
 _tiled_conv.defvjp(_tiled_conv_fwd, _tiled_conv_bwd)
@@ -247,7 +267,8 @@ def tiled_weight_gradient(
     x: jax.Array, dy: jax.Array, kernel: tuple[int, int], *,
     strides: tuple[int, int] = (1, 1),
     padding: str | Sequence[tuple[int, int]] = 'SAME',
-    precision: Any = None) -> jax.Array:
+    precision: Any = None,
+    out_channel_chunk: int | None = None) -> jax.Array:
   """Gradient of a convolution's kernel, tile by tile.
 
   Args:
@@ -257,12 +278,14 @@ def tiled_weight_gradient(
     strides: the convolution's window strides.
     padding: its padding ('SAME', 'VALID' or explicit non-negative pairs).
     precision: passed to the tile convolutions.
+    out_channel_chunk: output channels per tile convolution; None keeps
+      all of them in one.
 
   Returns:
     float32 [kh, kw, c_in, c_out]: Σ over examples and row tiles of each
     tile's weight gradient (the tile's output rows with the input rows
     they read), each tile computed in slices of at most
-    `OUT_CHANNEL_CHUNK` output channels.
+    `out_channel_chunk` output channels.
   """
   kh, kw = kernel
   sh, sw = strides
@@ -275,6 +298,7 @@ def tiled_weight_gradient(
   rows = _tile_rows(out_w)
   # Input columns the output reads (a strided window may leave some out).
   cols = (out_w - 1) * sw + kw
+  chunk = out_channel_chunk or c_out
   total = None
   for n in range(b):
     for r in range(0, out_h, rows):
@@ -285,11 +309,11 @@ def tiled_weight_gradient(
       # (the output gradient dilated by the stride).
       part = jnp.concatenate([
           lax.conv_general_dilated(
-              tile, dy[n:n + 1, r:r_end, :, c:c + OUT_CHANNEL_CHUNK],
+              tile, dy[n:n + 1, r:r_end, :, c:c + chunk],
               (1, 1), 'VALID', rhs_dilation=strides,
               dimension_numbers=('CHWN', 'IHWO', 'NHWC'),
               precision=precision, preferred_element_type=jnp.float32)
-          for c in range(0, c_out, OUT_CHANNEL_CHUNK)], axis=-1)
+          for c in range(0, c_out, chunk)], axis=-1)
       total = part if total is None else total + part
   # [c_in, kh, kw, c_out] -> [kh, kw, c_in, c_out]
   return jnp.transpose(total, (1, 2, 0, 3))
