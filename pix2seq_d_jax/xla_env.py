@@ -88,10 +88,11 @@ def set_cpu_convolutions(library: str) -> bool:
 def cpu_convolution_library(xla_flags: str | None = None) -> str:
   """The library XLA:CPU runs unfused convolutions with, per `XLA_FLAGS`.
 
-  XLA's fusion-type flag takes either exact type names (which replace its
-  default list) or only `+`/`-` prefixed ones (which edit the default
-  list, where `individual_convolution` is); the last flag wins. Without
-  the flag XLA hands such convolutions to YNNPACK.
+  XLA applies each of its fusion-type flags in turn to a list that starts
+  as its default (which has `individual_convolution`): exact type names
+  replace the list, `+`/`-` prefixed ones add to or remove from it
+  (checked against jax 0.10's XLA, e.g. `=-individual_convolution`
+  followed by `=-reduce` leaves convolutions to Eigen).
 
   Args:
     xla_flags: the flags to read; None reads this process's `XLA_FLAGS`
@@ -102,18 +103,18 @@ def cpu_convolution_library(xla_flags: str | None = None) -> str:
   """
   if xla_flags is None:
     xla_flags = os.environ.get("XLA_FLAGS", "")
-  value = None
+  ynn = True
   for word in xla_flags.split():
     name, _, setting = word.partition("=")
-    if name == _YNN_FUSION_FLAG:
-      value = setting
-  if value is None:
-    return "ynnpack"
-  types = [t for t in value.split(",") if t]
-  if types and all(t[0] in "+-" for t in types):
-    ynn = "-individual_convolution" not in types
-  else:
-    ynn = "individual_convolution" in types
+    if name != _YNN_FUSION_FLAG:
+      continue
+    types = [t for t in setting.split(",") if t]
+    if types and all(t[0] in "+-" for t in types):
+      for t in types:
+        if t[1:] == "individual_convolution":
+          ynn = t[0] == "+"
+    else:
+      ynn = "individual_convolution" in types
   return "ynnpack" if ynn else "eigen"
 
 

@@ -4,7 +4,8 @@ Run by `test_xla_env.py` in its own process, because XLA reads `XLA_FLAGS`
 once per process: `xla_env.set_cpu_convolutions(argv[1])` runs before jax
 creates its backend, as in the entry points. Prints the names of the
 operations a profile of the forward convolution records (YNNPACK's run as
-`ynn_fusion`, Eigen's under the convolution's own name) and the
+`ynn_fusion`, Eigen's under the convolution's own name), the library
+`xla_env.cpu_convolution_library` reads from the flags, and the
 convolution's output and gradients for the inputs of `conv_inputs`.
 """
 
@@ -50,6 +51,7 @@ if __name__ == "__main__":
   dx, dk = jax.jit(jax.grad(
       lambda x, k: jnp.vdot(conv(x, k), cotangent), (0, 1)))(x, kernel)
   print(json.dumps({"changed": changed,
+                    "library": xla_env.cpu_convolution_library(),
                     "xla_flags": os.environ.get("XLA_FLAGS", ""),
                     "op_names": sorted(names), "y": np.asarray(y).tolist(),
                     "dx": np.asarray(dx).tolist(),

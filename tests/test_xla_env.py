@@ -123,9 +123,16 @@ def test_ynnpack_and_the_users_fusion_types_leave_the_flags_alone(
     (f"{CONV_FLAG}=dot,individual_convolution", "ynnpack"),
     (f"{CONV_FLAG}=dot,reduce", "eigen"),
     (f"{CONV_FLAG}=", "eigen"),  # YNNPACK off altogether.
-    # The last flag wins.
-    (f"{CONV_FLAG}=-individual_convolution {CONV_FLAG}=-reduce", "ynnpack"),
+    # Several flags apply in turn (each case as XLA compiled a 3x3
+    # 128->128 convolution on 2 x 64 x 64 maps, jax 0.10.2).
+    (f"{CONV_FLAG}=-individual_convolution {CONV_FLAG}=-reduce", "eigen"),
+    (f"{CONV_FLAG}=-reduce {CONV_FLAG}=-individual_convolution", "eigen"),
     (f"{CONV_FLAG}=dot {CONV_FLAG}=-individual_convolution", "eigen"),
+    (f"{CONV_FLAG}=-reduce {CONV_FLAG}=dot,individual_convolution",
+     "ynnpack"),
+    (f"{CONV_FLAG}=individual_convolution {CONV_FLAG}=dot", "eigen"),
+    (f"{CONV_FLAG}=-individual_convolution "
+     f"{CONV_FLAG}=+individual_convolution", "ynnpack"),
 ])
 def test_cpu_convolution_library_reads_the_fusion_types(flags, library):
   assert xla_env.cpu_convolution_library(flags) == library
@@ -167,6 +174,8 @@ def test_each_library_runs_the_convolutions_with_the_same_values():
   out = _run_probes("conv_library_probe.py", xla_env.CPU_CONVOLUTIONS)
   eigen, ynnpack = out["eigen"], out["ynnpack"]
   assert eigen["changed"] and not ynnpack["changed"]
+  # What the tiled convolutions read agrees with what XLA did.
+  assert eigen["library"] == "eigen" and ynnpack["library"] == "ynnpack"
   # Which library ran the convolution: YNNPACK's fusion, or Eigen's
   # convolution under its instruction's name.
   assert "ynn_fusion" in ynnpack["op_names"]
