@@ -38,6 +38,9 @@ STUFF_IDENTITIES = ("random", "zero")
 # the switch: 'zero' scored PQ 0.603 against 0.151 for 'random' on the
 # synthetic default job (numbers in configs/common.py and README.md).
 STUFF_IDENTITY_DEFAULT = "zero"
+# `config.init_prng_impl`: the random-number generators (jax's names) the
+# state's initialisation may draw with (`train_state.make_init_fn`).
+INIT_PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -520,6 +523,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 xla_env.CPU_SCHEDULERS)
   _check_choice("cpu_convolutions", config.get("cpu_convolutions", "eigen"),
                 xla_env.CPU_CONVOLUTIONS)
+  _check_choice("init_prng_impl", config.get("init_prng_impl", "unsafe_rbg"),
+                INIT_PRNG_IMPLS)
   reuse = config.get("reuse_host_memory", True)
   _require(isinstance(reuse, bool), "reuse_host_memory", reuse, "a bool")
   _require(

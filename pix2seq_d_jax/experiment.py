@@ -480,6 +480,7 @@ def create(
   init_fn = train_state.make_init_fn(
       model, tx, image_size=image_hw, mask_size=mask_hw,
       num_bits=2 * config.diffusion.bits_per_channel,
+      prng_impl=config.get("init_prng_impl", "unsafe_rbg"),
   )
   with jax.set_mesh(mesh), gc_pause.paused():
     abstract_boxed = jax.eval_shape(init_fn, jax.random.key(0))
