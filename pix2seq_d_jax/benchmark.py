@@ -189,6 +189,24 @@ def peak_bf16_tflops(device_kind: str,
   return PEAK_BF16_TFLOPS.get(device_kind)
 
 
+def process_usage() -> dict[str, float]:
+  """CPU time in user space and in the kernel, and page faults, so far.
+
+  Differences of two readings (`usage_between`) say where a call's time
+  went: a first call that faults its temporaries in spends it in the
+  kernel (minor page faults: pages mapped, not read from disk).
+  """
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return {"user_s": r.ru_utime, "kernel_s": r.ru_stime,
+          "page_faults": r.ru_minflt + r.ru_majflt}
+
+
+def usage_between(before: dict[str, float], after: dict[str, float],
+                  calls: int = 1) -> dict[str, float]:
+  """`process_usage` from `before` to `after`, per call of `calls`."""
+  return {k: (after[k] - before[k]) / calls for k in before}
+
+
 def peak_rss_bytes() -> int:
   """Peak resident memory of this process so far (Linux reports KiB)."""
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -639,13 +657,17 @@ def run_benchmark(
   }
   with jax.set_mesh(mesh):
     # The state is donated: each call consumes it and returns the next one.
+    usage = process_usage()
     state, metrics = compiled(state, batch, train_rng)
     jax.block_until_ready((state, metrics))
     t3 = time.perf_counter()
+    first_call_usage = usage_between(usage, process_usage())
     logging.info("First train step done in %.1f s; timing %d more.",
                  t3 - t2, train_iters)
+    usage = process_usage()
     state, metrics, step_times = blocked_steps(
         compiled, state, batch, train_rng, repeats=train_iters)
+    step_usage = usage_between(usage, process_usage(), train_iters)
     logging.info("Train step: median %.3f s.", statistics.median(step_times))
     profile = None
     if profile_steps:
@@ -659,6 +681,10 @@ def run_benchmark(
       **compile_times,
       "init_s": init_s,
       "first_call_s": t3 - t2,
+      # Where the first call's extra time goes (its temporaries are new
+      # pages) against the mean of the timed steps.
+      "first_call_usage": first_call_usage,
+      "step_usage": step_usage,
       # From nothing to the first step done: init | compile, first call.
       "startup_s": t3 - t_start,
       "step_time_s": step_time,
@@ -860,6 +886,8 @@ def format_table(results: dict[str, Any]) -> str:
       ("  of which", f"{tr['init_s']:.2f} s init | {tr['lower_s']:.2f} s "
                      f"lower + {tr['compile_s']:.2f} s compile, then "
                      f"{tr['first_call_s']:.2f} s first call"),
+      ("  first call", _usage_text(tr["first_call_usage"]) + "; a later "
+                       "step " + _usage_text(tr["step_usage"])),
       ("train step", f"{tr['step_time_s'] * 1e3:.1f} ms (median of "
                      f"{len(tr['step_times_s'])}, min "
                      f"{tr['step_time_min_s'] * 1e3:.1f}), "
@@ -928,6 +956,12 @@ def format_table(results: dict[str, Any]) -> str:
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def _usage_text(usage: dict[str, float]) -> str:
+  return (f"{usage['page_faults']:,.0f} page faults, "
+          f"{usage['kernel_s']:.2f} s kernel + {usage['user_s']:.2f} s user "
+          "CPU")
+
+
 def _comparable_rows(results: dict[str, Any]) -> dict[str, float]:
   """{row name: value} of the figures `compare` puts side by side."""
   rows: dict[str, float] = {}
@@ -940,6 +974,11 @@ def _comparable_rows(results: dict[str, Any]) -> dict[str, float]:
                     ("peak_rss_bytes", "train peak RSS bytes")):
     if tr.get(key) is not None:
       rows[name] = tr[key]
+  for key, name in (("first_call_usage", "first call"),
+                    ("step_usage", "train step")):
+    if tr.get(key):
+      rows[f"{name} page faults"] = tr[key]["page_faults"]
+      rows[f"{name} kernel CPU s"] = tr[key]["kernel_s"]
   profile = tr.get("op_profile") or {}
   for category, seconds in profile.get("seconds", {}).items():
     rows[f"op s: {category}"] = seconds

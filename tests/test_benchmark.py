@@ -80,6 +80,9 @@ def test_results_have_every_field_and_consistent_values(results):
               "achieved_gflops", "fraction_of_ceiling", "peak_rss_bytes"):
     assert tr[key] > 0, key
   assert len(tr["step_times_s"]) == 2
+  for key in ("first_call_usage", "step_usage"):
+    assert set(tr[key]) == {"user_s", "kernel_s", "page_faults"}, key
+    assert min(tr[key].values()) >= 0, key
   assert tr["step_time_s"] == np.median(tr["step_times_s"])
   assert tr["step_time_min_s"] == min(tr["step_times_s"])
   # Init and compile overlap: start-up is at least the longer of the two
@@ -129,7 +132,26 @@ def test_results_have_every_field_and_consistent_values(results):
   assert "predict 2 steps" in table and "ratio at 20 steps" in table
   assert "host overhead" in table
   assert "conv weight-grad" in table and "train start-up" in table
+  assert (f"{tr['first_call_usage']['page_faults']:,.0f} page faults"
+          in table)
   assert f"{100 * tr['mfu']:.1f}% of the 0.5 TFLOP/s dense bf16 peak" in table
+
+
+def test_process_usage_counts_the_pages_a_call_touches():
+  # 64 MiB of fresh anonymous memory, one byte written per page: at least
+  # one minor fault per page, and the pages' zeroing is kernel time.
+  import mmap
+
+  pages = 64 * 2**20 // mmap.PAGESIZE
+  before = benchmark.process_usage()
+  with mmap.mmap(-1, pages * mmap.PAGESIZE) as memory:
+    np.frombuffer(memory, np.uint8)[::mmap.PAGESIZE] = 1
+    after = benchmark.process_usage()
+  touched = benchmark.usage_between(before, after)
+  assert pages <= touched["page_faults"] < 2 * pages
+  assert touched["kernel_s"] > 0 and touched["user_s"] >= 0
+  per_call = benchmark.usage_between(before, after, calls=4)
+  assert per_call["page_faults"] == touched["page_faults"] / 4
 
 
 def test_peak_is_looked_up_by_device_kind_or_given():
@@ -156,6 +178,8 @@ def test_compare_prints_each_figure_with_its_ratio(results):
   assert row["predict 1 steps s"][2] == "1.000"
   assert row["predict 2 steps s"][1:] == ["n/a", "n/a"]
   assert "op s: conv weight-grad" in row
+  assert float(row["first call page faults"][0]) == pytest.approx(
+      results["train"]["first_call_usage"]["page_faults"], rel=1e-3)
 
 
 def test_cli_reads_the_comparison_file_first_and_names_it(tmp_path):
