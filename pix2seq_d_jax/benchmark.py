@@ -37,6 +37,9 @@ while the state is initialised; `startup_s` is the time from there to the
 first step done (init | lower + compile, then the first call). Without a
 persistent compilation cache this is the cold start; run the command twice
 with `JAX_COMPILATION_CACHE_DIR` set for the warm one.
+The first call's page faults and user / kernel CPU time (`getrusage`) are
+reported next to a later step's: the extra time of a first call is mostly
+the kernel mapping the step's new temporaries.
 
 Op categories. `--profile_steps` train steps run under `jax.profiler`; each
 executed XLA instruction's time is summed per category (convolution
