@@ -106,7 +106,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # the CPU time of compiling the initialisation (30 -> 15 s at 256 / 128),
   # which shares the cores with the train step's compile at start-up;
   # 'threefry2x32' gives the initial values of releases before it.
-  config.init_prng_impl = "unsafe_rbg"
+  config.init_prng_impl = config_lib.INIT_PRNG_IMPL_DEFAULT
   # One value read by the training target and the panoptic post-processing
   # (config.input.stuff_identity and config.evals.panoptic.stuff_identity
   # share it: setting either sets both).

@@ -41,6 +41,9 @@ STUFF_IDENTITY_DEFAULT = "zero"
 # `config.init_prng_impl`: the random-number generators (jax's names) the
 # state's initialisation may draw with (`train_state.make_init_fn`).
 INIT_PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+# The value `configs/common.py` sets, and what a config without the field
+# (one saved by an earlier version) means.
+INIT_PRNG_IMPL_DEFAULT = "unsafe_rbg"
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -523,7 +526,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 xla_env.CPU_SCHEDULERS)
   _check_choice("cpu_convolutions", config.get("cpu_convolutions", "eigen"),
                 xla_env.CPU_CONVOLUTIONS)
-  _check_choice("init_prng_impl", config.get("init_prng_impl", "unsafe_rbg"),
+  _check_choice("init_prng_impl",
+                config.get("init_prng_impl", INIT_PRNG_IMPL_DEFAULT),
                 INIT_PRNG_IMPLS)
   reuse = config.get("reuse_host_memory", True)
   _require(isinstance(reuse, bool), "reuse_host_memory", reuse, "a bool")

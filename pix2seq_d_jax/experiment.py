@@ -480,7 +480,8 @@ def create(
   init_fn = train_state.make_init_fn(
       model, tx, image_size=image_hw, mask_size=mask_hw,
       num_bits=2 * config.diffusion.bits_per_channel,
-      prng_impl=config.get("init_prng_impl", "unsafe_rbg"),
+      prng_impl=config.get("init_prng_impl",
+                           config_lib.INIT_PRNG_IMPL_DEFAULT),
   )
   with jax.set_mesh(mesh), gc_pause.paused():
     abstract_boxed = jax.eval_shape(init_fn, jax.random.key(0))
