@@ -133,11 +133,10 @@ def make_init_fn(
 
   `prng_impl` (one of `config_lib.INIT_PRNG_IMPLS`) is the random-number
   generator the initialisers draw with: the key passed in seeds a key of
-  that kind.
-  None draws with the key's own kind. `unsafe_rbg` derives the per-array
-  keys (flax folds each module's name into the key) with XLA's bit
-  generator instead of threefry hashes; compiling the paper model's init
-  on CPU then takes 15 instead of 30 s of CPU time (README, Speed).
+  that kind; None draws with the key's own kind. `unsafe_rbg` derives the
+  per-array keys (flax folds each module's name into the key) with XLA's
+  bit generator instead of threefry hashes; compiling the paper model's
+  init on CPU then takes 15 instead of 30 s of CPU time (README, Speed).
 
   The params keep their `nn.Partitioned` boxes so that
   `nn.get_partition_spec(jax.eval_shape(init, rng))` yields the sharding of
