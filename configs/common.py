@@ -236,6 +236,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # page faults per step at 256 / 128. Process-wide; False keeps jax's and
   # glibc's defaults.
   config.reuse_host_memory = True
+  # Keep the lowered train step beside jax's persistent compilation cache
+  # (`pix2seq_d_jax/trace_cache.py`): a warm start reads it back instead of
+  # tracing the step (5-7 s of the paper model's start-up on CPU). Off for
+  # code changed at run time (monkeypatching), which its key cannot see.
+  config.trace_cache = True
 
   config.evals = ml_collections.ConfigDict()
   config.evals.panoptic = ml_collections.ConfigDict(

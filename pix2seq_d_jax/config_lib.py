@@ -531,6 +531,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 INIT_PRNG_IMPLS)
   reuse = config.get("reuse_host_memory", True)
   _require(isinstance(reuse, bool), "reuse_host_memory", reuse, "a bool")
+  keep_trace = config.get("trace_cache", True)
+  _require(isinstance(keep_trace, bool), "trace_cache", keep_trace, "a bool")
   _require(
       config.grad_accum_steps >= 1
       and inp.batch_size % config.grad_accum_steps == 0,

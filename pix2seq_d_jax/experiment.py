@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
 from pix2seq_d_jax import (
@@ -32,6 +33,7 @@ from pix2seq_d_jax import (
     gc_pause,
     models,
     sharding,
+    trace_cache,
     train_state,
 )
 from pix2seq_d_jax import data as data_lib
@@ -50,6 +52,8 @@ NOMINAL_TOTAL_STEPS = 10_000
 # 33.5 s of CPU time, and the initialisation runs in 1.3 s either way.
 # Level 0 compiles faster still but runs 3x slower.
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+# The trace cache's folder inside jax's persistent compilation cache.
+TRACE_CACHE_SUBDIR = "pix2seq_d_jax_traces"
 
 
 def init_compiler_options(devices: Iterable[jax.Device]) -> dict | None:
@@ -386,11 +390,50 @@ class Experiment:
     )
 
   def lower_train_step(self, batch_size: int | None = None) -> Any:
-    """The step lowered for abstract state and batch (no arrays needed)."""
+    """The step lowered for abstract state and batch (no arrays needed).
+
+    With jax's persistent compilation cache set and `config.trace_cache`,
+    the lowered step is read from (or written to) `trace_cache`'s folder
+    `<compilation cache>/pix2seq_d_jax_traces`, so a warm start skips
+    tracing it; the result then is a `trace_cache.TreeLowered`, used as
+    jax's `Lowered` is (`compile()`, `as_text()`, `cost_analysis()`).
+    """
+    spec = self.batch_spec(batch_size)
+    args = (self.abstract_state, spec,
+            jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
     with jax.set_mesh(self.mesh), gc_pause.paused():
-      return self.train_step.lower(
-          self.abstract_state, self.batch_spec(batch_size),
-          jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
+      directory = self.trace_cache_dir
+      if directory is not None:
+        try:
+          return trace_cache.lower_step(
+              self.train_step_fn(), args,
+              in_shardings=(self.state_shardings,
+                            {k: self.batch_sharding for k in spec},
+                            self.replicated),
+              metrics_sharding=self.replicated, directory=directory,
+              key=trace_cache.trace_key(
+                  self.config.to_json_best_effort(sort_keys=True),
+                  {"total_steps": self.total_steps,
+                   "warmup_steps": self.warmup_steps},
+                  self.mesh, args))
+        except Exception as e:  # noqa: BLE001 - lowered below instead.
+          # jax.export refuses some programs (e.g. with host callbacks);
+          # a real error in the step raises again from the plain lowering.
+          logging.warning("Train step not kept in the trace cache (%s: %s); "
+                          "lowering it directly.", type(e).__name__, e)
+      return self.train_step.lower(*args)
+
+  @property
+  def trace_cache_dir(self) -> str | None:
+    """Where the lowered train step is kept, or None when it is not.
+
+    `<jax_compilation_cache_dir>/pix2seq_d_jax_traces` when jax's
+    persistent compilation cache is set and `config.trace_cache` is on.
+    """
+    cache = jax.config.jax_compilation_cache_dir
+    if not cache or not self.config.get("trace_cache", True):
+      return None
+    return f"{os.fspath(cache).rstrip('/')}/{TRACE_CACHE_SUBDIR}"
 
   def compile_train_step(self, batch_size: int | None = None) -> Any:
     """The compiled step; call it as `compiled(state, batch, rng)`."""
