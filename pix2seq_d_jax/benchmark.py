@@ -36,7 +36,8 @@ Start-up. As in the training loop, the train step compiles in a thread
 while the state is initialised; `startup_s` is the time from there to the
 first step done (init | lower + compile, then the first call). Without a
 persistent compilation cache this is the cold start; run the command twice
-with `JAX_COMPILATION_CACHE_DIR` set for the warm one.
+with `JAX_COMPILATION_CACHE_DIR` set for the warm one (which then also
+reads the lowered step back from the trace cache, `config.trace_cache`).
 The first call's page faults and user / kernel CPU time (`getrusage`) are
 reported next to a later step's: the extra time of a first call is mostly
 the kernel mapping the step's new temporaries.
@@ -94,6 +95,7 @@ from pix2seq_d_jax import (
     host_memory,
     op_profile,
     reporting,
+    trace_cache,
     xla_env,
 )
 from pix2seq_d_jax.formats import atomic
@@ -690,6 +692,9 @@ def run_benchmark(
       "step_usage": step_usage,
       # From nothing to the first step done: init | compile, first call.
       "startup_s": t3 - t_start,
+      # "read from" / "written to" the trace cache, None when it is off.
+      "trace_cache": (None if not isinstance(lowered, trace_cache.TreeLowered)
+                      else "read from" if lowered.hit else "written to"),
       "step_time_s": step_time,
       "step_time_min_s": min(step_times),
       "step_times_s": step_times,
@@ -885,7 +890,8 @@ def format_table(results: dict[str, Any]) -> str:
                        f"{ce['conv_shape']}"),
       ("train start-up", f"{tr['startup_s']:.2f} s to the first step done "
                          "(persistent compilation cache "
-                         f"{'on' if su['compilation_cache'] else 'off'})"),
+                         f"{'on' if su['compilation_cache'] else 'off'}"
+                         f"{_trace_cache_text(tr.get('trace_cache'))})"),
       ("  of which", f"{tr['init_s']:.2f} s init | {tr['lower_s']:.2f} s "
                      f"lower + {tr['compile_s']:.2f} s compile, then "
                      f"{tr['first_call_s']:.2f} s first call"),
@@ -957,6 +963,11 @@ def format_table(results: dict[str, Any]) -> str:
   ]
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _trace_cache_text(state: str | None) -> str:
+  """The start-up row's note on the trace cache ('' when it was off)."""
+  return "" if state is None else f", lowered step {state} the trace cache"
 
 
 def _usage_text(usage: dict[str, float]) -> str:

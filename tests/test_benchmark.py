@@ -132,6 +132,10 @@ def test_results_have_every_field_and_consistent_values(results):
   assert "predict 2 steps" in table and "ratio at 20 steps" in table
   assert "host overhead" in table
   assert "conv weight-grad" in table and "train start-up" in table
+  # The suite sets a compilation cache, so the step went through the trace
+  # cache: written by whichever test lowered this config first, else read.
+  assert tr["trace_cache"] in ("read from", "written to")
+  assert f"lowered step {tr['trace_cache']} the trace cache" in table
   assert (f"{tr['first_call_usage']['page_faults']:,.0f} page faults"
           in table)
   assert f"{100 * tr['mfu']:.1f}% of the 0.5 TFLOP/s dense bf16 peak" in table
@@ -319,3 +323,10 @@ def test_alternate_config_overrides_and_refuses_what_cannot_alternate():
   # The variant is validated like any config.
   with pytest.raises(config_lib.ConfigError, match="conv_impl"):
     benchmark.alternate_config(config, ["model.conv_impl=winograd"])
+
+
+def test_start_up_row_without_the_trace_cache():
+  assert benchmark._trace_cache_text(None) == ""
+  assert benchmark._trace_cache_text("read from") == (
+      ", lowered step read from the trace cache")
+
