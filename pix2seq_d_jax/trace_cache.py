@@ -234,9 +234,14 @@ def lower_step(step_fn: Callable[..., tuple[PyTree, dict[str, Any]]],
   if entry is None:
     exported, names = _export(step_fn, leaves, in_tree, state_tree,
                               flat_shardings, out_shardings, donated)
+    blob = exported.serialize()
+    # Read back, as a warm start does: the exported object keeps the
+    # step's trace alive (for its VJP), a few hundred MB for the process's
+    # lifetime, which the serialised module does not.
+    exported = jax.export.deserialize(blob)
     if jax.process_index() == 0:
       header = json.dumps({"metrics": names}).encode()
-      atomic.write_bytes(path, header + b"\n" + bytes(exported.serialize()))
+      atomic.write_bytes(path, header + b"\n" + bytes(blob))
     logging.info("Traced the train step in %.1f s; kept it in %s.",
                  time.perf_counter() - t0, path)
   else:
