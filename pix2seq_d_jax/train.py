@@ -282,6 +282,12 @@ def _run(
     data_state, compiling, started_input = None, None, None
     if latest is not None:
       logging.info("Resuming from %s step %d.", workdir, latest)
+      if mode != "eval":
+        # The step compiles (or is read back from the caches) while the
+        # checkpoint is read: a resumed start waits for the longer of the
+        # two. The input needs the checkpoint's data state, so it starts
+        # after the restore.
+        compiling = _compile_in_background(exp)
       state, data_state = checkpointing.restore(
           manager, latest, exp.abstract_state)
     else:
@@ -383,7 +389,7 @@ def _train_loop(
   if compiling is not None:
     compiled = compiling.result()
     logging.info("Compiled the train step alongside the initialisation "
-                 "(waited %.1fs after it).", time.time() - t0)
+                 "or restore (waited %.1fs after it).", time.time() - t0)
   else:
     compiled = exp.compile_train_step()
     logging.info("Compiled the train step in %.1fs.", time.time() - t0)
@@ -525,10 +531,12 @@ def _compile_in_background(exp: Any) -> concurrent.futures.Future:
   """`exp.compile_train_step()` started in a worker thread.
 
   The compile needs only the abstract state, so it can run while the state
-  is initialised. The thread is not a daemon (a daemon thread inside XLA at
-  interpreter exit can abort the process): if initialisation fails
-  meanwhile, the process exits once the compile is done, after printing
-  the error. Bad data fails before the compile starts (`_start_input`).
+  is initialised or restored. The thread is not a daemon (a daemon thread
+  inside XLA at interpreter exit can abort the process): if initialisation
+  or the restore fails meanwhile, the process exits once the compile is
+  done, after printing the error. On a fresh start bad data fails before
+  the compile starts (`_start_input`); a resumed run's input starts after
+  the restore, beside the compile.
   """
   pool = concurrent.futures.ThreadPoolExecutor(
       max_workers=1, thread_name_prefix="compile_train_step")

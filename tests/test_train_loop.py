@@ -7,6 +7,9 @@ CPU device. Every device-to-host read of the loop goes through
 `bool(x)` on a device value inside the loop fails.
 """
 
+import json
+import threading
+
 import jax
 import numpy as np
 import pytest
@@ -139,3 +142,37 @@ def test_logged_norms_are_those_of_the_checkpointed_parameters(tmp_path):
                                float(optax.tree.norm(params[step])),
                                rtol=1e-5)
   assert rows[3]["train/update_norm"] > 0
+
+
+def test_a_resumed_run_compiles_the_step_while_restoring(tmp_path,
+                                                          monkeypatch):
+  config = _config(tmp_path / "data", total_steps=2, log_every=1,
+                   ckpt_every=2)
+  workdir = str(tmp_path / "w")
+  train.train_and_evaluate(config, workdir, mode="train")
+
+  compiling, order = threading.Event(), []
+  real_compile = train.experiment.Experiment.compile_train_step
+  real_restore = train.checkpointing.restore
+
+  def compile_train_step(exp, *args, **kwargs):
+    order.append("compile")
+    compiling.set()
+    return real_compile(exp, *args, **kwargs)
+
+  def restore(*args, **kwargs):
+    # Sequential code would compile only after this returns: the wait then
+    # times out and the order below shows it.
+    compiling.wait(timeout=30)
+    order.append("restore")
+    return real_restore(*args, **kwargs)
+
+  monkeypatch.setattr(train.experiment.Experiment, "compile_train_step",
+                      compile_train_step)
+  monkeypatch.setattr(train.checkpointing, "restore", restore)
+  config.total_steps = 3
+  train.train_and_evaluate(config, workdir, mode="train")
+  assert order == ["compile", "restore"]
+  steps = [json.loads(line).get("step") for line in
+           (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+  assert max(s for s in steps if s is not None) == 3
