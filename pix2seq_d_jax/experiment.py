@@ -379,15 +379,17 @@ class Experiment:
   @functools.cached_property
   def train_step(self) -> Callable:
     """The jitted step: explicit shardings, the state donated."""
-    spec = self.batch_spec()
     return jax.jit(
         self.train_step_fn(),
-        in_shardings=(self.state_shardings,
-                      {k: self.batch_sharding for k in spec},
-                      self.replicated),
+        in_shardings=self._train_step_in_shardings(self.batch_spec()),
         out_shardings=(self.state_shardings, self.replicated),
         donate_argnums=0,
     )
+
+  def _train_step_in_shardings(self, spec: dict) -> tuple:
+    """Shardings of the step's (state, batch, rng) for a batch spec."""
+    return (self.state_shardings, {k: self.batch_sharding for k in spec},
+            self.replicated)
 
   def lower_train_step(self, batch_size: int | None = None) -> Any:
     """The step lowered for abstract state and batch (no arrays needed).
@@ -407,9 +409,7 @@ class Experiment:
         try:
           return trace_cache.lower_step(
               self.train_step_fn(), args,
-              in_shardings=(self.state_shardings,
-                            {k: self.batch_sharding for k in spec},
-                            self.replicated),
+              in_shardings=self._train_step_in_shardings(spec),
               metrics_sharding=self.replicated, directory=directory,
               key=trace_cache.trace_key(
                   self.config.to_json_best_effort(sort_keys=True),
