@@ -24,6 +24,14 @@ YNNPACK's weight gradient is slow; the train step at 256 / 128 8.42 →
 `set_cpu_convolutions('eigen')` takes convolutions out of YNNPACK's
 fusion list; matmuls and reductions stay there (with YNNPACK off
 altogether the matmuls are slower). Values differ only by float rounding.
+
+XLA:CPU's copy insertion can prove with a region analysis that a loop's
+carried values need no copy (`set_copy_region_analysis`; off by default
+on CPU). jax's CPU lowering of the random numbers (dropout masks, the
+diffusion noise) is a rolled loop per draw, and the paper model's train
+step at 256 / 128 keeps 2,377 instead of 2,769 copies, among them 14 of
+2–4 MB; the values are the same to the bit, the compile takes as long,
+and the step is about 1% faster (README, Speed).
 """
 
 import os
@@ -38,6 +46,7 @@ CPU_CONVOLUTIONS = ("eigen", "ynnpack")
 _YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 # Removes one type from XLA's default list of YNNPACK fusions.
 _WITHOUT_YNN_CONVOLUTIONS = f"{_YNN_FUSION_FLAG}=-individual_convolution"
+_REGION_ANALYSIS_FLAG = "--xla_cpu_copy_insertion_use_region_analysis"
 
 
 def set_cpu_scheduler(scheduler: str) -> bool:
@@ -83,6 +92,17 @@ def set_cpu_convolutions(library: str) -> bool:
     return False
   return _add_xla_flag(_YNN_FUSION_FLAG, _WITHOUT_YNN_CONVOLUTIONS,
                        f"cpu_convolutions={library!r}")
+
+
+def set_copy_region_analysis() -> bool:
+  """Lets XLA:CPU's copy insertion skip the copies a region analysis clears.
+
+  Returns:
+    Whether `XLA_FLAGS` was changed. The flag the user already put in
+    `XLA_FLAGS` (either value) wins and is left alone.
+  """
+  return _add_xla_flag(_REGION_ANALYSIS_FLAG, f"{_REGION_ANALYSIS_FLAG}=true",
+                       "copy insertion's region analysis")
 
 
 def cpu_convolution_library(xla_flags: str | None = None) -> str:
@@ -135,9 +155,14 @@ def _add_xla_flag(name: str, flag: str, setting: str) -> bool:
 
 
 def set_xla_flags(config: Any) -> None:
-  """The config's `XLA_FLAGS` settings: scheduler and convolution library."""
+  """Writes this process's `XLA_FLAGS` settings.
+
+  The config's scheduler and convolution library, and copy insertion's
+  region analysis.
+  """
   set_cpu_scheduler(config.get("cpu_scheduler", "memory"))
   set_cpu_convolutions(config.get("cpu_convolutions", "eigen"))
+  set_copy_region_analysis()
 
 
 def _backend_started() -> bool:
@@ -171,9 +196,9 @@ def run_cpu_computations_inline() -> None:
 def prepare_backend(config: Any) -> None:
   """Applies the config's before-the-backend settings (main, benchmark).
 
-  `config.cpu_scheduler` and `config.cpu_convolutions` into `XLA_FLAGS`,
-  and inline CPU dispatch when `config.reuse_host_memory` (the training
-  loop then keeps the heap).
+  `config.cpu_scheduler` and `config.cpu_convolutions` into `XLA_FLAGS`
+  (with copy insertion's region analysis), and inline CPU dispatch when
+  `config.reuse_host_memory` (the training loop then keeps the heap).
   """
   set_xla_flags(config)
   if config.get("reuse_host_memory", True):

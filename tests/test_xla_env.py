@@ -6,7 +6,9 @@ temporary memory for independent matmul chains than XLA:CPU's
 concurrency-optimised one, and the same train steps give the same losses
 and parameters under both, to the bit; with `cpu_convolutions` 'eigen' a
 convolution runs outside YNNPACK (`tests/conv_library_probe.py`), and both
-libraries' values and gradients match a float64 reference.
+libraries' values and gradients match a float64 reference. Copy
+insertion's region analysis, given to one compile, drops copies from the
+random numbers' loops and keeps their values.
 """
 
 import json
@@ -152,11 +154,51 @@ def test_set_xla_flags_applies_the_configs_choices(monkeypatch):
   config = synthetic.get_config("tiny")
   xla_env.set_xla_flags(config)  # The defaults: memory, eigen.
   assert os.environ["XLA_FLAGS"].split() == [
-      f"{FLAG}=false", f"{CONV_FLAG}=-individual_convolution"]
+      f"{FLAG}=false", f"{CONV_FLAG}=-individual_convolution",
+      f"{REGION_FLAG}=true"]
   monkeypatch.delenv("XLA_FLAGS")
   config.cpu_scheduler, config.cpu_convolutions = "concurrency", "ynnpack"
   xla_env.set_xla_flags(config)
-  assert os.environ["XLA_FLAGS"] == f"{FLAG}=true"
+  assert os.environ["XLA_FLAGS"].split() == [f"{FLAG}=true",
+                                             f"{REGION_FLAG}=true"]
+
+
+REGION_FLAG = "--xla_cpu_copy_insertion_use_region_analysis"
+
+
+def test_the_users_region_analysis_setting_wins(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", f"{REGION_FLAG}=false")
+  assert not xla_env.set_copy_region_analysis()
+  assert os.environ["XLA_FLAGS"] == f"{REGION_FLAG}=false"
+  monkeypatch.delenv("XLA_FLAGS")
+  assert xla_env.set_copy_region_analysis()
+  assert os.environ["XLA_FLAGS"] == f"{REGION_FLAG}=true"
+
+
+def test_region_analysis_drops_loop_copies_and_keeps_the_values():
+  """The option the flag sets, given to one compile: the random numbers'
+  rolled loops keep fewer copies, and the values are the same to the bit."""
+  import jax
+  import jax.numpy as jnp
+
+  def dropout_and_noise(key, x):
+    keep_key, noise_key = jax.random.split(key)
+    keep = jax.random.bernoulli(keep_key, 0.9, x.shape)
+    return (jnp.where(keep, x / 0.9, 0.0)
+            + jax.random.normal(noise_key, x.shape))
+
+  x = jnp.linspace(-1.0, 1.0, 2 * 64 * 128).reshape(2, 64, 128)
+  lowered = jax.jit(dropout_and_noise).lower(jax.random.key(3), x)
+  plain = lowered.compile()
+  region = lowered.compile(compiler_options={
+      REGION_FLAG.removeprefix("--"): True})
+
+  def copies(compiled):
+    return sum(" copy(" in line for line in compiled.as_text().splitlines())
+
+  assert copies(region) < copies(plain)
+  np.testing.assert_array_equal(np.asarray(region(jax.random.key(3), x)),
+                                np.asarray(plain(jax.random.key(3), x)))
 
 
 def _numpy_conv(x, kernel):
