@@ -8,7 +8,8 @@ and parameters under both, to the bit; with `cpu_convolutions` 'eigen' a
 convolution runs outside YNNPACK (`tests/conv_library_probe.py`), and both
 libraries' values and gradients match a float64 reference. Copy
 insertion's region analysis, given to one compile, drops copies from the
-random numbers' loops and keeps their values.
+random numbers' loops and keeps their values; XLA's CPU runtime flushes
+subnormal results whether or not the kernels are compiled for it.
 """
 
 import json
@@ -155,24 +156,24 @@ def test_set_xla_flags_applies_the_configs_choices(monkeypatch):
   xla_env.set_xla_flags(config)  # The defaults: memory, eigen.
   assert os.environ["XLA_FLAGS"].split() == [
       f"{FLAG}=false", f"{CONV_FLAG}=-individual_convolution",
-      f"{REGION_FLAG}=true"]
+      f"{REGION_FLAG}=true", f"{FTZ_FLAG}=true"]
   monkeypatch.delenv("XLA_FLAGS")
   config.cpu_scheduler, config.cpu_convolutions = "concurrency", "ynnpack"
   xla_env.set_xla_flags(config)
-  assert os.environ["XLA_FLAGS"].split() == [f"{FLAG}=true",
-                                             f"{REGION_FLAG}=true"]
+  assert os.environ["XLA_FLAGS"].split() == [
+      f"{FLAG}=true", f"{REGION_FLAG}=true", f"{FTZ_FLAG}=true"]
 
 
 REGION_FLAG = "--xla_cpu_copy_insertion_use_region_analysis"
+FTZ_FLAG = "--xla_cpu_ftz"
 
 
-def test_the_users_region_analysis_setting_wins(monkeypatch):
-  monkeypatch.setenv("XLA_FLAGS", f"{REGION_FLAG}=false")
-  assert not xla_env.set_copy_region_analysis()
-  assert os.environ["XLA_FLAGS"] == f"{REGION_FLAG}=false"
-  monkeypatch.delenv("XLA_FLAGS")
-  assert xla_env.set_copy_region_analysis()
-  assert os.environ["XLA_FLAGS"] == f"{REGION_FLAG}=true"
+def test_the_users_setting_of_a_default_flag_wins(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", f"{FTZ_FLAG}=false")
+  assert xla_env.set_cpu_defaults() == [f"{REGION_FLAG}=true"]
+  assert os.environ["XLA_FLAGS"].split() == [f"{FTZ_FLAG}=false",
+                                             f"{REGION_FLAG}=true"]
+  assert xla_env.set_cpu_defaults() == []  # Both there now.
 
 
 def test_region_analysis_drops_loop_copies_and_keeps_the_values():
@@ -199,6 +200,30 @@ def test_region_analysis_drops_loop_copies_and_keeps_the_values():
   assert copies(region) < copies(plain)
   np.testing.assert_array_equal(np.asarray(region(jax.random.key(3), x)),
                                 np.asarray(plain(jax.random.key(3), x)))
+
+
+def test_flushed_subnormals_are_what_the_runtime_computes_already():
+  """`--xla_cpu_ftz` compiles for subnormal results flushed to zero, which
+  XLA's CPU runtime does with or without it: the flag changes no value."""
+  import jax
+  import jax.numpy as jnp
+
+  x = jnp.asarray([2e-38, 1e-30, -3e-38, -90.0, 0.0], jnp.float32)
+  lowered = jax.jit(lambda x: (x * 0.25, jnp.exp(x))).lower(x)
+  plain = lowered.compile()(x)
+  flushed = lowered.compile(compiler_options={
+      FTZ_FLAG.removeprefix("--"): True})(x)
+  tiny = np.finfo(np.float32).tiny
+  for got in (plain, flushed):
+    scaled, exp = map(np.asarray, got)
+    # 5e-39 and exp(-90) = 8e-40 are subnormal: both come out as zeros.
+    np.testing.assert_array_equal(scaled, np.asarray(
+        [0.0, np.float32(1e-30) * np.float32(0.25), -0.0, -22.5, 0.0],
+        np.float32))
+    assert exp[3] == 0.0 and exp[4] == 1.0
+    assert not np.any((np.abs(scaled) > 0) & (np.abs(scaled) < tiny))
+  for a, b in zip(plain, flushed, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def _numpy_conv(x, kernel):
