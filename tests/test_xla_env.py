@@ -24,6 +24,8 @@ from pix2seq_d_jax import config_lib, xla_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
+REGION_FLAG = "--xla_cpu_copy_insertion_use_region_analysis"
+FTZ_FLAG = "--xla_cpu_ftz"
 
 
 @pytest.mark.parametrize("scheduler,value", [("memory", "false"),
@@ -162,10 +164,6 @@ def test_set_xla_flags_applies_the_configs_choices(monkeypatch):
   xla_env.set_xla_flags(config)
   assert os.environ["XLA_FLAGS"].split() == [
       f"{FLAG}=true", f"{REGION_FLAG}=true", f"{FTZ_FLAG}=true"]
-
-
-REGION_FLAG = "--xla_cpu_copy_insertion_use_region_analysis"
-FTZ_FLAG = "--xla_cpu_ftz"
 
 
 def test_the_users_setting_of_a_default_flag_wins(monkeypatch):
