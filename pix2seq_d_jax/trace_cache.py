@@ -144,6 +144,13 @@ class TreeCompiled:
   def as_text(self) -> str:
     return self._compiled.as_text()
 
+  @property
+  def out_info(self) -> tuple[PyTree, dict[str, jax.ShapeDtypeStruct]]:
+    """The outputs' shapes, dtypes and shardings, as `(state, metrics)`."""
+    state_info, metrics_info = self._compiled.out_info
+    return (jax.tree.unflatten(self._state_tree, state_info),
+            dict(zip(self._metric_names, metrics_info, strict=True)))
+
   def memory_analysis(self) -> Any:
     return self._compiled.memory_analysis()
 

@@ -7,6 +7,7 @@ CPU device. Every device-to-host read of the loop goes through
 `bool(x)` on a device value inside the loop fails.
 """
 
+import contextlib
 import json
 import threading
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from pix2seq_d_jax import train
+from pix2seq_d_jax import host_memory, train
 from pix2seq_d_jax.data import pipeline
 from tests.multiprocess_worker import NARROW_MODEL
 
@@ -50,16 +51,28 @@ def test_device_values_are_read_only_at_log_and_checkpoint_steps(
   # read for the resume step, then one per log step, none in between.
   config = _config(tmp_path / "data", total_steps=7, log_every=3,
                    ckpt_every=100)
-  released = []  # (why, device reads so far) of each heap release.
+  reserves = []
+  real_reserve = train._temporaries_reserve
+  monkeypatch.setattr(
+      train, "_temporaries_reserve",
+      lambda *a: reserves.append(real_reserve(*a)) or reserves[-1])
+  # (why, device reads so far, whether the reserve held the step's
+  # temporaries) of each heap release.
+  released = []
   monkeypatch.setattr(
       train.host_memory, "release_free_heap",
-      lambda why="": released.append((why, len(fetches))) or 0)
+      lambda why="": released.append(
+          (why, len(fetches), bool(reserves) and reserves[0].holds_block))
+      or 0)
   with jax.transfer_guard_device_to_host("disallow"):
     train.train_and_evaluate(config, str(tmp_path / "w"), mode="train")
   assert len(fetches) == 1 + 4
-  # Freed heap goes back once, after the compile and the initialisation
-  # (the resume-step read), before the first step's log read.
-  assert released == [("after the compile and the initialisation", 1)]
+  # Freed heap goes back after the compile and the initialisation (the
+  # resume-step read), before the first step's log read; then after the
+  # final checkpoint was written, while the reserve held the temporaries.
+  assert released == [("after the compile and the initialisation", 1, False),
+                      ("after the checkpoint of step 7", 5, True)]
+  assert reserves[0].temp_bytes > 0 and not reserves[0].holds_block
   # Then the step's temporaries stay mapped (conftest records, not applies).
   assert allocator_changes == ["keep_freed_heap"]
   logged = [int(np.asarray(f["tracker"]["count"])) for f in fetches[1:]
@@ -176,3 +189,41 @@ def test_a_resumed_run_compiles_the_step_while_restoring(tmp_path,
   steps = [json.loads(line).get("step") for line in
            (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
   assert max(s for s in steps if s is not None) == 3
+
+
+def test_nothing_compiles_between_train_steps(tmp_path, monkeypatch):
+  # The loop's helpers (parameter copy and norms, metric tracker) compile
+  # before the first step: compiled between the first two, their allocations
+  # would be cut from the block the first step's temporaries freed, and the
+  # second step would grow the heap by its temporaries (host_memory).
+  config = _config(tmp_path / "data", total_steps=3, log_every=1,
+                   ckpt_every=100)
+  config.evals = {}
+  steps_entered, compiles = [], []
+  real_reserve = train._temporaries_reserve
+
+  class CountingReserve(host_memory.TemporariesReserve):
+    @contextlib.contextmanager
+    def step(self):
+      steps_entered.append(len(compiles))
+      with super().step():
+        yield
+
+  monkeypatch.setattr(
+      train, "_temporaries_reserve",
+      lambda *a: CountingReserve(real_reserve(*a).temp_bytes))
+
+  def listener(event, duration, **kwargs):
+    del duration
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(kwargs.get("fun_name", "?"))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    train.train_and_evaluate(config, str(tmp_path / "w"), mode="train")
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert len(steps_entered) == 3
+  # Programs compiled before each step: none after the first.
+  assert steps_entered[1:] == [steps_entered[0]] * 2, compiles[
+      steps_entered[0]:]
