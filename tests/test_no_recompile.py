@@ -86,8 +86,11 @@ def test_compile_count_independent_of_steps_and_eval_batches(
                         lambda why="": released.append(why) or 0)
     short, short_results = _count_compiles(_config(data_dir, *SHORT),
                                            str(tmp_path / "short"))
-    # The samplers' compiles freed heap too: returned after the evaluation.
+    # The final checkpoint's write and the samplers' compiles freed heap
+    # too: returned after each (the checkpoint is written before the final
+    # evaluation starts).
     assert released == ["after the compile and the initialisation",
+                        "after the checkpoint of step 2",
                         "after the evaluation"]
     long, long_results = _count_compiles(_config(data_dir, *LONG),
                                          str(tmp_path / "long"))
