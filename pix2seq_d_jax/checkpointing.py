@@ -52,13 +52,20 @@ class CheckpointMismatchError(config_lib.ConfigError):
 
 
 def make_manager(
-    workdir: str, *, keep: int, keep_period: int | None = None
+    workdir: str, *, keep: int, keep_period: int | None = None,
+    save_concurrent_gb: int | None = None,
 ) -> ocp.CheckpointManager:
   """An async CheckpointManager under `<workdir>/checkpoints`.
 
   `workdir` may be a bucket URL: orbax writes through `etils.epath` and
   tensorstore, and on object stores it marks a finished step with
   `commit_success.txt` instead of renaming a temporary folder.
+
+  `save_concurrent_gb` caps the state's bytes being written at once
+  (orbax's default: 96 GB, i.e. all of it). The write's buffers are host
+  memory: on one CPU, a 2.2 GiB state written with a cap of 1 GB raised the
+  resident size by 0.9-1.3 GiB instead of 1.9 GiB, and took 7.5 s instead
+  of 7.7-8.9 s. The format on disk is the same.
   """
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
@@ -67,11 +74,19 @@ def make_manager(
       cleanup_tmp_directories=True,
       create=True,
   )
+  if save_concurrent_gb is None:
+    items = {"item_names": (STATE, DATA)}
+  else:
+    if save_concurrent_gb < 1:
+      raise ValueError(f"save_concurrent_gb={save_concurrent_gb}: expected "
+                       "a whole number of GB >= 1 (orbax's unit)")
+    items = {"item_handlers": {
+        STATE: ocp.StandardCheckpointHandler(
+            save_concurrent_gb=save_concurrent_gb),
+        DATA: ocp.JsonCheckpointHandler(),
+    }}
   return ocp.CheckpointManager(
-      paths.to_epath(workdir) / "checkpoints",
-      options=options,
-      item_names=(STATE, DATA),
-  )
+      paths.to_epath(workdir) / "checkpoints", options=options, **items)
 
 
 def _encode_data_state(data_state: Any) -> dict:

@@ -308,7 +308,10 @@ def _run(
       workdir if jax.process_index() == 0 else None)
 
   # ----------------------------------------------------------- checkpoint
-  manager = checkpointing.make_manager(workdir, keep=config.keep_ckpt)
+  manager = checkpointing.make_manager(
+      workdir, keep=config.keep_ckpt,
+      # Its buffers are host memory beside the step's (`_wait_for_checkpoint`).
+      save_concurrent_gb=1 if _step_uses_main_heap(exp) else None)
   reporter = None
   try:
     latest = manager.latest_step()
@@ -678,13 +681,20 @@ def _temporaries_reserve(exp: Any, temp_bytes: int
                          ) -> host_memory.TemporariesReserve:
   """Holds the step's temporaries between steps (`host_memory`).
 
-  Only where the loop keeps the heap (`Experiment.keeps_host_heap`) and
-  the step runs on the calling thread (one CPU device): there its
-  temporaries come from the main heap. Elsewhere a reserve of 0 bytes,
-  which does nothing.
+  Only where they come from the main heap (`_step_uses_main_heap`);
+  elsewhere a reserve of 0 bytes, which does nothing.
   """
-  main_heap = exp.keeps_host_heap and exp.mesh.size == 1
-  return host_memory.TemporariesReserve(temp_bytes if main_heap else 0)
+  return host_memory.TemporariesReserve(
+      temp_bytes if _step_uses_main_heap(exp) else 0)
+
+
+def _step_uses_main_heap(exp: Any) -> bool:
+  """Whether the step's temporaries come from the main thread's heap.
+
+  Where the loop keeps the heap (`Experiment.keeps_host_heap`) and the step
+  runs on the calling thread (one CPU device, inline dispatch).
+  """
+  return exp.keeps_host_heap and exp.mesh.size == 1
 
 
 def _json_default(value: Any) -> Any:

@@ -60,6 +60,24 @@ def test_roundtrip_restores_values_and_data_state(workdir):
   assert saved == {"kind": "bytes", "value": '{"pos": 3}'}
 
 
+def test_capped_write_is_read_back_by_a_plain_manager(tmp_path):
+  # The cap on bytes written at once changes how, not what, is written.
+  capped = checkpointing.make_manager(str(tmp_path), keep=2,
+                                      save_concurrent_gb=1)
+  checkpointing.save(capped, 3, _state(64), b'{"pos": 1}')
+  capped.wait_until_finished()
+  capped.close()
+  plain = checkpointing.make_manager(str(tmp_path), keep=2)
+  state, data = checkpointing.restore(plain, 3, _abstract(64))
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(_state(64)),
+                       strict=True):
+    np.testing.assert_array_equal(got, want)
+  assert data == b'{"pos": 1}'
+  plain.close()
+  with pytest.raises(ValueError, match="save_concurrent_gb=0"):
+    checkpointing.make_manager(str(tmp_path), keep=2, save_concurrent_gb=0)
+
+
 def test_other_model_config_names_path_and_shapes(workdir):
   manager = checkpointing.make_manager(str(workdir), keep=2)
   with pytest.raises(checkpointing.CheckpointMismatchError) as info:

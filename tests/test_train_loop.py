@@ -51,6 +51,11 @@ def test_device_values_are_read_only_at_log_and_checkpoint_steps(
   # read for the resume step, then one per log step, none in between.
   config = _config(tmp_path / "data", total_steps=7, log_every=3,
                    ckpt_every=100)
+  managers = []  # make_manager's keyword arguments.
+  real_manager = train.checkpointing.make_manager
+  monkeypatch.setattr(
+      train.checkpointing, "make_manager",
+      lambda *a, **k: managers.append(k) or real_manager(*a, **k))
   reserves = []
   real_reserve = train._temporaries_reserve
   monkeypatch.setattr(
@@ -73,6 +78,8 @@ def test_device_values_are_read_only_at_log_and_checkpoint_steps(
   assert released == [("after the compile and the initialisation", 1, False),
                       ("after the checkpoint of step 7", 5, True)]
   assert reserves[0].temp_bytes > 0 and not reserves[0].holds_block
+  # The checkpoint's write buffers share the host with the step: capped.
+  assert managers[0]["save_concurrent_gb"] == 1
   # Then the step's temporaries stay mapped (conftest records, not applies).
   assert allocator_changes == ["keep_freed_heap"]
   logged = [int(np.asarray(f["tracker"]["count"])) for f in fetches[1:]
