@@ -182,9 +182,11 @@ class TemporariesReserve:
   temporaries' size takes exactly it (the best fit) and touches no page,
   and `step()` frees it just before the step, which reuses it. What runs
   between steps is placed elsewhere, and `release_free_heap` can then
-  return what it freed (a checkpoint's buffers, an evaluation's compiles)
-  without returning the temporaries' pages, which the next step would
-  otherwise fault in again.
+  return what it freed (a checkpoint's buffers) without returning the
+  temporaries' pages, which the next step would otherwise fault in again.
+  Work that would rather reuse those pages (an evaluation, whose programs
+  run on the same thread) calls `close()` first; the step after it takes
+  the block back.
 
   Use `with reserve.step(): state, metrics = step(state, ...)` for each
   step and `close()` (or `with reserve:`) when the steps are done. A

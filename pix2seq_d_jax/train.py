@@ -454,6 +454,13 @@ def _train_loop(
         _temporaries_reserve(exp, memory.get("temp_bytes", 0)) as reserve):
     while step < total_steps:
       batch = exp.global_batch(next_local)
+      if reserve.active:
+        # jax's CPU client runs a computation on the calling thread only if
+        # its inputs are ready, and the batch's copy to the device may still
+        # be running: the step would then run on a worker thread, whose heap
+        # maps its temporaries anew (measured: 3 steps in a row after an
+        # evaluation, each waited on only at the next log step).
+        batch = jax.block_until_ready(batch)
       log_now = reporting.itstime(step + 1, config.log_training_steps,
                                   total_steps, first=True)
       # Before a log step, a copy of the parameters (the step donates
@@ -512,6 +519,12 @@ def _train_loop(
           # The final checkpoint is complete before the final evaluation
           # runs, so a failing evaluation never costs the training.
           manager.wait_until_finished()
+        # The evaluation's programs run on this thread too: their
+        # temporaries reuse the step's pages, and the release after it
+        # returns them all (the next step faults its own in again).
+        # Measured with 4 sampling steps at batch 4: peak 5.80 GB against
+        # 6.16 GB with the step's block held through the evaluation.
+        reserve.close()
         results.update(run_evals(step, due))
   if stop.stopped:
     logging.warning("Stopped by signal at step %d; rerun to resume.", step)

@@ -12,6 +12,7 @@ import json
 import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -234,3 +235,47 @@ def test_nothing_compiles_between_train_steps(tmp_path, monkeypatch):
   # Programs compiled before each step: none after the first.
   assert steps_entered[1:] == [steps_entered[0]] * 2, compiles[
       steps_entered[0]:]
+
+
+def test_one_cpu_steps_get_ready_inputs(tmp_path, monkeypatch):
+  # jax's CPU client runs a computation on the calling thread (where the
+  # step's temporaries come from the kept main heap) only if its inputs are
+  # ready; the batch's copy to the device often is not, right after it is
+  # made. The loop waits for it there.
+  from pix2seq_d_jax import experiment
+
+  readiness = []
+  real_compile = experiment.Experiment.compile_train_step
+
+  def compile_train_step(self, *args, **kwargs):
+    compiled = real_compile(self, *args, **kwargs)
+
+    def step(state, batch, rng):
+      readiness.append(all(x.is_ready() for x in jax.tree.leaves(batch)))
+      return compiled(state, batch, rng)
+
+    return step
+
+  monkeypatch.setattr(experiment.Experiment, "compile_train_step",
+                      compile_train_step)
+  real_global_batch = experiment.Experiment.global_batch
+
+  @jax.jit
+  def late(batch):
+    # Some 50 ms of work the batch's values wait for: dispatched
+    # asynchronously, so the batch is not ready when it is returned.
+    x = jnp.full((512, 512), 1.0) + 0 * batch["image"].sum()
+    for _ in range(20):
+      x = jnp.tanh(x @ x / 512.0)
+    return jax.tree.map(lambda b: b + (0 * x[0, 0]).astype(b.dtype), batch)
+
+  monkeypatch.setattr(experiment.Experiment, "global_batch",
+                      lambda self, local: late(real_global_batch(self, local)))
+  monkeypatch.setattr(train, "_compile_loop_helpers", lambda compiled: None)
+  monkeypatch.setattr(train, "_log_memory",
+                      lambda compiled: {"temp_bytes": 2**20})
+  config = _config(tmp_path / "data", total_steps=6, log_every=100,
+                   ckpt_every=100)
+  config.evals = {}
+  train.train_and_evaluate(config, str(tmp_path / "w"), mode="train")
+  assert readiness == [True] * 6
