@@ -191,7 +191,9 @@ class TemporariesReserve:
   Use `with reserve.step(): state, metrics = step(state, ...)` for each
   step and `close()` (or `with reserve:`) when the steps are done. A
   reserve of 0 bytes, or one where glibc's calls are missing, does
-  nothing.
+  nothing. If taking the block back grows the heap, the step's
+  temporaries were not one block of `temp_bytes` (true of XLA:CPU's step
+  today): the reserve then lets go and stops, with a warning.
   """
 
   def __init__(self, temp_bytes: int):
@@ -224,7 +226,17 @@ class TemporariesReserve:
       return
     self.close()
     yield
+    heap = heap_bytes()
     self._block = _malloc_and_free()[0](self.temp_bytes) or None
+    if heap is not None and heap_bytes() - heap > self.temp_bytes // 2:
+      # The block did not fit where the step's temporaries were (they are
+      # not one block of this size): holding fresh pages would keep nothing.
+      logging.warning(
+          "The train step's temporaries are not one freed block of %.2f GiB "
+          "(XLA's memory analysis); no longer holding them between steps.",
+          self.temp_bytes / 2**30)
+      self.close()
+      self.temp_bytes = 0
 
   def close(self) -> None:
     """Frees the block held between steps (if any)."""

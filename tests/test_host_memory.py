@@ -204,6 +204,23 @@ def test_reserve_holds_the_block_only_between_steps():
   assert not reserve.holds_block  # Freed when the steps are done.
 
 
+def test_reserve_stops_when_the_block_does_not_fit(monkeypatch):
+  # Taking the block back grew the heap by its size: the step's temporaries
+  # were not one such block, so holding fresh pages keeps nothing.
+  heap = iter([0, 0, 10, 10 + 64 * MB])
+  monkeypatch.setattr(host_memory, "heap_bytes", lambda: next(heap))
+  reserve = host_memory.TemporariesReserve(64 * MB)
+  with reserve.step():
+    pass
+  assert reserve.holds_block  # Grew by 0: held.
+  with reserve.step():
+    pass
+  assert not reserve.holds_block and not reserve.active
+  with reserve.step():
+    pass  # Nothing held any more, no heap read.
+  assert not reserve.holds_block
+
+
 def test_empty_reserve_does_nothing(monkeypatch):
   monkeypatch.setattr(host_memory, "_malloc_and_free", lambda: None)
   for reserve in (host_memory.TemporariesReserve(0),
