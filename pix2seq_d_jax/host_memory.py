@@ -166,6 +166,12 @@ def heap_bytes() -> int | None:
   return None if info is None else int(info().arena)
 
 
+# Below this, glibc's own choices (a block under its mmap threshold of up to
+# 32 MiB may come from the heap or its own mapping) make heap growth at the
+# re-take no sign that the temporaries were placed elsewhere.
+_SMALLEST_CHECKED_BLOCK = 64 * 2**20
+
+
 class TemporariesReserve:
   """Keeps the train step's freed temporaries for the next step.
 
@@ -191,9 +197,9 @@ class TemporariesReserve:
   Use `with reserve.step(): state, metrics = step(state, ...)` for each
   step and `close()` (or `with reserve:`) when the steps are done. A
   reserve of 0 bytes, or one where glibc's calls are missing, does
-  nothing. If taking the block back grows the heap, the step's
-  temporaries were not one block of `temp_bytes` (true of XLA:CPU's step
-  today): the reserve then lets go and stops, with a warning.
+  nothing. If taking a block of 64 MiB or more back grows the heap, the
+  step's temporaries were not one block of `temp_bytes` (true of XLA:CPU's
+  step today): the reserve then lets go and stops, with a warning.
   """
 
   def __init__(self, temp_bytes: int):
@@ -228,7 +234,8 @@ class TemporariesReserve:
     yield
     heap = heap_bytes()
     self._block = _malloc_and_free()[0](self.temp_bytes) or None
-    if heap is not None and heap_bytes() - heap > self.temp_bytes // 2:
+    if (heap is not None and self.temp_bytes >= _SMALLEST_CHECKED_BLOCK
+        and heap_bytes() - heap > self.temp_bytes // 2):
       # The block did not fit where the step's temporaries were (they are
       # not one block of this size): holding fresh pages would keep nothing.
       logging.warning(
