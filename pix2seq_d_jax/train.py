@@ -102,14 +102,8 @@ def track_metrics(tracker: dict, metrics: dict, step: jax.Array) -> dict:
 
 
 @jax.jit
-@jax.jit
 def _copy_tree(tree: Any) -> Any:
-  """A copy of `tree` on device, in its shardings.
-
-  One program for the whole tree: the paper model's 679 arrays (43 shapes)
-  copy in 0.10 s and compile in 0.2 s, against 0.19 s and 0.7 s as one
-  `jnp.copy` per array.
-  """
+  """A copy of `tree` on device, in its shardings."""
   return jax.tree.map(jnp.copy, tree)
 
 
@@ -678,15 +672,16 @@ def _log_memory(compiled: Any) -> dict[str, int]:
 def _wait_for_checkpoint(manager: Any, step: int) -> None:
   """Waits for the checkpoint's write where the loop keeps the heap.
 
-  The write's buffers (2.5 GB for the paper model's 1.5 GB state) are then
-  allocated and freed between steps, while `TemporariesReserve` holds the
-  step's temporaries, and go back to the OS right after (the held
-  temporaries stay). Written during the
-  next steps instead, they were cut from the temporaries' block the moment
-  a step freed it: measured on the paper model at 256 / 128 on one CPU,
-  each checkpoint left the process 4.6 GB larger (5.3, 10.0, 13.4 GB after
-  two) and the two steps after it took 7-11 s instead of 3.3 s. On a CPU
-  the write would compete with the steps for the same cores anyway.
+  The write's buffers (1.2-1.4 GiB for the paper model's 1.5 GB state,
+  with orbax's bytes in flight capped at 1 GB) are then allocated and freed
+  between steps, while `TemporariesReserve` holds the step's temporaries,
+  and go back to the OS right after (the held temporaries stay). Written
+  during the next steps instead, they were cut from the temporaries' block
+  the moment a step freed it: measured on the paper model at 256 / 128 on
+  one CPU, each checkpoint left the process 4.6 GB larger (5.3, 10.0,
+  13.4 GB after two) and the two steps after it took 7-11 s instead of
+  3.3 s. On a CPU the write would compete with the steps for the same
+  cores anyway.
   """
   t0 = time.time()
   manager.wait_until_finished()
