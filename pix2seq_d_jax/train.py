@@ -311,7 +311,9 @@ def _run(
   manager = checkpointing.make_manager(
       workdir, keep=config.keep_ckpt,
       # Its buffers are host memory beside the step's (`_wait_for_checkpoint`).
-      save_concurrent_gb=1 if _step_uses_main_heap(exp) else None)
+      save_concurrent_bytes=(
+          checkpointing.write_cap_bytes(exp.abstract_state)
+          if _step_uses_main_heap(exp) else None))
   reporter = None
   try:
     latest = manager.latest_step()
@@ -672,8 +674,8 @@ def _log_memory(compiled: Any) -> dict[str, int]:
 def _wait_for_checkpoint(manager: Any, step: int) -> None:
   """Waits for the checkpoint's write where the loop keeps the heap.
 
-  The write's buffers (1.2-1.4 GiB for the paper model's 1.5 GB state,
-  with orbax's bytes in flight capped at 1 GB) are then allocated and freed
+  The write's buffers (0.1-0.25 GiB for the paper model's 1.5 GB state,
+  with orbax's bytes in flight capped at 100 MB) are then allocated and freed
   between steps, while `TemporariesReserve` holds the step's temporaries,
   and go back to the OS right after (the held temporaries stay). Written
   during the next steps instead, they were cut from the temporaries' block

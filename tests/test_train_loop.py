@@ -80,7 +80,7 @@ def test_device_values_are_read_only_at_log_and_checkpoint_steps(
                       ("after the checkpoint of step 7", 5, True)]
   assert reserves[0].temp_bytes > 0 and not reserves[0].holds_block
   # The checkpoint's write buffers share the host with the step: capped.
-  assert managers[0]["save_concurrent_gb"] == 1
+  assert managers[0]["save_concurrent_bytes"] == 100 * 10**6
   # Then the step's temporaries stay mapped (conftest records, not applies).
   assert allocator_changes == ["keep_freed_heap"]
   logged = [int(np.asarray(f["tracker"]["count"])) for f in fetches[1:]
