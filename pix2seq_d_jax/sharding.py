@@ -216,6 +216,13 @@ def global_batch(
 ) -> dict[str, jax.Array]:
   """Assembles this process's slice of the batch into global jax Arrays.
 
+  On CPU devices it returns them ready: jax's CPU client runs a computation
+  on the calling thread (`xla_env.run_cpu_computations_inline`) only if its
+  inputs are ready, and right after it is made the copy of a batch often is
+  not; the train step, the sampler or the predictor would then run on a
+  worker thread, whose heap maps their temporaries anew. The copy is a
+  host memcpy there, so waiting costs nothing worth overlapping.
+
   Raises:
     ValueError: naming the field whose leading dimension does not split
       evenly over the local devices.
@@ -234,4 +241,6 @@ def global_batch(
           "shards"
       )
     out[key] = jax.make_array_from_process_local_data(sharding, value)
+  if all(d.platform == "cpu" for d in mesh.devices.flat):
+    out = jax.block_until_ready(out)
   return out

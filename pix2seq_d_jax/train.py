@@ -449,14 +449,10 @@ def _train_loop(
   with (_StopSignal() as stop,
         _temporaries_reserve(exp, memory.get("temp_bytes", 0)) as reserve):
     while step < total_steps:
+      # Ready on CPU (`sharding.global_batch`), so a one-CPU step runs on
+      # this thread: measured before, 3 steps in a row after an evaluation
+      # went to a worker thread, whose heap maps the temporaries anew.
       batch = exp.global_batch(next_local)
-      if reserve.active:
-        # jax's CPU client runs a computation on the calling thread only if
-        # its inputs are ready, and the batch's copy to the device may still
-        # be running: the step would then run on a worker thread, whose heap
-        # maps its temporaries anew (measured: 3 steps in a row after an
-        # evaluation, each waited on only at the next log step).
-        batch = jax.block_until_ready(batch)
       log_now = reporting.itstime(step + 1, config.log_training_steps,
                                   total_steps, first=True)
       # Before a log step, a copy of the parameters (the step donates

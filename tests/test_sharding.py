@@ -8,6 +8,7 @@ import pytest
 
 from pix2seq_d_jax import config_lib, sharding
 from pix2seq_d_jax.models import layers
+from tests import late_transfer
 
 
 def test_make_mesh_fills_minus_one_and_rejects_bad_sizes():
@@ -62,6 +63,19 @@ def test_global_batch_keeps_values_and_names_bad_field():
   assert out["image"].sharding.spec == jax.P("data")
   with pytest.raises(ValueError, match="'image_id'"):
     sharding.global_batch({"image_id": np.int32(3)}, mesh, rules)
+
+
+def test_global_batch_on_cpu_is_ready_when_returned(monkeypatch):
+  # A one-CPU computation runs on the calling thread only if its inputs are
+  # ready, so the batch's copy is waited for on CPU. Made late on purpose:
+  # the transfer returns the value of a computation still running.
+  made = late_transfer.make_transfers_late(monkeypatch)
+  mesh = sharding.make_mesh([("data", 1)], jax.devices()[:1])
+  local = {"image": np.ones((2, 8), np.float32),
+           "label": np.arange(2, dtype=np.int32)}
+  out = sharding.global_batch(local, mesh, [("batch", "data")])
+  assert len(made) == 2 and all(x.is_ready() for x in out.values())
+  np.testing.assert_array_equal(np.asarray(out["label"]), [0, 1])
 
 
 def test_activation_constraint_only_under_the_rules():

@@ -12,13 +12,13 @@ import json
 import threading
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import synthetic
 from pix2seq_d_jax import host_memory, train
 from pix2seq_d_jax.data import pipeline
+from tests import late_transfer
 from tests.multiprocess_worker import NARROW_MODEL
 
 
@@ -241,7 +241,7 @@ def test_one_cpu_steps_get_ready_inputs(tmp_path, monkeypatch):
   # jax's CPU client runs a computation on the calling thread (where the
   # step's temporaries come from the kept main heap) only if its inputs are
   # ready; the batch's copy to the device often is not, right after it is
-  # made. The loop waits for it there.
+  # made. `sharding.global_batch` waits for it on CPU.
   from pix2seq_d_jax import experiment
 
   readiness = []
@@ -258,22 +258,8 @@ def test_one_cpu_steps_get_ready_inputs(tmp_path, monkeypatch):
 
   monkeypatch.setattr(experiment.Experiment, "compile_train_step",
                       compile_train_step)
-  real_global_batch = experiment.Experiment.global_batch
-
-  @jax.jit
-  def late(batch):
-    # Some 50 ms of work the batch's values wait for: dispatched
-    # asynchronously, so the batch is not ready when it is returned.
-    x = jnp.full((512, 512), 1.0) + 0 * batch["image"].sum()
-    for _ in range(20):
-      x = jnp.tanh(x @ x / 512.0)
-    return jax.tree.map(lambda b: b + (0 * x[0, 0]).astype(b.dtype), batch)
-
-  monkeypatch.setattr(experiment.Experiment, "global_batch",
-                      lambda self, local: late(real_global_batch(self, local)))
+  late_transfer.make_transfers_late(monkeypatch)
   monkeypatch.setattr(train, "_compile_loop_helpers", lambda compiled: None)
-  monkeypatch.setattr(train, "_log_memory",
-                      lambda compiled: {"temp_bytes": 2**20})
   config = _config(tmp_path / "data", total_steps=6, log_every=100,
                    ckpt_every=100)
   config.evals = {}
