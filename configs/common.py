@@ -57,8 +57,8 @@ def paper_model() -> ml_collections.ConfigDict:
           # jax.default_matmul_precision of the model's products; "bfloat16"
           # (or "BF16_BF16_F32") multiplies float32 activations as bfloat16
           # operands with float32 accumulation: native on TPU/GPU, and on
-          # CPU for the dense layers and tiled 1x1 convolutions (README,
-          # Speed). None keeps jax's default.
+          # CPU for the dense layers and tiled 1x1 convolutions
+          # (docs/speed.md). None keeps jax's default.
           matmul_precision=config_dict.placeholder(str),
           # "tiled" computes 1x1 convolutions as matmuls and large-map
           # kernel gradients tile by tile (faster on XLA:CPU); "auto"

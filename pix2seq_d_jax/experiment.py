@@ -308,7 +308,7 @@ class Experiment:
     The initialisation runs once, so on CPU it is compiled with LLVM's
     lighter optimisation (`init_compiler_options`): the same values, about
     a quarter less compile time for a program that is all random-number
-    kernels, and no slower to run (README, Speed).
+    kernels, and no slower to run (docs/speed.md).
     """
     init = jax.jit(
         lambda r: nn.unbox(self.init_fn(r)),

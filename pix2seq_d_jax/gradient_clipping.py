@@ -18,7 +18,7 @@ scales):
 
 In the paper model's train step (256 / 128, batch 2) the two take XLA:CPU's
 loop fusions from 7,964 to 7,377 (the multiply) and then to 6,049 (the
-norm); README, Speed, has the compile and step times. Updates whose norm is
+norm); docs/speed.md has the compile and step times. Updates whose norm is
 below `max_norm` come out unchanged, as in optax; clipped ones equal
 optax's to float rounding (a multiply by `max_norm / norm` against a
 division and a multiply), and the norm itself to summation order.

@@ -136,7 +136,7 @@ def make_init_fn(
   that kind; None draws with the key's own kind. `unsafe_rbg` derives the
   per-array keys (flax folds each module's name into the key) with XLA's
   bit generator instead of threefry hashes; compiling the paper model's
-  init on CPU then takes 15 instead of 30 s of CPU time (README, Speed).
+  init on CPU then takes 15 instead of 30 s of CPU time (docs/speed.md).
 
   The params keep their `nn.Partitioned` boxes so that
   `nn.get_partition_spec(jax.eval_shape(init, rng))` yields the sharding of

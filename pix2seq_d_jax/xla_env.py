@@ -11,7 +11,7 @@ operations so that they can run side by side, which keeps more temporaries
 alive at once. Its memory-minimising list scheduler gives the paper model's
 train step at 256 / 128 (batch 2, 2 cores) 2.27 instead of 2.87 GiB of
 temporaries and a peak resident size of 5.4 instead of 6.1 GB, in the same
-step time (README, Speed). The flag exists on every platform; GPU and TPU
+step time (docs/speed.md). The flag exists on every platform; GPU and TPU
 compiles ignore it.
 
 XLA:CPU hands a convolution to one of two libraries: YNNPACK (its default
@@ -20,7 +20,7 @@ model's shapes Eigen's is the faster one (2-core x86, float32, batch 2):
 the 3×3 128→128 convolution on 128×128 maps 55 → 34 ms forward, and with
 both gradients 1,163 → 412 ms for XLA's own 3×3 256→256 at 128×128, where
 YNNPACK's weight gradient is slow; the train step at 256 / 128 8.42 →
-7.48 s (medians of 8 alternated runs; README, Speed).
+7.48 s (medians of 8 alternated runs; docs/speed.md).
 `set_cpu_convolutions('eigen')` takes convolutions out of YNNPACK's
 fusion list; matmuls and reductions stay there (with YNNPACK off
 altogether the matmuls are slower). Values differ only by float rounding.
@@ -28,7 +28,7 @@ altogether the matmuls are slower). Values differ only by float rounding.
 Two more XLA:CPU options, off by default, are set for every entry point
 (`set_cpu_defaults`, `CPU_DEFAULT_FLAGS`); each is worth about 1% of the
 paper model's train step and leaves its values the same to the bit
-(README, Speed):
+(docs/speed.md):
 - copy insertion's region analysis, which proves that a loop's carried
   values need no copy: jax's CPU lowering of the random numbers (dropout
   masks, the diffusion noise) is a rolled loop per draw, and the step at
