@@ -142,6 +142,27 @@ def test_predict_x0_softmax_matches_numpy():
   np.testing.assert_allclose(x0, expected.reshape(_B, _H, _W, 4), atol=1e-7)
 
 
+def test_predict_x0_softmax_is_stable_for_large_logits():
+  # Logits far from 0 (float32 exp overflows above ~88) read as the
+  # softmax of the shifted logits; a tie between two classes gives the
+  # mean of their bits.
+  logits = np.full((1, 1, 2, 8), -1e4, np.float32)
+  logits[0, 0, 0, [1, 3]] = 500.0     # Group 0: classes 01 and 11 tie.
+  logits[0, 0, 0, 4 + 2] = 1e4        # Group 1: class 10.
+  logits[0, 0, 1, :4] = 300.0 + np.arange(4)
+  logits[0, 0, 1, 4:] = -300.0        # Group 1: uniform (exp underflows).
+  x0 = np.asarray(losses.predict_x0(logits, x_t=None, gamma_t=None,
+                                    loss_type='x_softmax_xent', scale=0.1))
+  assert np.isfinite(x0).all()
+  np.testing.assert_allclose(x0[0, 0, 0], [0.1, 0.0, -0.1, 0.1], atol=1e-7)
+  p = np.exp(np.arange(4.0) - 3.0) / np.exp(np.arange(4.0) - 3.0).sum()
+  bit0 = p[1] + p[3]
+  bit1 = p[2] + p[3]
+  np.testing.assert_allclose(
+      x0[0, 0, 1], [(2 * bit0 - 1) * 0.1, (2 * bit1 - 1) * 0.1, 0.0, 0.0],
+      rtol=1e-5, atol=1e-7)
+
+
 def test_predict_x0_sharp_logits_give_target_bits():
   rng = np.random.RandomState(1)
   semantic = rng.randint(0, 256, size=(2, 2, 3))
