@@ -1,8 +1,10 @@
 """Tests of the benchmark: the fit, the timer, and one tiny end-to-end run."""
 
+import gc
 import hashlib
 import json
 import time
+import weakref
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,16 +24,79 @@ def _tiny_config():
   return config
 
 
+# What happened during the module's benchmark run, in order: the timed
+# steps, each peak-RSS reading (with the value it returned), the profile and
+# the FLOP count; and whether a lowered step was still alive at the steps.
+_EVENTS: list[tuple[str, object]] = []
+
+
 @pytest.fixture(scope="module")
 def results():
-  return benchmark.run_benchmark(
-      _tiny_config(), steps_list=(1, 2), train_iters=2, sample_repeats=3,
-      matmul_size=64, conv_spatial=8, conv_channels=8, ceiling_repeats=5,
-      profile_steps=1, peak_tflops=0.5,
-      # The tiny config's own value: the variant is the same program, so
-      # the two sides must give the same losses.
-      alternate=["model.conv_impl=lax"], alternate_pairs=2,
-  )
+  lowered_refs = []
+  lower = experiment.Experiment.lower_train_step
+  blocked_steps = benchmark.blocked_steps
+  profile = benchmark.profile_train_steps
+  flops = benchmark._flops
+
+  def recorded_lower(self, *args, **kwargs):
+    lowered = lower(self, *args, **kwargs)
+    lowered_refs.append(weakref.ref(lowered))
+    return lowered
+
+  def recorded_steps(*args, **kwargs):
+    gc.collect()
+    _EVENTS.append(("steps", sum(r() is not None for r in lowered_refs)))
+    return blocked_steps(*args, **kwargs)
+
+  def recorded_peak():
+    value = len(_EVENTS) + 1  # Distinct per reading.
+    _EVENTS.append(("peak", value))
+    return value
+
+  def recorded_profile(*args, **kwargs):
+    _EVENTS.append(("profile", None))
+    return profile(*args, **kwargs)
+
+  def recorded_flops(compiled):
+    _EVENTS.append(("flops", None))
+    return flops(compiled)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(experiment.Experiment, "lower_train_step", recorded_lower)
+    mp.setattr(benchmark, "blocked_steps", recorded_steps)
+    mp.setattr(benchmark, "peak_rss_bytes", recorded_peak)
+    mp.setattr(benchmark, "profile_train_steps", recorded_profile)
+    mp.setattr(benchmark, "_flops", recorded_flops)
+    return benchmark.run_benchmark(
+        _tiny_config(), steps_list=(1, 2), train_iters=2, sample_repeats=3,
+        matmul_size=64, conv_spatial=8, conv_channels=8, ceiling_repeats=5,
+        profile_steps=1, peak_tflops=0.5,
+        # The tiny config's own value: the variant is the same program, so
+        # the two sides must give the same losses.
+        alternate=["model.conv_impl=lax"], alternate_pairs=2,
+    )
+
+
+def test_training_peak_is_read_after_the_steps_before_the_analyses(results):
+  # The profile and the FLOP count are the benchmark's own work: the
+  # training peak is the reading taken between the timed steps and them.
+  names = [name for name, _ in _EVENTS]
+  steps = names.index("steps")
+  peak = names.index("peak", steps)
+  assert peak < names.index("profile") < names.index("flops")
+  assert results["train"]["peak_rss_bytes"] == _EVENTS[peak][1]
+  # The whole run's peak is read last.
+  assert results["peak_rss_bytes"] == _EVENTS[-1][1]
+  assert _EVENTS[-1][0] == "peak"
+
+
+def test_no_lowered_step_is_held_while_the_steps_run(results):
+  # A lowered step holds its compile's MLIR attributes (139 MiB on the
+  # paper model): the benchmark keeps only its identity.
+  for name, alive in _EVENTS:
+    if name == "steps":
+      assert alive == 0
+  assert len(results["train"]["program_sha256"]) == 64
 
 
 def test_fit_linear_recovers_exact_line():
