@@ -90,6 +90,7 @@ def test_compile_count_independent_of_steps_and_eval_batches(
     # too: returned after each (the checkpoint is written before the final
     # evaluation starts).
     assert released == ["after the compile and the initialisation",
+                        "before the checkpoint of step 2",
                         "after the checkpoint of step 2",
                         "after the evaluation"]
     long, long_results = _count_compiles(_config(data_dir, *LONG),

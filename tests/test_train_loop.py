@@ -74,9 +74,12 @@ def test_device_values_are_read_only_at_log_and_checkpoint_steps(
     train.train_and_evaluate(config, str(tmp_path / "w"), mode="train")
   assert len(fetches) == 1 + 4
   # Freed heap goes back after the compile and the initialisation (the
-  # resume-step read), before the first step's log read; then after the
-  # final checkpoint was written, while the reserve held the temporaries.
+  # resume-step read), before the first step's log read; then before and
+  # after the final checkpoint's write (the write's buffers come from other
+  # threads' heaps, so it would stack on this heap's free pages), while the
+  # reserve held the temporaries.
   assert released == [("after the compile and the initialisation", 1, False),
+                      ("before the checkpoint of step 7", 5, True),
                       ("after the checkpoint of step 7", 5, True)]
   assert reserves[0].temp_bytes > 0 and not reserves[0].holds_block
   # The checkpoint's write buffers share the host with the step: capped.
