@@ -103,7 +103,12 @@ def track_metrics(tracker: dict, metrics: dict, step: jax.Array) -> dict:
 
 @jax.jit
 def _copy_tree(tree: Any) -> Any:
-  """A copy of `tree` on device, in its shardings."""
+  """A copy of `tree` on device, in its shardings.
+
+  One program for the whole tree: the paper model's 679 arrays (43 shapes)
+  copy in 0.10 s and compile in 0.2 s, against 0.19 s and 0.7 s as one
+  `jnp.copy` per array.
+  """
   return jax.tree.map(jnp.copy, tree)
 
 
@@ -310,7 +315,7 @@ def _run(
   # ----------------------------------------------------------- checkpoint
   manager = checkpointing.make_manager(
       workdir, keep=config.keep_ckpt,
-      # Its buffers are host memory beside the step's (`_wait_for_checkpoint`).
+      # Its buffers are host memory beside the step's (`_save_checkpoint`).
       save_concurrent_bytes=(
           checkpointing.write_cap_bytes(exp.abstract_state)
           if _step_uses_main_heap(exp) else None))
@@ -499,18 +504,9 @@ def _train_loop(
           log_t0, log_step = time.time(), step
       reporter.step_done(step)
       if ckpt_now or (stopping and last_good_ckpt != step):
-        if reserve.active:
-          # The write's buffers come from orbax's and tensorstore's
-          # threads, not from the free pages of this thread's heap (the
-          # log steps' parameter copy, 360 MiB at 256 / 128): those go
-          # back first, or the write would stack on them.
-          host_memory.release_free_heap(
-              f"before the checkpoint of step {step}")
-        checkpointing.save(manager, step, state,
-                           _all_data_states(data_state), force=True)
+        _save_checkpoint(manager, step, state, _all_data_states(data_state),
+                         heap_kept=reserve.active)
         last_good_ckpt = step
-        if reserve.active:
-          _wait_for_checkpoint(manager, step)
       if stopping:
         break
       if due:
@@ -674,21 +670,31 @@ def _log_memory(compiled: Any) -> dict[str, int]:
   return mem
 
 
-def _wait_for_checkpoint(manager: Any, step: int) -> None:
-  """Waits for the checkpoint's write where the loop keeps the heap.
+def _save_checkpoint(manager: Any, step: int, state: Any, data_states: Any,
+                     *, heap_kept: bool) -> None:
+  """Writes the checkpoint of `step`, waited for where the heap is kept.
 
-  The write's buffers (0.1-0.25 GiB for the paper model's 1.5 GB state,
-  with orbax's bytes in flight capped at 100 MB) are then allocated and freed
-  between steps, while `TemporariesReserve` holds the step's temporaries,
-  and go back to the OS right after (the held temporaries stay), as this
-  heap's free pages did just before the write. Written
-  during the next steps instead, they were cut from the temporaries' block
-  the moment a step freed it: measured on the paper model at 256 / 128 on
-  one CPU, each checkpoint left the process 4.6 GB larger (5.3, 10.0,
-  13.4 GB after two) and the two steps after it took 7-11 s instead of
-  3.3 s. On a CPU the write would compete with the steps for the same
-  cores anyway.
+  Where the heap is kept (`heap_kept`, the reserve holding the step's
+  temporaries), this heap's free pages go back to the OS before the write
+  and the write's own buffers right after it. The write's buffers come from
+  orbax's and tensorstore's threads, not from this thread's free pages
+  (the log steps' parameter copy, 360 MiB at 256 / 128), so without the
+  first release the write stacked on them: the loop's peak 5,790 / 5,783
+  against 5,656 / 5,678 MiB (docs/speed.md). The write's buffers
+  (0.1-0.25 GiB for the paper model's 1.5 GB state, with orbax's bytes in
+  flight capped at 100 MB) are allocated and freed between steps, while
+  `TemporariesReserve` holds the step's temporaries. Written during the
+  next steps instead, they were cut from the temporaries' block the moment
+  a step freed it: measured on the paper model at 256 / 128 on one CPU,
+  each checkpoint left the process 4.6 GB larger (5.3, 10.0, 13.4 GB after
+  two) and the two steps after it took 7-11 s instead of 3.3 s. On a CPU
+  the write would compete with the steps for the same cores anyway.
   """
+  if heap_kept:
+    host_memory.release_free_heap(f"before the checkpoint of step {step}")
+  checkpointing.save(manager, step, state, data_states, force=True)
+  if not heap_kept:
+    return
   t0 = time.time()
   manager.wait_until_finished()
   logging.info("Checkpoint of step %d written in %.1fs (waited for: the "
