@@ -55,6 +55,50 @@ def test_weight_decay_only_on_kernels():
   np.testing.assert_allclose(updates["bias"], 0.0)
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.3])
+def test_applied_update_is_rebuilt_from_the_state_after_the_step(
+    weight_decay):
+  # Through warmup and decay, with clipping and weight decay on the kernel
+  # only: the update rebuilt from the state after each step equals the
+  # difference of the parameters, leaf by leaf, computed in float64.
+  opt = _opt(lr=0.1, weight_decay=weight_decay, b1=0.8, b2=0.95)
+  tx, schedule = train_state.make_optimizer(opt, total_steps=8,
+                                            warmup_steps=3)
+  rng = np.random.default_rng(0)
+  params = {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+  opt_state = tx.init(params)
+  norms = train_state.make_norms_fn(opt, schedule)
+  for step in range(6):
+    grads = jax.tree.map(
+        lambda p: jnp.asarray(rng.normal(size=p.shape) * 3, jnp.float32),
+        params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    rebuilt = train_state.applied_update(
+        new_params, opt_state, b1=0.8, b2=0.95, weight_decay=weight_decay,
+        schedule=schedule)
+    diff = jax.tree.map(lambda a, b: np.float64(a) - np.float64(b),
+                        new_params, params)
+    for name in params:
+      np.testing.assert_allclose(rebuilt[name], diff[name], rtol=1e-4,
+                                 atol=1e-7, err_msg=f"step {step} {name}")
+    got = norms(new_params, opt_state, jnp.float32(0))
+    np.testing.assert_allclose(
+        got["update_norm"],
+        np.sqrt(sum(np.sum(d**2) for d in diff.values())), rtol=1e-5)
+    np.testing.assert_allclose(
+        got["param_norm"],
+        np.sqrt(sum(np.sum(np.float64(p)**2) for p in new_params.values())),
+        rtol=1e-6)
+    # A step skipped as non-finite applied nothing.
+    assert float(norms(new_params, opt_state, jnp.float32(1))[
+        "update_norm"]) == 0.0
+    params = new_params
+  # The warmup's first step has lr 0 and moved nothing; the later ones did.
+  assert float(schedule(0)) == 0.0 and float(got["update_norm"]) > 0
+
+
 def _tiny_config(**diffusion):
   model = common.tiny_model()
   # The skeleton model (no transformer layers, one decoder level): the step's
