@@ -179,6 +179,63 @@ def test_predict_x0_sharp_logits_give_target_bits():
   np.testing.assert_allclose(x0_sig, (2 * bits - 1) * 0.1, atol=1e-6)
 
 
+def _has_loop(jaxpr: str) -> bool:
+  # `lax.fori_loop` with static bounds is a scan in the jaxpr.
+  return ' scan[' in jaxpr or ' while[' in jaxpr
+
+
+def test_readout_rows_is_the_largest_divisor_of_the_height_in_budget():
+  # A row of [2, h, 8, 16] float32 logits is 2 * 8 * 16 * 4 = 1 KiB.
+  assert losses._readout_rows((2, 12, 8, 16), 4 * 1024) == 4
+  assert losses._readout_rows((2, 12, 8, 16), 5 * 1024) == 4
+  assert losses._readout_rows((2, 12, 8, 16), 6 * 1024) == 6
+  assert losses._readout_rows((2, 13, 8, 16), 6 * 1024) == 1   # 13: prime.
+  assert losses._readout_rows((2, 12, 8, 16), 100) == 1       # < one row.
+  assert losses._readout_rows((2, 12, 8, 16), 2**20) == 12
+
+
+@pytest.mark.parametrize('height,block_rows', [(12, 1), (12, 3), (12, 5),
+                                               (7, 2)])
+def test_blocked_readout_equals_one_pass_and_is_batch_invariant(
+    height, block_rows):
+  # The logits read in blocks of rows (the CPU default) give the one-pass
+  # values, and each image's values do not depend on the batch it is in
+  # (the blocks hold whole rows of every image).
+  rng = np.random.RandomState(3)
+  logits = (rng.randn(3, height, 5, 2 * 16) * 4).astype(np.float32)
+  row_bytes = 3 * 5 * 2 * 16 * 4
+
+  def read(x, block_bytes):
+    return np.asarray(jax.jit(lambda o: losses.predict_x0(
+        o, x_t=None, gamma_t=None, loss_type='x_softmax_xent', scale=0.1,
+        block_bytes=block_bytes))(x))
+
+  one_pass = read(logits, None)
+  blocked = read(logits, block_rows * row_bytes)
+  np.testing.assert_allclose(blocked, one_pass, rtol=0, atol=1e-7)
+  for i in range(3):
+    np.testing.assert_array_equal(
+        read(logits[i:i + 1], block_rows * row_bytes), blocked[i:i + 1])
+  # Blocked means a loop over blocks; the one-pass form has none.
+  jaxpr = str(jax.make_jaxpr(lambda o: losses.predict_x0(
+      o, x_t=None, gamma_t=None, loss_type='x_softmax_xent', scale=0.1,
+      block_bytes=row_bytes))(logits))
+  assert _has_loop(jaxpr)
+  assert not _has_loop(str(jax.make_jaxpr(lambda o: losses.predict_x0(
+      o, x_t=None, gamma_t=None, loss_type='x_softmax_xent', scale=0.1,
+      block_bytes=None))(logits)))
+
+
+def test_readout_is_blocked_on_cpu_by_default(monkeypatch):
+  logits = np.zeros((1, 4, 4, 8), np.float32)
+  monkeypatch.setattr(losses, 'READOUT_BLOCK_BYTES', 4 * 8 * 4)  # A row.
+  assert jax.default_backend() == 'cpu'
+  jaxpr = str(jax.make_jaxpr(lambda o: losses.predict_x0(
+      o, x_t=None, gamma_t=None, loss_type='x_softmax_xent', scale=0.1))(
+          logits))
+  assert _has_loop(jaxpr)
+
+
 def test_predict_x0_x_and_eps():
   rng = np.random.RandomState(2)
   x0_true = rng.choice([-0.1, 0.1], size=(2, 2, 2, 4)).astype(np.float32)

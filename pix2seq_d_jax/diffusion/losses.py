@@ -196,10 +196,63 @@ def diffusion_loss(output: jax.typing.ArrayLike, *,
   return jnp.mean(per_example), per_example
 
 
+# Blocks of the softmax read-out on CPU (`softmax_readout`): a few MiB, so
+# that each block's passes (maximum, exponentials, sum, division, bit
+# table) read it from the cache instead of memory.
+READOUT_BLOCK_BYTES = 4 * 2**20
+
+
+def _readout_rows(output_shape: tuple[int, ...], block_bytes: int) -> int:
+  """Rows per block: the largest divisor of the height within the budget."""
+  b, h, w, c = output_shape
+  row_bytes = max(1, b * w * c * 4)
+  fit = max(1, block_bytes // row_bytes)
+  return max(r for r in range(1, min(h, fit) + 1) if h % r == 0)
+
+
+def softmax_readout(output: jax.Array, softmax_groups: int, k: int, *,
+                    block_bytes: int | None = None) -> jax.Array:
+  """P(bit = 1) of each of the groups' k bits: softmax(logits) @ bit table.
+
+  `output` is float32 [b, h, w, groups * 2**k]; returns [b, h, w,
+  groups * k]. With `block_bytes`, the rows are read in blocks of whole
+  rows of every image (`lax.fori_loop`), each block small enough to stay
+  in the cache for the softmax's passes: on the paper model's
+  [2, 128, 128, 512] logits on a 2-core CPU, 9 against 49 ms, the same
+  values (the per-pixel computation is the same; measured bit for bit).
+  The batch axis stays whole, so a batch sharded over devices stays so.
+  """
+  # The softmax classes are bit patterns read as binary numbers whatever
+  # the bit code, so the table is always the binary one.
+  table = jnp.asarray(analog_bits.code_table(k, 'binary'), jnp.float32)
+
+  def read(block: jax.Array) -> jax.Array:
+    logits = block.reshape(block.shape[:-1] + (softmax_groups, 2**k))
+    p_one = jax.nn.softmax(logits, axis=-1) @ table
+    return p_one.reshape(block.shape[:-1] + (softmax_groups * k,))
+
+  if block_bytes is None:
+    return read(output)
+  b, h, w, _ = output.shape
+  rows = _readout_rows(output.shape, block_bytes)
+  if rows == h:
+    return read(output)
+
+  def body(i: jax.Array, p_one: jax.Array) -> jax.Array:
+    block = jax.lax.dynamic_slice_in_dim(output, i * rows, rows, axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(p_one, read(block), i * rows,
+                                               axis=1)
+
+  return jax.lax.fori_loop(
+      0, h // rows, body,
+      jnp.zeros((b, h, w, softmax_groups * k), jnp.float32))
+
+
 def predict_x0(output: jax.typing.ArrayLike, *, x_t: jax.typing.ArrayLike,
                gamma_t: jax.typing.ArrayLike, loss_type: str,
                scale: float | jax.typing.ArrayLike,
-               softmax_groups: int = 2) -> jax.Array:
+               softmax_groups: int = 2,
+               block_bytes: int | None | str = 'auto') -> jax.Array:
   """The analog x0 estimate implied by the decoder's output.
 
   Args:
@@ -209,6 +262,10 @@ def predict_x0(output: jax.typing.ArrayLike, *, x_t: jax.typing.ArrayLike,
     loss_type: one of LOSS_TYPES.
     scale: the input scaling b of the analog bits.
     softmax_groups: groups of the 'x_softmax_xent' type.
+    block_bytes: for 'x_softmax_xent', read the logits in blocks of whole
+      rows of about this many bytes, one block after another
+      (`softmax_readout`); None reads them in one pass; 'auto' is
+      `READOUT_BLOCK_BYTES` on a CPU backend and None elsewhere.
 
   Returns:
     float32 [b, h, w, n] in [-scale, scale]. Softmax: per group the expected
@@ -225,12 +282,11 @@ def predict_x0(output: jax.typing.ArrayLike, *, x_t: jax.typing.ArrayLike,
   output = jnp.asarray(output).astype(jnp.float32)
   if loss_type == 'x_softmax_xent':
     k = _group_bits(output.shape[-1], softmax_groups, 'predict_x0')
-    logits = output.reshape(output.shape[:-1] + (softmax_groups, 2**k))
-    # The softmax classes are bit patterns read as binary numbers whatever
-    # the bit code, so the table is always the binary one.
-    table = jnp.asarray(analog_bits.code_table(k, 'binary'), jnp.float32)
-    p_one = jax.nn.softmax(logits, axis=-1) @ table
-    p_one = p_one.reshape(output.shape[:-1] + (softmax_groups * k,))
+    if block_bytes == 'auto':
+      block_bytes = (READOUT_BLOCK_BYTES if jax.default_backend() == 'cpu'
+                     else None)
+    p_one = softmax_readout(output, softmax_groups, k,
+                            block_bytes=block_bytes)
     return (2.0 * p_one - 1.0) * scale
   if loss_type == 'x_sigmoid_xent':
     return (2.0 * jax.nn.sigmoid(output) - 1.0) * scale
