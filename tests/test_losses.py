@@ -186,12 +186,12 @@ def _has_loop(jaxpr: str) -> bool:
 
 def test_readout_rows_is_the_largest_divisor_of_the_height_in_budget():
   # A row of [2, h, 8, 16] float32 logits is 2 * 8 * 16 * 4 = 1 KiB.
-  assert losses._readout_rows((2, 12, 8, 16), 4 * 1024) == 4
-  assert losses._readout_rows((2, 12, 8, 16), 5 * 1024) == 4
-  assert losses._readout_rows((2, 12, 8, 16), 6 * 1024) == 6
-  assert losses._readout_rows((2, 13, 8, 16), 6 * 1024) == 1   # 13: prime.
-  assert losses._readout_rows((2, 12, 8, 16), 100) == 1       # < one row.
-  assert losses._readout_rows((2, 12, 8, 16), 2**20) == 12
+  assert losses._block_rows((2, 12, 8, 16), 4 * 1024) == 4
+  assert losses._block_rows((2, 12, 8, 16), 5 * 1024) == 4
+  assert losses._block_rows((2, 12, 8, 16), 6 * 1024) == 6
+  assert losses._block_rows((2, 13, 8, 16), 6 * 1024) == 1   # 13: prime.
+  assert losses._block_rows((2, 12, 8, 16), 100) == 1       # < one row.
+  assert losses._block_rows((2, 12, 8, 16), 2**20) == 12
 
 
 @pytest.mark.parametrize('height,block_rows', [(12, 1), (12, 3), (12, 5),
@@ -226,9 +226,77 @@ def test_blocked_readout_equals_one_pass_and_is_batch_invariant(
       block_bytes=None))(logits)))
 
 
+@pytest.mark.parametrize('dtype', [np.float32, 'bfloat16'])
+@pytest.mark.parametrize('block_rows', [1, 3])
+def test_blocked_softmax_xent_equals_one_pass_with_gradients(dtype,
+                                                             block_rows):
+  # The loss read in blocks of rows (the CPU default) has the one-pass
+  # value and, through its custom VJP, autodiff's gradients with respect
+  # to the logits and the pixel weights, for any cotangent.
+  import jax.numpy as jnp
+  rng = np.random.RandomState(4)
+  b, h, w, groups, classes = 3, 6, 5, 2, 8
+  logits = jnp.asarray(rng.randn(b, h, w, groups * classes) * 3, dtype)
+  target = jnp.asarray(rng.randint(0, classes, (b, h, w, groups)))
+  weights = jnp.asarray(rng.uniform(0.2, 2.0, (b, h, w)), jnp.float32)
+  cotangent = jnp.asarray([0.5, -1.0, 2.0], jnp.float32)
+  block_bytes = block_rows * b * w * groups * classes * 4
+
+  def weighted(block_bytes):
+    def f(logits, weights):
+      per_example = losses.softmax_xent(logits, target, weights,
+                                        groups=groups,
+                                        block_bytes=block_bytes)
+      return jnp.sum(per_example * cotangent), per_example
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
+
+  (_, one_pass), (d_logits, d_weights) = weighted(None)(logits, weights)
+  (_, blocked), (d_logits_b, d_weights_b) = weighted(block_bytes)(
+      logits, weights)
+  assert _has_loop(str(jax.make_jaxpr(
+      lambda x: losses.softmax_xent(x, target, weights, groups=groups,
+                                    block_bytes=block_bytes))(logits)))
+  np.testing.assert_allclose(blocked, one_pass, rtol=1e-6)
+  assert d_logits_b.dtype == logits.dtype
+  tol = 1e-6 if dtype == np.float32 else 1e-2
+  np.testing.assert_allclose(np.float32(d_logits_b), np.float32(d_logits),
+                             rtol=tol, atol=tol * 1e-2)
+  np.testing.assert_allclose(d_weights_b, d_weights, rtol=1e-6, atol=1e-9)
+  # By hand for one pixel: w * (softmax - onehot) / (groups h w) * g.
+  p = np.exp(np.float64(np.float32(logits[1, 2, 3, :classes])))
+  p /= p.sum()
+  p[int(target[1, 2, 3, 0])] -= 1
+  np.testing.assert_allclose(
+      np.float32(d_logits_b[1, 2, 3, :classes]),
+      p * float(weights[1, 2, 3]) / (groups * h * w) * -1.0,
+      rtol=max(tol, 1e-5), atol=1e-7)
+
+
+def test_diffusion_loss_reads_the_logits_in_blocks_on_cpu(monkeypatch):
+  output, bits, weights = _blocking_case()
+  value = losses.diffusion_loss(
+      output, x0_bits=bits, x_t=None, gamma_t=None, eps=None,
+      weights=weights, loss_type='x_softmax_xent', scale=0.1,
+      block_bytes=None)[0]
+  monkeypatch.setattr(losses, 'BLOCK_BYTES', 2 * 4 * 2 * 16 * 4)  # 2 rows.
+  blocked = jax.jit(lambda o: losses.diffusion_loss(
+      o, x0_bits=bits, x_t=None, gamma_t=None, eps=None, weights=weights,
+      loss_type='x_softmax_xent', scale=0.1)[0])
+  assert _has_loop(str(jax.make_jaxpr(blocked)(output)))
+  np.testing.assert_allclose(blocked(output), value, rtol=1e-6)
+
+
+def _blocking_case():
+  rng = np.random.RandomState(5)
+  output = np.float32(rng.randn(2, 6, 4, 2 * 16) * 2)
+  bits = rng.randint(0, 2, (2, 6, 4, 8))
+  weights = np.float32(rng.uniform(0.5, 1.5, (2, 6, 4)))
+  return output, bits, weights
+
+
 def test_readout_is_blocked_on_cpu_by_default(monkeypatch):
   logits = np.zeros((1, 4, 4, 8), np.float32)
-  monkeypatch.setattr(losses, 'READOUT_BLOCK_BYTES', 4 * 8 * 4)  # A row.
+  monkeypatch.setattr(losses, 'BLOCK_BYTES', 4 * 8 * 4)  # A row.
   assert jax.default_backend() == 'cpu'
   jaxpr = str(jax.make_jaxpr(lambda o: losses.predict_x0(
       o, x_t=None, gamma_t=None, loss_type='x_softmax_xent', scale=0.1))(
