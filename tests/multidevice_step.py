@@ -31,8 +31,13 @@ from pix2seq_d_jax import (  # noqa: E402
     experiment,
     sharding,
 )
+from pix2seq_d_jax.diffusion import losses  # noqa: E402
 
 IMAGE, MASK, BATCH = 32, 16, 8
+# The loss reads the [8, 16, 16, 512] logits in 4 blocks of 4 rows (on CPU
+# the default block, a few MiB, would hold them whole), so the blocked loss
+# and its custom VJP run under every mesh and must give the 1-device result.
+losses.BLOCK_BYTES = BATCH * 4 * MASK * 512 * 4
 DEFAULT_RULES = list(common.get_base_config().sharding_rules)
 FSDP_RULES = [("batch", ("data", "fsdp")), ("embed", "fsdp"),
               ("conv_out", "fsdp")]
