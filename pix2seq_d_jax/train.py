@@ -102,19 +102,22 @@ def track_metrics(tracker: dict, metrics: dict, step: jax.Array) -> dict:
   }
 
 
-def _compile_loop_helpers(compiled: Any, norms_fn: Callable[..., Any]
-                          ) -> None:
+def _compile_loop_helpers(compiled: Any, norms_fn: Callable[..., Any],
+                          state: train_state.TrainState) -> None:
   """Compiles what the loop runs between steps, before the first step.
 
-  The metric tracker and the log steps' norms (`norms_fn`), called
-  once on zeros shaped and sharded as the step's outputs, before the heap
-  is released: nothing compiles between steps. Compiled between the first
-  two steps, they paused the second, and where the loop keeps the heap
-  their allocations were cut from the block the first step's temporaries
-  had freed (before `host_memory.TemporariesReserve` held it): measured on
-  the paper model at 256 / 128 on one CPU, the second step took 7.0 s
-  instead of 3.3 s and left the process 2.3 GiB larger for the rest of the
-  run (7.7 instead of 5.4 GB). Even with the block held, the executables
+  The metric tracker, called once on zeros shaped and sharded as the
+  step's metrics, and the log steps' norms (`norms_fn`), called once on
+  the state itself (sharded as the step's output; zeros of the parameters
+  and the optimizer state would add 1 GiB at 256 / 128 to the start-up's
+  peak), before the heap is released: nothing compiles between steps.
+  Compiled between the first two steps, they paused the second, and
+  where the loop keeps the heap their allocations were cut from the block
+  the first step's temporaries had freed (before
+  `host_memory.TemporariesReserve` held it): measured on the paper model
+  at 256 / 128 on one CPU, the second step took 7.0 s instead of 3.3 s
+  and left the process 2.3 GiB larger for the rest of the run (7.7
+  instead of 5.4 GB). Even with the block held, the executables
   they keep would sit above it in the heap.
   """
   t0 = time.time()
@@ -127,8 +130,7 @@ def _compile_loop_helpers(compiled: Any, norms_fn: Callable[..., Any]
       return np.zeros(shape, info.dtype)
     return jax.make_array_from_callback(info.shape, info.sharding, shard)
 
-  norms = norms_fn(jax.tree.map(zeros, state_info.params),
-                   jax.tree.map(zeros, state_info.opt_state),
+  norms = norms_fn(state.params, state.opt_state,
                    zeros(metrics_info["skipped"]))
   tracker = track_metrics(empty_tracker(), jax.tree.map(zeros, metrics_info),
                           zeros(state_info.step))
@@ -430,7 +432,7 @@ def _train_loop(
     logging.info("Compiled the train step in %.1fs.", time.time() - t0)
   memory = _log_memory(compiled)
   norms_fn = train_state.make_norms_fn(config.optax, exp.lr_schedule)
-  _compile_loop_helpers(compiled, norms_fn)
+  _compile_loop_helpers(compiled, norms_fn, state)
   # The compiles and the initialisation freed gigabytes inside the heap:
   # returned before the step's temporaries add to the resident size.
   host_memory.release_free_heap("after the compile and the initialisation")

@@ -196,6 +196,25 @@ def _one_state(opt_state: PyTree, kind: type) -> Any:
   return found[0]
 
 
+def _update_rule(opt_state: PyTree, *, b1: float, b2: float,
+                 weight_decay: float, schedule: optax.Schedule
+                 ) -> Callable[[jax.Array, jax.Array, jax.Array, bool],
+                               jax.Array]:
+  """`update(p, mu, nu, decayed)` of the last step, from its state."""
+  adam = _one_state(opt_state, optax.ScaleByAdamState)
+  lr = schedule(_one_state(opt_state, optax.ScaleByScheduleState).count - 1)
+  count = adam.count
+
+  def update(p, mu, nu, decayed):
+    direction = (mu / (1 - b1**count)) / (
+        jnp.sqrt(nu / (1 - b2**count)) + ADAM_EPS)
+    if decayed and weight_decay:
+      return -lr * (direction + weight_decay * p) / (1 - lr * weight_decay)
+    return -lr * direction
+
+  return update
+
+
 def applied_update(params: PyTree, opt_state: PyTree, *, b1: float,
                    b2: float, weight_decay: float,
                    schedule: optax.Schedule) -> PyTree:
@@ -214,17 +233,42 @@ def applied_update(params: PyTree, opt_state: PyTree, *, b1: float,
   parameters up to float32 rounding (tested).
   """
   adam = _one_state(opt_state, optax.ScaleByAdamState)
-  lr = schedule(_one_state(opt_state, optax.ScaleByScheduleState).count - 1)
-  count = adam.count
-
-  def update(p, mu, nu, decayed):
-    direction = (mu / (1 - b1**count)) / (
-        jnp.sqrt(nu / (1 - b2**count)) + ADAM_EPS)
-    if decayed and weight_decay:
-      return -lr * (direction + weight_decay * p) / (1 - lr * weight_decay)
-    return -lr * direction
-
+  update = _update_rule(opt_state, b1=b1, b2=b2, weight_decay=weight_decay,
+                        schedule=schedule)
   return jax.tree.map(update, params, adam.mu, adam.nu, _decay_mask(params))
+
+
+def applied_update_norm(
+    params: PyTree, opt_state: PyTree, *, b1: float, b2: float,
+    weight_decay: float, schedule: optax.Schedule,
+    small_leaf_size: int = gradient_clipping.SMALL_LEAF_SIZE) -> jax.Array:
+  """The global norm of `applied_update`, in few XLA kernels.
+
+  As `gradient_clipping.global_norm` does for a tree: leaves of at most
+  `small_leaf_size` elements are concatenated (with their moments; one
+  group with weight decay, one without) and their update computed once;
+  larger leaves one by one. XLA:CPU compiles a kernel per fusion: per
+  leaf, the paper model's 679 leaves took 5.5 s to compile at start-up.
+  """
+  adam = _one_state(opt_state, optax.ScaleByAdamState)
+  update = _update_rule(opt_state, b1=b1, b2=b2, weight_decay=weight_decay,
+                        schedule=schedule)
+  squares = [jnp.zeros((), jnp.float32)]
+  small: dict[bool, list[tuple[jax.Array, ...]]] = {False: [], True: []}
+  for p, mu, nu, decayed in zip(
+      jax.tree.leaves(params), jax.tree.leaves(adam.mu),
+      jax.tree.leaves(adam.nu), jax.tree.leaves(_decay_mask(params)),
+      strict=True):
+    if p.size <= small_leaf_size:
+      small[decayed].append(tuple(
+          jnp.ravel(x).astype(jnp.float32) for x in (p, mu, nu)))
+    else:
+      squares.append(jnp.sum(jnp.square(update(p, mu, nu, decayed))))
+  for decayed, group in small.items():
+    if group:
+      p, mu, nu = (jnp.concatenate(parts) for parts in zip(*group, strict=True))
+      squares.append(jnp.sum(jnp.square(update(p, mu, nu, decayed))))
+  return jnp.sqrt(sum(squares))
 
 
 def make_norms_fn(
@@ -233,7 +277,7 @@ def make_norms_fn(
   """Returns `norms(params, opt_state, skipped)`, jitted, for log steps.
 
   The global norms of the parameters and of the update the last step
-  applied (`applied_update`, from the state after the step; zero for a
+  applied (`applied_update_norm`, from the state after the step; zero for a
   step skipped as non-finite, `skipped` = 1, which applied nothing).
   Computing both inside every train step would cost two passes over the
   parameters and stop XLA fusing the update.
@@ -244,12 +288,12 @@ def make_norms_fn(
   @jax.jit
   def norms(params: PyTree, opt_state: PyTree, skipped: jax.Array
             ) -> dict[str, jax.Array]:
-    update = applied_update(params, opt_state, b1=b1, b2=b2,
-                            weight_decay=weight_decay, schedule=schedule)
+    update_norm = applied_update_norm(
+        params, opt_state, b1=b1, b2=b2, weight_decay=weight_decay,
+        schedule=schedule)
     return {
         "param_norm": gradient_clipping.global_norm(params),
-        "update_norm": jnp.where(skipped > 0, 0.0,
-                                 gradient_clipping.global_norm(update)),
+        "update_norm": jnp.where(skipped > 0, 0.0, update_norm),
     }
 
   return norms

@@ -263,7 +263,7 @@ def test_one_cpu_steps_get_ready_inputs(tmp_path, monkeypatch):
                       compile_train_step)
   late_transfer.make_transfers_late(monkeypatch)
   monkeypatch.setattr(train, "_compile_loop_helpers",
-                      lambda compiled, norms_fn: None)
+                      lambda compiled, norms_fn, state: None)
   config = _config(tmp_path / "data", total_steps=6, log_every=100,
                    ckpt_every=100)
   config.evals = {}
