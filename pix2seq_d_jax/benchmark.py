@@ -28,9 +28,11 @@ measurement; achieved GFLOP/s is that count over the median step time.
 Sampling. The encoder runs once per image and the decoder once per step, so
 sampling time should be a + b * steps with b about one decoder pass. The
 benchmark times the encoder and one decoder pass alone, the full predict
-function for each step count (compiled once per count), fits a and b by least
-squares, and reports measured / (encoder + 20 * decoder) at 20 steps: above 1
-is the sampler's own overhead (noise, schedule, bit decoding).
+function for each step count (compiled once per count; all of them taken in
+turn, `time_interleaved`, so that they see the same load), fits a and b by
+least squares, and reports measured / (encoder + 20 * decoder) at 20
+steps: above 1 is the sampler's own overhead (noise, schedule, bit
+decoding).
 
 Start-up. As in the training loop, the train step compiles in a thread
 while the state is initialised; `startup_s` is the time from there to the
@@ -125,6 +127,29 @@ def time_calls(
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t0)
+  return times
+
+
+def time_interleaved(calls: dict[str, Callable[[], Any]], *, repeats: int,
+                     warmup: int = 1) -> dict[str, list[float]]:
+  """Wall times of each call, the calls taken in turn `repeats` times.
+
+  Each call is made `warmup` times untimed first. Taken in turn, the
+  calls see the same machine load, so ratios between them (the sampling
+  fit: sampler against encoder + steps x decoder pass) are not skewed by
+  a load that changes over the minutes a sequential measurement takes
+  (on a shared 2-core machine: a fit of 1.100 measured sequentially
+  against 0.985 in turn, same code).
+  """
+  for fn in calls.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times: dict[str, list[float]] = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, fn in calls.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - t0)
   return times
 
 
@@ -774,16 +799,17 @@ def run_benchmark(
                        train=False, method="decode")
 
   with jax.set_mesh(mesh):
-    encode_jit = jax.jit(encode)
-    encoder_times = time_calls(encode_jit, params, batch_stats, image,
-                               repeats=sample_repeats)
+    encode_jit, decode_jit = jax.jit(encode), jax.jit(decode)
     encoded = encode_jit(params, batch_stats, image)
     _, mask_hw = config_lib.input_sizes(inp)
     x_t = jax.random.normal(sample_rng, (batch_size, *mask_hw, num_bits))
     gamma = jnp.full((batch_size,), 0.5, jnp.float32)
-    decoder_times = time_calls(jax.jit(decode), params, batch_stats, x_t,
-                               gamma, encoded, repeats=sample_repeats)
-    predict_times, predict_compile = {}, {}
+    calls = {
+        "encoder": lambda: encode_jit(params, batch_stats, image),
+        "decoder": lambda: decode_jit(params, batch_stats, x_t, gamma,
+                                      encoded),
+    }
+    predict_compile = {}
     for steps in steps_list:
       predict_jit = jax.jit(
           exp.predict_fn(num_classes, num_steps=steps),
@@ -798,12 +824,15 @@ def run_benchmark(
       predict_compile[str(steps)] = time.perf_counter() - t0
       logging.info("Sampler with %d steps compiled in %.1f s.", steps,
                    predict_compile[str(steps)])
-      predict_times[str(steps)] = statistics.median(time_calls(
-          compiled_predict, params, batch_stats, image, sample_rng,
-          repeats=sample_repeats,
-      ))
-  encoder_s = statistics.median(encoder_times)
-  decoder_s = statistics.median(decoder_times)
+      calls[str(steps)] = functools.partial(
+          compiled_predict, params, batch_stats, image, sample_rng)
+    # In turn: the fit compares the samplers with the encoder and a
+    # decoder pass, so all see the same load.
+    times = time_interleaved(calls, repeats=sample_repeats)
+  predict_times = {str(s): statistics.median(times[str(s)])
+                   for s in steps_list}
+  encoder_s = statistics.median(times["encoder"])
+  decoder_s = statistics.median(times["decoder"])
   sampling: dict[str, Any] = {
       "encoder_s": encoder_s,
       "decoder_s": decoder_s,

@@ -127,6 +127,25 @@ def test_ceilings_of_a_bfloat16_run_are_the_bfloat16_kernels():
                                         mixed["conv_gflops"])
 
 
+def test_time_interleaved_takes_the_calls_in_turn():
+  # Warm-up calls first, then each round calls every function once, in
+  # order, so all of them are timed under the same load.
+  order = []
+
+  def call(name, seconds):
+    def fn():
+      order.append(name)
+      time.sleep(seconds)
+      return np.zeros(())
+    return fn
+
+  times = benchmark.time_interleaved(
+      {"a": call("a", 0.0), "b": call("b", 0.02)}, repeats=3)
+  assert order == ["a", "b"] + ["a", "b"] * 3
+  assert [len(t) for t in times.values()] == [3, 3]
+  assert min(times["b"]) >= 0.02 > max(times["a"])
+
+
 def test_time_calls_measures_blocking_work():
   times = benchmark.time_calls(lambda: time.sleep(0.02), repeats=3)
   assert len(times) == 3
