@@ -260,8 +260,8 @@ def softmax_readout(output: jax.Array, softmax_groups: int, k: int, *,
   table = jnp.asarray(analog_bits.code_table(k, 'binary'), jnp.float32)
 
   def read(block: jax.Array) -> jax.Array:
-    logits = block.reshape(block.shape[:-1] + (softmax_groups, 2**k))
-    p_one = jax.nn.softmax(logits, axis=-1) @ table
+    p_one = jax.nn.softmax(_group_logits(block, softmax_groups),
+                           axis=-1) @ table
     return p_one.reshape(block.shape[:-1] + (softmax_groups * k,))
 
   if block_bytes is None:
