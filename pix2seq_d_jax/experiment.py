@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -435,9 +436,21 @@ class Experiment:
       return None
     return f"{os.fspath(cache).rstrip('/')}/{TRACE_CACHE_SUBDIR}"
 
-  def compile_train_step(self, batch_size: int | None = None) -> Any:
-    """The compiled step; call it as `compiled(state, batch, rng)`."""
-    return self.lower_train_step(batch_size).compile()
+  def compile_train_step(
+      self, batch_size: int | None = None, *,
+      lowered: threading.Event | None = None) -> Any:
+    """The compiled step; call it as `compiled(state, batch, rng)`.
+
+    `lowered`, if given, is set once the step is lowered (or its lowering
+    failed), before the compile: a caller compiling in a thread can wait
+    for it to start its own tracing (`train.train_and_evaluate`).
+    """
+    try:
+      step = self.lower_train_step(batch_size)
+    finally:
+      if lowered is not None:
+        lowered.set()
+    return step.compile()
 
   # ------------------------------------------------------------ inference
 

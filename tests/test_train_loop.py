@@ -202,6 +202,45 @@ def test_a_resumed_run_compiles_the_step_while_restoring(tmp_path,
   assert max(s for s in steps if s is not None) == 3
 
 
+def test_a_fresh_start_initialises_after_lowering_beside_the_compile(
+    tmp_path, monkeypatch):
+  # Both traces hold the GIL, so the state's initialisation starts once the
+  # step is lowered; the step's compile then runs beside it.
+  config = _config(tmp_path / "data", total_steps=1, log_every=1,
+                   ckpt_every=100)
+  config.evals = {}
+  initialising, order = threading.Event(), []
+  real_lower = train.experiment.Experiment.lower_train_step
+  real_init = train.experiment.Experiment.init_state
+
+  class Lowered:
+    def __init__(self, lowered):
+      self._lowered = lowered
+
+    def compile(self):
+      # Compiled before the initialisation starts, the wait times out and
+      # the order below shows it.
+      initialising.wait(timeout=30)
+      order.append("compile")
+      return self._lowered.compile()
+
+  def lower_train_step(exp, *args, **kwargs):
+    lowered = real_lower(exp, *args, **kwargs)
+    order.append("lowered")
+    return Lowered(lowered)
+
+  def init_state(exp, *args, **kwargs):
+    order.append("init")
+    initialising.set()
+    return real_init(exp, *args, **kwargs)
+
+  monkeypatch.setattr(train.experiment.Experiment, "lower_train_step",
+                      lower_train_step)
+  monkeypatch.setattr(train.experiment.Experiment, "init_state", init_state)
+  train.train_and_evaluate(config, str(tmp_path / "w"), mode="train")
+  assert order == ["lowered", "init", "compile"]
+
+
 def test_nothing_compiles_between_train_steps(tmp_path, monkeypatch):
   # The loop's helpers (parameter copy and norms, metric tracker) compile
   # before the first step: compiled between the first two, their allocations
