@@ -343,7 +343,7 @@ def _run(
                                      data_state=None)
         # Tracing is Python and holds the GIL: traced side by side, the
         # initialisation slows the step's lowering, the start of the
-        # longer path, by 1.6-1.8x. So it is traced once the step is
+        # longer path, by 1.4-1.8x. So it is traced once the step is
         # lowered, and compiles beside the step's compile (docs/speed.md).
         lowered = threading.Event()
         compiling = _compile_in_background(exp, lowered)
