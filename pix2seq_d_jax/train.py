@@ -598,8 +598,6 @@ def _compile_in_background(
   pool = concurrent.futures.ThreadPoolExecutor(
       max_workers=1, thread_name_prefix="compile_train_step")
   try:
-    if lowered is None:
-      return pool.submit(exp.compile_train_step)
     return pool.submit(exp.compile_train_step, lowered=lowered)
   finally:
     pool.shutdown(wait=False)
